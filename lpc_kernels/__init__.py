@@ -7,6 +7,7 @@ Public API (every op is a ``torch.library`` custom op in the ``lpc`` namespace, 
     linear_token_logprobs(hidden, weight, labels)    # same from the LM head, no [N, V] logits held
     gumbel_softmax_codes(logits, codebook)           # Gumbel-softmax code weights and z = w @ E
     preference_loss(pc, pr, rc, rr, ...)             # DPO / IPO / SimPO + KL(q || p)
+    sequence_logprobs(hidden, weight, labels)        # per-sequence sums and token counts
     available_backends()
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "gumbel_softmax_codes",
     "preference_loss",
     "PreferenceLossOutput",
+    "sequence_logprobs",
     "available_backends",
     "resolve_backend",
 ]
@@ -86,6 +88,23 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         bias.contiguous() if bias is not None else None, labels.reshape(-1).long().contiguous(), ignore_index,
         chunk_size, name)
     return logp.view(lead)
+
+
+def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                      ignore_index: int = -100, backend: str = "auto",
+                      chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Summed log-prob and token count of each sequence, through ``linear_token_logprobs``.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states (already shifted: position t predicts ``labels[:, t]``).
+        weight: ``[V, H]``; labels: ``[B, T]`` with ``ignore_index`` on prompt and padding positions.
+
+    Returns:
+        ``(sum [B]`` float32, ``count [B]`` int64 of scored tokens).
+    """
+    logp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend,
+                                 chunk_size=chunk_size)
+    return logp.sum(-1), (labels != ignore_index).sum(-1)
 
 
 def gumbel_softmax_codes(logits: Tensor, codebook: Tensor, *, tau: float = 1.0, hard: bool = False, seed: int = 0,

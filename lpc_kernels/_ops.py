@@ -10,6 +10,8 @@ wrappers in ``lpc_kernels.__init__`` through the ``check_*`` functions below, be
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
 from typing import Optional
@@ -25,12 +27,21 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 # ------------------------------------------------------------------------------------------ backends
-try:  # the compiled extension registers lpc::*_fwd/_bwd kernels for the CPU (and CUDA) dispatch keys
-    from . import _C  # noqa: F401
+def _load_extension() -> Optional[str]:
+    """Import lpc_kernels._C (it registers lpc::*_fwd/_bwd kernels for CPU and, in CUDA builds, CUDA).
 
-    _EXT_ERROR: Optional[str] = None
-except ImportError as exc:  # the package works without it (reference and triton backends)
-    _EXT_ERROR = str(exc)
+    Returns None on success, else why not: the package works without it (reference, triton backends).
+    """
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return "not built"
+    try:
+        importlib.import_module(f"{__package__}._C")
+    except (ImportError, OSError) as exc:  # e.g. built against another torch
+        return f"import failed: {exc}"
+    return None
+
+
+_EXT_ERROR: Optional[str] = _load_extension()
 
 
 def _has_kernel(name: str, key: str) -> bool:
@@ -55,7 +66,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         return None
     if backend in ("cpu", "cuda"):
         if _EXT_ERROR is not None:
-            return f"the C++ extension lpc_kernels._C is not built ({_EXT_ERROR}); run `make build`"
+            return f"the C++ extension lpc_kernels._C is unavailable ({_EXT_ERROR}); run `make build`"
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
         if not _has_kernel("token_logprobs_fwd", "CUDA" if backend == "cuda" else "CPU"):

@@ -1,0 +1,18 @@
+# TRITON_INTERPRET must be set before any @triton.jit function is created: the triton backend then runs
+# on CPU tensors through the interpreter, so the whole suite runs on a CPU-only machine.
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_here = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_here, "..", ".cache", "inductor"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_here, "..", ".cache", "torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,414 @@
+"""One contract, every backend: each op against float64 formulas written here, independently of
+lpc_kernels.reference, plus gradcheck, opcheck and torch.compile(fullgraph=True).
+
+The table runs every backend that can take CPU tensors in this process: ``reference`` always,
+``cpu`` when the C++ extension is built, ``triton`` under ``TRITON_INTERPRET=1`` (tests/conftest.py);
+``LPC_TEST_BACKENDS=reference,cpu`` narrows the table.
+Shapes stay small: the Triton interpreter costs milliseconds per program instance.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import lpc_kernels as lk
+from lpc_kernels import _ops, philox
+
+CPU = torch.device("cpu")
+BACKENDS = [b for b in _ops.BACKENDS if _ops._unavailable_reason(b, CPU) is None
+            and b in os.environ.get("LPC_TEST_BACKENDS", ",".join(_ops.BACKENDS)).split(",")]
+FLOAT64_BACKENDS = [b for b in BACKENDS if b != "triton"]  # triton computes in fp32 (see its docs)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5):
+    """``|ours - truth| <= dtype_err + atol + rtol * |truth|`` elementwise (CCE-style tolerance).
+
+    ``truth`` is float64 math on the (dtype-rounded) inputs; ``dtype_err`` is the error of the same
+    computation done by PyTorch in float32, where fp32 rounding itself dominates (huge logits).
+    """
+    ours, truth = ours.double(), truth.double()
+    err = (ours - truth).abs()
+    bound = atol + rtol * truth.abs()
+    if dtype_err is not None:
+        bound = bound + 2 * dtype_err
+    assert torch.isfinite(ours).all(), "non-finite values"
+    worst = (err - bound).max()
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst.item():.3e}"
+
+
+# --------------------------------------------------------------------------------- formulas (float64)
+def f_token_logprobs(logits, labels, ignore_index=-100):
+    valid = labels != ignore_index
+    lsm = torch.log_softmax(logits.double(), dim=-1)
+    out = lsm.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def f_linear_token_logprobs(hidden, weight, labels, bias=None, ignore_index=-100):
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    return f_token_logprobs(logits, labels, ignore_index)
+
+
+def f_gumbel(logits, codebook, tau, hard, seed, offset):
+    b, k = logits.shape
+    noise = philox.gumbel_noise(seed, offset, b, k).double()
+    soft = torch.softmax((logits.double() + noise) / tau, dim=-1)
+    if hard:  # straight-through estimator
+        w = F.one_hot(soft.argmax(-1), k).double() - soft.detach() + soft
+    else:
+        w = soft
+    return w, w @ codebook.double()
+
+
+def f_preference(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, eps, kl_weight, ipo_average):
+    pc, pr = pc.double(), pr.double()
+    if loss_type == "dpo":
+        cr, rj = beta * (pc - rc.double()), beta * (pr - rr.double())
+        h = cr - rj
+    elif loss_type == "ipo":
+        n_w = cl.double() if ipo_average else torch.ones_like(pc)
+        n_l = rl.double() if ipo_average else torch.ones_like(pr)
+        dw, dl = (pc - rc.double()) / n_w, (pr - rr.double()) / n_l
+        h, cr, rj = dw - dl, beta * dw, beta * dl
+    else:
+        cr, rj = beta * pc / cl.double(), beta * pr / rl.double()
+        h = cr - rj - gamma
+    if loss_type == "ipo":
+        pair = (h - 1 / (2 * beta)) ** 2
+    else:
+        pair = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+    if prior is not None:
+        lq, lp = torch.log_softmax(post.double(), -1), torch.log_softmax(prior.double(), -1)
+        kl = (lq.exp() * (lq - lp)).sum(-1)
+    else:
+        kl = torch.zeros_like(pc)
+    losses = pair + kl_weight * kl
+    return losses.mean(), losses, cr, rj, kl
+
+
+def _leaf(t, dtype=None):
+    return t.to(dtype or t.dtype).detach().requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------- token_logprobs
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 37), (2, 3, 130)])
+def test_token_logprobs_forward_backward(backend, dtype, shape):
+    logits = _leaf(torch.randn(shape) * 4, dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1])
+    labels.view(-1)[-1] = -100
+    out = lk.token_logprobs(logits, labels, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    x64 = logits.detach().double().requires_grad_(True)  # exact upcast of the dtype-rounded input
+    truth = f_token_logprobs(x64, labels)
+    truth_close(out, truth)
+    g = torch.randn(labels.shape, dtype=torch.float32)
+    out.backward(g)
+    truth.backward(g.double())
+    assert logits.grad.dtype == dtype
+    truth_close(logits.grad, x64.grad, atol=2e-3 if dtype != torch.float32 else 1e-6,
+                rtol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_large_magnitude_and_custom_ignore(backend):
+    logits = torch.randn(4, 70) * 1e4
+    labels = torch.tensor([3, 7, 69, 0])
+    labels[1] = 5  # ignore_index is 5 below: row 1 ignored, label 5 elsewhere is not valid for it
+    out = lk.token_logprobs(logits, labels, ignore_index=5, backend=backend)
+    truth = f_token_logprobs(logits, labels, ignore_index=5)
+    fp32_err = (f_token_logprobs(logits.float(), labels, 5).float().double() - truth).abs()
+    fp32_err = (torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1).double()
+                - truth).abs() + fp32_err
+    truth_close(out, truth, dtype_err=fp32_err)
+    assert out[1] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_all_ignored_gives_zeros(backend):
+    logits = _leaf(torch.randn(3, 33))
+    labels = torch.full((3,), -100)
+    out = lk.token_logprobs(logits, labels, backend=backend)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(3)) and torch.equal(logits.grad, torch.zeros(3, 33))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_inplace_backward_matches(backend):
+    base = torch.randn(3, 50)
+    labels = torch.tensor([1, -100, 49])
+    grads = []
+    for inplace in (False, True):
+        leaf = _leaf(base)
+        logits = leaf * 1.0  # a non-leaf buffer the in-place backward may overwrite
+        lk.token_logprobs(logits, labels, backend=backend, inplace_backward=inplace).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- linear_token_logprobs
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_token_logprobs_forward_backward(backend, dtype, with_bias):
+    n, h, v = 6, 32, 77
+    hidden = _leaf(torch.randn(2, n // 2, h), dtype)
+    weight = _leaf(torch.randn(v, h) / h**0.5, dtype)
+    bias = _leaf(torch.randn(v), dtype) if with_bias else None
+    labels = torch.randint(0, v, (2, n // 2))
+    labels[0, 1] = -100
+    out = lk.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend, chunk_size=4)
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    h64, w64 = _leaf(hidden.detach(), torch.float64), _leaf(weight.detach(), torch.float64)
+    b64 = _leaf(bias.detach(), torch.float64) if with_bias else None
+    truth = f_linear_token_logprobs(h64, w64, labels, b64)
+    truth_close(out, truth, rtol=1e-5, atol=1e-4)
+    g = torch.randn(labels.shape)
+    out.backward(g)
+    truth.backward(g.double())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    truth_close(hidden.grad, h64.grad, **tol)
+    truth_close(weight.grad, w64.grad, **tol)
+    if with_bias:
+        truth_close(bias.grad, b64.grad, **tol)
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    assert torch.equal(hidden.grad[0, 1], torch.zeros(h, dtype=dtype))  # ignored row: no gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_logprobs_all_ignored_and_frozen_weight(backend):
+    hidden = _leaf(torch.randn(3, 16))
+    weight = torch.randn(40, 16)  # frozen: no weight gradient is computed
+    labels = torch.full((3,), -100)
+    out = lk.linear_token_logprobs(hidden, weight, labels, backend=backend)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(3)) and torch.equal(hidden.grad, torch.zeros(3, 16))
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_logprobs_no_grad_forward(backend):
+    hidden, weight = torch.randn(5, 16), torch.randn(40, 16)
+    labels = torch.randint(0, 40, (5,))
+    with torch.no_grad():
+        out = lk.linear_token_logprobs(hidden, weight, labels, backend=backend)
+    truth_close(out, f_linear_token_logprobs(hidden, weight, labels), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- gumbel_softmax_codes
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gumbel_softmax_codes(backend, hard, dtype):
+    b, k, d = 5, 12, 24
+    logits = _leaf(torch.randn(b, k) * 2, dtype)
+    codebook = _leaf(torch.randn(k, d), dtype)
+    seed, offset = 2**33 + 11, 2**32 - 20  # counters cross the 32-bit word boundary
+    weights, z = lk.gumbel_softmax_codes(logits, codebook, tau=0.7, hard=hard, seed=seed, offset=offset,
+                                         backend=backend)
+    assert weights.dtype == torch.float32 and z.dtype == dtype
+    l64, e64 = _leaf(logits.detach(), torch.float64), _leaf(codebook.detach(), torch.float64)
+    w_truth, z_truth = f_gumbel(l64, e64, 0.7, hard, seed, offset)
+    if hard:
+        assert torch.equal(weights, w_truth.detach().float())  # the same codes are drawn
+    truth_close(weights, w_truth, atol=1e-6)
+    truth_close(z, z_truth, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    gw, gz = torch.randn(b, k), torch.randn(b, d)
+    torch.autograd.backward([weights, z], [gw, gz.to(dtype)])
+    torch.autograd.backward([w_truth, z_truth], [gw.double(), gz.to(dtype).double()])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    truth_close(logits.grad, l64.grad, **tol)
+    truth_close(codebook.grad, e64.grad, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gumbel_same_seed_same_sample_across_backends(backend):
+    logits, codebook = torch.randn(8, 16), torch.randn(16, 4)
+    ours = lk.gumbel_softmax_codes(logits, codebook, hard=True, seed=7, offset=3, backend=backend)[0]
+    ref = lk.gumbel_softmax_codes(logits, codebook, hard=True, seed=7, offset=3, backend="reference")[0]
+    other = lk.gumbel_softmax_codes(logits, codebook, hard=True, seed=8, offset=3, backend=backend)[0]
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, other)
+
+
+# --------------------------------------------------------------------------------- preference_loss
+def _pref_inputs(b=6, k=5, dtype=torch.float32):
+    pc, pr, rc, rr = (torch.randn(b, dtype=dtype) * 5 - 20 for _ in range(4))
+    cl, rl = torch.randint(1, 30, (b,)), torch.randint(1, 30, (b,))
+    prior, post = torch.randn(b, k, dtype=dtype), torch.randn(b, k, dtype=dtype) * 2
+    return pc, pr, rc, rr, cl, rl, prior, post
+
+
+PREF_CASES = [
+    dict(loss_type="dpo", beta=0.1, label_smoothing=0.0, kl_weight=0.05),
+    dict(loss_type="dpo", beta=0.5, label_smoothing=0.2, kl_weight=0.0),
+    dict(loss_type="ipo", beta=0.1, kl_weight=0.1, ipo_average=True),
+    dict(loss_type="ipo", beta=0.3, kl_weight=0.1, ipo_average=False),
+    dict(loss_type="simpo", beta=2.0, gamma=0.5, label_smoothing=0.1, kl_weight=0.05),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_preference_loss_forward_backward(backend, case):
+    pc, pr, rc, rr, cl, rl, prior, post = (_leaf(t) if t.is_floating_point() else t for t in _pref_inputs())
+    if case["loss_type"] == "simpo":
+        rc = rr = None
+    opts = dict(loss_type=case["loss_type"], beta=case["beta"], gamma=case.get("gamma", 0.0),
+                label_smoothing=case.get("label_smoothing", 0.0), kl_weight=case["kl_weight"],
+                ipo_average=case.get("ipo_average", True))
+    out = lk.preference_loss(pc, pr, rc, rr, chosen_lengths=cl, rejected_lengths=rl, prior_logits=prior,
+                             posterior_logits=post, backend=backend, **opts)
+    leaves = [t for t in (pc, pr, rc, rr, prior, post) if t is not None]
+    copies = {id(t): _leaf(t.detach(), torch.float64) for t in leaves}
+
+    def c(t):
+        return copies[id(t)] if t is not None else None
+
+    truth = f_preference(c(pc), c(pr), c(rc), c(rr), cl, rl, c(prior), c(post), opts["loss_type"], opts["beta"],
+                         opts["gamma"], opts["label_smoothing"], opts["kl_weight"], opts["ipo_average"])
+    for o, t in zip(out, truth):
+        assert o.dtype == torch.float32
+        truth_close(o, t, atol=1e-5)
+    grads = [torch.randn(()), *(torch.randn(6) for _ in range(4))]
+    torch.autograd.backward(list(out), grads)
+    torch.autograd.backward(list(truth), [g.double() for g in grads])
+    for t in leaves:
+        truth_close(t.grad, copies[id(t)].grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+def test_one_code_zero_kl_weight_is_plain_loss(backend, loss_type):
+    pc, pr, rc, rr, cl, rl, _, _ = _pref_inputs()
+    if loss_type == "simpo":
+        rc = rr = None
+    kw = dict(chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type, backend=backend)
+    plain = lk.preference_loss(pc, pr, rc, rr, **kw)
+    one_code = lk.preference_loss(pc, pr, rc, rr, prior_logits=torch.randn(6, 1), posterior_logits=torch.randn(6, 1),
+                                  kl_weight=0.0, **kw)
+    for a, b in zip(plain, one_code):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(one_code.kl, torch.zeros(6))  # a single code: q = p = 1
+
+
+# ------------------------------------------------------------------------- gradcheck, opcheck, compile
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+def test_gradcheck_float64(backend):
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x, labels = torch.randn(3, 9, **d), torch.tensor([0, -100, 8])
+    assert torch.autograd.gradcheck(lambda x: lk.token_logprobs(x, labels, backend=backend), (x,))
+    h, w, b = torch.randn(4, 5, **d), torch.randn(9, 5, **d), torch.randn(9, **d)
+    lab = torch.tensor([1, 8, -100, 0])
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: lk.linear_token_logprobs(h, w, lab, bias=b, backend=backend, chunk_size=3), (h, w, b))
+    lg, cb = torch.randn(3, 4, **d), torch.randn(4, 6, **d)
+    assert torch.autograd.gradcheck(
+        lambda a, e: lk.gumbel_softmax_codes(a, e, tau=0.5, seed=1, backend=backend), (lg, cb))
+    pc, pr, rc, rr = (torch.randn(4, **d) for _ in range(4))
+    prior, post = torch.randn(4, 3, **d), torch.randn(4, 3, **d)
+    lengths = torch.tensor([3, 1, 4, 2])
+    for loss_type in ("dpo", "ipo"):
+        assert torch.autograd.gradcheck(
+            lambda *t: tuple(lk.preference_loss(*t[:4], prior_logits=t[4], posterior_logits=t[5], kl_weight=0.2,
+                                                chosen_lengths=lengths, rejected_lengths=lengths + 1,
+                                                loss_type=loss_type, label_smoothing=0.0, backend=backend)),
+            (pc, pr, rc, rr, prior, post))
+    assert torch.autograd.gradcheck(
+        lambda *t: tuple(lk.preference_loss(*t[:2], prior_logits=t[2], posterior_logits=t[3], kl_weight=0.2,
+                                            chosen_lengths=lengths, rejected_lengths=lengths, loss_type="simpo",
+                                            gamma=0.3, label_smoothing=0.1, backend=backend)),
+        (pc, pr, prior, post))
+
+
+def _opcheck_cases(backend):
+    x = torch.randn(4, 33, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 5])
+    h, w, b = torch.randn(4, 8, requires_grad=True), torch.randn(33, 8, requires_grad=True), torch.randn(33)
+    lg, cb = torch.randn(3, 6, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    pc, pr, rc, rr = (torch.randn(3, requires_grad=True) for _ in range(4))
+    prior, post = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    lengths = torch.tensor([2, 3, 4])
+    return [
+        (_ops.token_logprobs_op, (x, labels, -100, False, backend)),
+        (_ops.linear_token_logprobs_op, (h, w, b, labels, -100, 2, backend)),
+        (_ops.linear_token_logprobs_op, (h, w, None, labels, -100, 16, backend)),
+        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, False, 3, 0, backend)),
+        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, True, 3, 0, backend)),
+        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True,
+                                   backend)),
+        (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
+                                   True, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    for op, args in _opcheck_cases(backend):
+        opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x = torch.randn(4, 33, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 5])
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(33, 8, requires_grad=True)
+    lg, cb = torch.randn(4, 6, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    ref = torch.randn(4)
+
+    def step(x, h, w, lg, cb):
+        tok = lk.token_logprobs(x, labels, backend=backend)
+        weights, z = lk.gumbel_softmax_codes(lg, cb, seed=5, backend=backend)
+        lin = lk.linear_token_logprobs(h + z, w, labels, backend=backend)
+        out = lk.preference_loss(tok, lin, ref, ref.flip(0), prior_logits=lg, posterior_logits=lg * 2,
+                                 kl_weight=0.1, backend=backend)
+        return out.loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = (x, h, w, lg, cb)
+    got = compiled(*args)
+    got.backward()
+    grads = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    expected = step(*args)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    for g, a in zip(grads, args):
+        torch.testing.assert_close(g, a.grad)
+
+
+# ------------------------------------------------------------------------ compositions and modules
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logprobs(backend):
+    hidden, weight = _leaf(torch.randn(2, 5, 8)), torch.randn(30, 8)
+    labels = torch.tensor([[-100, -100, 3, 4, 29], [-100, 7, 8, -100, -100]])
+    total, count = lk.sequence_logprobs(hidden, weight, labels, backend=backend)
+    truth = f_linear_token_logprobs(hidden.detach(), weight, labels).sum(-1)
+    truth_close(total, truth, atol=1e-4)
+    assert count.tolist() == [3, 2]
+
+
+def test_nn_modules_match_functions():
+    from lpc_kernels.nn import GumbelCodebook, LinearTokenLogprobs, PreferenceLoss
+
+    book = GumbelCodebook(6, 4, tau=0.5, backend="reference")
+    logits = torch.randn(3, 6)
+    w, z = book(logits, seed=9)
+    w2, z2 = lk.gumbel_softmax_codes(logits, book.codebook, tau=0.5, seed=9, backend="reference")
+    assert torch.equal(w, w2) and torch.equal(z, z2)
+    torch.testing.assert_close(book.expected(logits), torch.softmax(logits, -1) @ book.codebook)
+    h, wt, lab = torch.randn(4, 4), torch.randn(10, 4), torch.tensor([1, 2, 3, -100])
+    torch.testing.assert_close(LinearTokenLogprobs(backend="reference")(h, wt, lab),
+                               lk.linear_token_logprobs(h, wt, lab, backend="reference"))
+    pc, pr, rc, rr = (torch.randn(3) for _ in range(4))
+    out = PreferenceLoss(beta=0.2, backend="reference")(pc, pr, rc, rr)
+    torch.testing.assert_close(out.loss, lk.preference_loss(pc, pr, rc, rr, beta=0.2, backend="reference").loss)
