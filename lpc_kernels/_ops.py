@@ -44,16 +44,21 @@ def _load_extension() -> Optional[str]:
 _EXT_ERROR: Optional[str] = _load_extension()
 
 
-def _has_kernel(name: str, key: str) -> bool:
-    return _EXT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lpc::{name}", key)
-
-
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+# Read once at import, so that resolve_backend stays traceable by torch.compile (plain constants).
+_EXT_DISPATCH_KEYS = frozenset(
+    key for key in ("CPU", "CUDA")
+    if _EXT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("lpc::token_logprobs_fwd", key))
+_TRITON_IMPORTABLE = _triton_importable()
+
+
 
 
 def _triton_interpreted() -> bool:
@@ -69,11 +74,11 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"the C++ extension lpc_kernels._C is unavailable ({_EXT_ERROR}); run `make build`"
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
-        if not _has_kernel("token_logprobs_fwd", "CUDA" if backend == "cuda" else "CPU"):
+        if backend.upper() not in _EXT_DISPATCH_KEYS:
             return f"lpc_kernels._C was built without {backend} kernels"
         return None
     if backend == "triton":
-        if not _backend_module_importable("triton"):
+        if not _TRITON_IMPORTABLE:
             return "triton is not installed"
         if device.type == "cpu" and not _triton_interpreted():
             return "triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before import"
@@ -81,10 +86,6 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"triton does not run on {device.type} tensors"
         return None
     return f"unknown backend {backend!r}"
-
-
-def _backend_module_importable(backend: str) -> bool:
-    return _triton_importable() if backend == "triton" else True
 
 
 def available_backends() -> list[str]:
