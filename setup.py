@@ -14,14 +14,15 @@ if os.environ.get("LPC_KERNELS_BUILD_EXT", "1") != "0":
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: BuildExtension adds the C++ standard this torch's headers need (C++20 for torch 2.14).
+    cxx = ["-O3", "-fopenmp"]
     if torch.version.cuda is None:
         ext = CppExtension("lpc_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     else:
         # Hopper by default: our build machines have no GPU for torch to query the architecture from.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = CUDAExtension("lpc_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                             extra_link_args=["-fopenmp"])
     ext_modules = [ext]

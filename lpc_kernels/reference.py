@@ -67,7 +67,8 @@ def token_logprobs_fwd(logits, labels, ignore_index):
 def _softmax_grad_block(x, lse, labels, valid, grad):
     """``grad * (onehot(label) - softmax(x))`` for a block of rows, zero on ignored rows."""
     g = torch.where(valid, grad.to(x.dtype), 0.0)
-    d = torch.exp(x - lse[:, None]) * (-g[:, None])
+    # ignored rows carry lse = 0, where exp(x) may overflow: mask the softmax, not just the factor
+    d = torch.where(valid[:, None], torch.exp(x - lse[:, None]), 0.0) * (-g[:, None])
     d.scatter_add_(1, torch.where(valid, labels, 0)[:, None], g[:, None])
     return d
 

@@ -129,6 +129,9 @@ def test_token_logprobs_large_magnitude_and_custom_ignore(backend):
                 - truth).abs() + fp32_err
     truth_close(out, truth, dtype_err=fp32_err)
     assert out[1] == 0
+    leaf = _leaf(logits)
+    lk.token_logprobs(leaf, labels, ignore_index=5, backend=backend).sum().backward()
+    assert torch.isfinite(leaf.grad).all() and torch.equal(leaf.grad[1], torch.zeros(70))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

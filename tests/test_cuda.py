@@ -1,0 +1,735 @@
+"""The CUDA C++ backend (csrc/cuda) on a GPU: every op against float64 formulas and the reference backend,
+gradients, the raw ``torch.ops.lpc.*`` CUDA kernels (opcheck, argument checks), bit-exact Gumbel noise,
+in-place backward, and the shapes the small CPU table does not reach (long rows, misaligned buffers,
+multi-chunk / multi-tile linear paths, many pairs).
+
+Marked ``cuda``; skipped without a GPU. On a GPU machine build the extension with that machine's CUDA
+torch first (``python setup.py build_ext --inplace``), then ``pytest -m cuda tests/test_cuda.py``.
+A GPU with an extension that lacks CUDA kernels fails here rather than skipping.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import lpc_kernels as lk
+from lpc_kernels import _ops, philox, reference
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEV = torch.device("cuda")
+LOW = [torch.bfloat16, torch.float16]
+OPS = torch.ops.lpc
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_available():
+    reason = _ops._unavailable_reason("cuda", DEV)
+    assert reason is None, f"GPU present but the cuda backend is unavailable: {reason}"
+    torch.cuda.manual_seed_all(0)
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def truth_close(ours, truth, rtol=1e-5, atol=1e-5):
+    """``|ours - truth| <= atol + rtol * |truth|`` elementwise, on float64 copies; finite values only."""
+    ours, truth = ours.detach().double(), truth.detach().double()
+    assert torch.isfinite(ours).all(), "non-finite values"
+    err = (ours - truth).abs()
+    worst = (err - (atol + rtol * truth.abs())).max()
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds the bound by {worst.item():.3e}"
+
+
+def _close(ours, ref, rtol, atol):
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+def _one_rounding(ours, ref_fp32, dtype):
+    """ours (dtype) equals ref_fp32 rounded to dtype, up to one ulp of dtype (summation order)."""
+    assert ours.dtype == dtype
+    _close(ours, ref_fp32.to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+def _close_scaled(ours, ref, rel):
+    """max |ours - ref| <= rel * max |ref|: for sums whose terms carry their own rounding (bf16 GEMM
+    operands), where elementwise relative bounds fail on entries that cancel to ~0."""
+    err = (ours.double() - ref.double()).abs().max().item()
+    bound = rel * ref.double().abs().max().item() + 1e-6
+    assert err <= bound, f"max error {err:.3e} > {bound:.3e}"
+
+
+def _tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+
+
+def _up(t):
+    """The exact fp32 upcast of fp16/bf16 tensors: the reference then does the same math in fp32."""
+    return t.float() if t is not None and t.dtype in LOW else t
+
+
+# ---------------------------------------------------------------------------------- float64 formulas
+def f_token_logprobs(logits, labels, ignore_index=-100):
+    valid = labels != ignore_index
+    lsm = torch.log_softmax(logits.double(), dim=-1)
+    out = lsm.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def f_linear_token_logprobs(hidden, weight, labels, bias=None, ignore_index=-100):
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    return f_token_logprobs(logits, labels, ignore_index)
+
+
+# ------------------------------------------------------------------------------------ token_logprobs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
+@pytest.mark.parametrize("n,v", [(1, 1), (1, 37), (5, 130), (9, 1000), (4, 4099), (3, 32003), (2, 128256)])
+def test_token_logprobs_vs_float64(dtype, n, v):
+    base = torch.randn(n, v, device=DEV, dtype=torch.float64) * 4
+    if v > 8:
+        base[0, v // 3] = 30.0  # a late maximum: the running sums are rescaled
+    logits = base.to(dtype)
+    labels = torch.randint(0, v, (n,), device=DEV)
+    if n > 2:
+        labels[1] = -100
+    g = torch.randn(n, device=DEV, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for inplace in (False, True):
+        leaf = _leaf(logits)
+        buf = leaf * 1  # a non-leaf buffer the in-place backward may overwrite
+        out = lk.token_logprobs(buf, labels, backend="cuda", inplace_backward=inplace)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        x64 = _leaf(logits, torch.float64)
+        truth = f_token_logprobs(x64, labels)
+        truth_close(out, truth, **(dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(atol=2e-5)))
+        out.backward(g)
+        truth.backward(g.double())
+        assert leaf.grad.dtype == dtype
+        if dtype in LOW:
+            truth_close(leaf.grad, x64.grad, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+        else:
+            truth_close(leaf.grad, x64.grad, **(dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64
+                                                else dict(rtol=1e-5, atol=1e-6)))
+        if n > 2:
+            assert torch.equal(leaf.grad[1], torch.zeros(v, device=DEV, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_token_logprobs_matches_reference_backend(dtype):
+    n, v = 33, 5000
+    logits = (torch.randn(n, v, device=DEV) * 5).to(dtype)
+    logits[4, : v // 2] = float("-inf")  # masked vocabulary entries
+    labels = torch.randint(v // 2, v, (n,), device=DEV)
+    labels[[2, 7]] = -100
+    g = torch.randn(n, device=DEV)
+    leaf = _leaf(logits)
+    out = lk.token_logprobs(leaf, labels, backend="cuda")
+    out.backward(g)
+    ref_leaf = _leaf(_up(logits))
+    ref = lk.token_logprobs(ref_leaf, labels, backend="reference")
+    ref.backward(g)
+    _close(out, ref, rtol=1e-5, atol=1e-5)
+    if dtype in LOW:
+        _one_rounding(leaf.grad, ref_leaf.grad, dtype)
+    else:
+        _close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("misalign", [1, 3])
+def test_token_logprobs_misaligned_buffers(dtype, misalign):
+    """A contiguous view whose data does not start on 16 bytes: scalar head/tail, then vectors."""
+    n, v = 6, 777
+    flat = (torch.randn(n * v + misalign, device=DEV) * 3).to(dtype)
+    logits = flat[misalign:].view(n, v)
+    assert logits.data_ptr() % 16 != 0
+    labels = torch.randint(0, v, (n,), device=DEV)
+    g = torch.randn(n, device=DEV)
+    logp, lse = OPS.token_logprobs_fwd(logits, labels, -100)
+    truth = f_token_logprobs(logits, labels)
+    truth_close(logp, truth, atol=2e-5)
+    grad = OPS.token_logprobs_bwd(g, logits, labels, lse, -100)  # output aligned, input not: scalar path
+    ref = reference.token_logprobs_bwd(g, _up(logits), labels, lse, -100, False)
+    if dtype in LOW:
+        _one_rounding(grad, ref, dtype)
+    else:
+        _close(grad, ref, rtol=1e-5, atol=1e-6)
+    buf = logits.clone() if misalign == 1 else flat.clone()[misalign:].view(n, v)
+    OPS.token_logprobs_bwd_(g, buf, labels, lse, -100)  # in place: same misalignment in and out
+    _close(buf, grad, rtol=torch.finfo(dtype).eps, atol=1e-7)
+
+
+def test_token_logprobs_large_magnitude_and_custom_ignore():
+    logits = torch.randn(4, 70, device=DEV) * 1e4
+    labels = torch.tensor([3, 7, 69, 0], device=DEV)
+    labels[1] = 5
+    out = lk.token_logprobs(logits, labels, ignore_index=5, backend="cuda")
+    truth = f_token_logprobs(logits, labels, ignore_index=5)
+    assert out[1] == 0
+    _close(out, truth, rtol=1e-6, atol=1e-2)  # fp32 rounding of 1e4-sized values: ~1e-3 absolute
+    big = torch.randn(6, 3000, device=DEV) * 1e4
+    lab = torch.randint(0, 3000, (6,), device=DEV)
+    lab[2] = -100
+    leaf = _leaf(big)
+    o = lk.token_logprobs(leaf, lab, backend="cuda")
+    o.sum().backward()
+    assert torch.isfinite(o).all() and torch.isfinite(leaf.grad).all()
+    assert torch.equal(leaf.grad[2], torch.zeros(3000, device=DEV))  # ignored row: exact zeros, no NaN
+
+
+def test_token_logprobs_all_ignored_and_inplace_bitwise():
+    logits = _leaf(torch.randn(3, 33, device=DEV))
+    labels = torch.full((3,), -100, device=DEV)
+    out = lk.token_logprobs(logits, labels, backend="cuda")
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(3, device=DEV))
+    assert torch.equal(logits.grad, torch.zeros(3, 33, device=DEV))
+    base = torch.randn(64, 4099, device=DEV).to(torch.bfloat16)
+    lab = torch.randint(0, 4099, (64,), device=DEV)
+    lab[::7] = -100
+    grads = []
+    for inplace in (False, True):
+        leaf = _leaf(base)
+        buf = leaf * 1
+        lk.token_logprobs(buf, lab, backend="cuda", inplace_backward=inplace).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_token_logprobs_deterministic():
+    logits, labels = torch.randn(128, 50000, device=DEV), torch.randint(0, 50000, (128,), device=DEV)
+    a = OPS.token_logprobs_fwd(logits, labels, -100)
+    b = OPS.token_logprobs_fwd(logits, labels, -100)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- linear_token_logprobs
+def _linear_run(backend, hidden, weight, bias, labels, chunk_size, g, need=(True, True, True)):
+    h = _leaf(hidden) if need[0] else hidden.detach()
+    w = _leaf(weight) if need[1] else weight.detach()
+    b = (_leaf(bias) if need[2] else bias.detach()) if bias is not None else None
+    out = lk.linear_token_logprobs(h, w, labels, bias=b, backend=backend, chunk_size=chunk_size)
+    if any(t is not None and t.requires_grad for t in (h, w, b)):
+        out.backward(g)
+    grads = [t.grad if t is not None and t.requires_grad else None for t in (h, w, b)]
+    return [out.detach()] + grads
+
+
+# (n, h, v, chunk): vocab tiles (Nv <= V; several tiles of 128 columns when chunk * V / Nv < V), row
+# chunks (Nv > V: the fp32 weight-gradient accumulator across chunks), one row, one chunk.
+LINEAR_SHAPES = [(1, 64, 77, 1024), (11, 64, 300, 2), (11, 24, 2500, 1), (11, 24, 2500, 1024), (200, 32, 77, 16),
+                 (300, 48, 130, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "n{}-h{}-v{}-c{}".format(*s))
+def test_linear_token_logprobs_matches_reference(dtype, with_bias, shape):
+    n, h, v, chunk = shape
+    hidden = torch.randn(n, h, device=DEV, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, h, device=DEV, dtype=torch.float64) / h**0.5 * 3).to(dtype)
+    bias = torch.randn(v, device=DEV, dtype=torch.float64).to(dtype) if with_bias else None
+    labels = torch.randint(0, v, (n,), device=DEV)
+    if n > 5:
+        labels[[0, 4, 5]] = -100  # valid rows are not consecutive: gathered chunks, scattered grad rows
+    g = torch.randn(n, device=DEV, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    ours = _linear_run("cuda", hidden, weight, bias, labels, chunk, g)
+    ref = _linear_run("reference", _up(hidden), _up(weight), _up(bias), labels, chunk, g)
+    tol = _tol(dtype) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-5)
+    _close(ours[0], ref[0], **tol)
+    truth_close(ours[0], f_linear_token_logprobs(hidden, weight, labels, bias), atol=1e-4)
+    for o, r in zip(ours[1:], ref[1:]):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype
+        if dtype in LOW:  # GEMM operands in the input dtype (softmax-grad rounded once): a few ulps
+            _close_scaled(o, r, 4 * torch.finfo(dtype).eps)
+        else:
+            _close(o, r, **(tol if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)))
+    if n > 5:
+        assert torch.equal(ours[1][[0, 4, 5]], torch.zeros(3, h, device=DEV, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_token_logprobs_need_flags_and_chunking(dtype):
+    """Each subset of gradients (which picks the row or the vocabulary tiling) equals the full result."""
+    n, h, v = 40, 32, 1000
+    hidden, weight = torch.randn(n, h, device=DEV).to(dtype), (torch.randn(v, h, device=DEV) / 4).to(dtype)
+    bias = torch.randn(v, device=DEV).to(dtype)
+    labels = torch.randint(0, v, (n,), device=DEV)
+    labels[3] = -100
+    logp, lse = OPS.linear_token_logprobs_fwd(hidden, weight, bias, labels, -100, 4)
+    for chunk in (1, 7, 64, 4096):
+        lp2, lse2 = OPS.linear_token_logprobs_fwd(hidden, weight, bias, labels, -100, chunk)
+        _close(lp2, logp, rtol=1e-5, atol=1e-5)
+        _close(lse2, lse, rtol=1e-5, atol=1e-5)
+    g = torch.randn(n, device=DEV)
+    full = OPS.linear_token_logprobs_bwd(g, hidden, weight, bias, labels, lse, -100, 4, True, True, True)
+    for need in [(True, False, False), (False, True, False), (False, False, True), (True, False, True),
+                 (False, True, True)]:
+        for chunk in (3, 1024):
+            part = OPS.linear_token_logprobs_bwd(g, hidden, weight, bias, labels, lse, -100, chunk, *need)
+            for flag, p, f in zip(need, part, full):
+                if flag:
+                    _close_scaled(p, f, 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps)
+                else:
+                    assert p.numel() == 0
+
+
+def test_linear_token_logprobs_all_ignored_frozen_weight_and_no_grad():
+    hidden = _leaf(torch.randn(3, 16, device=DEV))
+    weight = torch.randn(40, 16, device=DEV)
+    labels = torch.full((3,), -100, device=DEV)
+    out = lk.linear_token_logprobs(hidden, weight, labels, backend="cuda")
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(3, device=DEV)) and torch.equal(hidden.grad, torch.zeros(3, 16, device=DEV))
+    h, w = torch.randn(5, 16, device=DEV), torch.randn(40, 16, device=DEV)
+    lab = torch.randint(0, 40, (5,), device=DEV)
+    with torch.no_grad():
+        o = lk.linear_token_logprobs(h, w, lab, backend="cuda")
+    truth_close(o, f_linear_token_logprobs(h, w, lab), atol=1e-4)
+
+
+def test_linear_token_logprobs_bf16_larger():
+    """A transformer-like head in bf16 (fp32 GEMM outputs): log-probs to fp32 accuracy."""
+    n, h, v = 512, 256, 5000
+    hidden = torch.randn(n, h, device=DEV).bfloat16()
+    weight = (torch.randn(v, h, device=DEV) / h**0.5).bfloat16()
+    labels = torch.randint(0, v, (n,), device=DEV)
+    labels[::5] = -100
+    out = lk.linear_token_logprobs(hidden, weight, labels, backend="cuda", chunk_size=100)
+    truth_close(out, f_linear_token_logprobs(hidden, weight, labels), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ gumbel_softmax_codes
+def _noise_from_op(seed, offset, b, k):
+    """Gumbel noise differences g[:, j] - g[:, 0] recovered from float64 soft weights of zero logits."""
+    soft, _, _ = OPS.gumbel_softmax_fwd(torch.zeros(b, k, dtype=torch.float64, device=DEV),
+                                        torch.zeros(k, 1, device=DEV), 1.0, False, seed, offset)
+    logs = soft.log()
+    return logs - logs[:, :1]
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 5), (123456789, 2**32 - 7), (2**40 + 3, 2**33 + 1),
+                                         (2**63 - 1, 2**62), (99, 2**63 - 1 - 64)])
+def test_op_noise_is_bit_exact(seed, offset):
+    """The kernel's float32 noise equals lpc_kernels.philox.gumbel_noise evaluated by torch on the GPU
+    exactly (differences of float32 values are exact in float64; the float64 softmax/log round trip is
+    accurate to ~1e-14)."""
+    b, k = 8, 8
+    got = _noise_from_op(seed, offset, b, k)
+    g = philox.gumbel_noise(seed, offset, b, k, device=DEV).double()
+    torch.testing.assert_close(got, g - g[:, :1], rtol=0, atol=1e-11)
+
+
+def test_philox_uniforms_same_on_gpu_and_cpu():
+    """The reference's integer Philox gives the same uniforms on both devices (the CUDA kernel's noise
+    is checked against the GPU evaluation above)."""
+    counters = torch.arange(2**32 - 1000, 2**32 + 1000, dtype=torch.int64)
+    for seed in (0, 7, 2**40 + 1):
+        assert torch.equal(philox.philox_uniform(seed, counters), philox.philox_uniform(seed, counters.to(DEV)).cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("b,k,d", [(1, 1, 1), (5, 12, 24), (37, 33, 300), (9, 100, 3), (3, 1024, 8)])
+def test_gumbel_matches_reference(dtype, hard, b, k, d):
+    logits, codebook = (torch.randn(b, k, device=DEV) * 2).to(dtype), torch.randn(k, d, device=DEV).to(dtype)
+    gw, gz = torch.randn(b, k, device=DEV), torch.randn(b, d, device=DEV).to(dtype)
+    res = {}
+    for backend in ("cuda", "reference"):
+        lg, cb = _leaf(logits), _leaf(codebook)
+        w, z = lk.gumbel_softmax_codes(lg, cb, tau=0.6, hard=hard, seed=77, offset=2**32 - 50, backend=backend)
+        torch.autograd.backward([w, z], [gw.to(w.dtype), gz])
+        res[backend] = (w.detach(), z.detach(), lg.grad, cb.grad)
+    if hard:
+        assert torch.equal(res["cuda"][0], res["reference"][0])
+        assert torch.equal(res["cuda"][1], res["reference"][1])
+    tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    if dtype in LOW:
+        tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+    for name, o, r in zip(("weights", "z", "grad_logits", "grad_codebook"), res["cuda"], res["reference"]):
+        assert o.dtype == r.dtype, name
+        _close(o, r, **(dict(tol, atol=2e-6) if name == "weights" and dtype == torch.float32 else tol))
+
+
+def test_gumbel_vs_float64_formula():
+    b, k, d, tau = 64, 40, 96, 0.7
+    seed, offset = 2**33 + 11, 2**32 - 20
+    logits, codebook = torch.randn(b, k, device=DEV) * 2, torch.randn(k, d, device=DEV)
+    for hard in (False, True):
+        lg, cb = _leaf(logits), _leaf(codebook)
+        weights, z = lk.gumbel_softmax_codes(lg, cb, tau=tau, hard=hard, seed=seed, offset=offset, backend="cuda")
+        noise = philox.gumbel_noise(seed, offset, b, k, device=DEV).double()
+        l64, e64 = _leaf(logits, torch.float64), _leaf(codebook, torch.float64)
+        soft = torch.softmax((l64 + noise) / tau, dim=-1)
+        w_truth = F.one_hot(soft.argmax(-1), k).double() - soft.detach() + soft if hard else soft
+        z_truth = w_truth @ e64
+        if hard:
+            assert torch.equal(weights, w_truth.detach().float())
+        truth_close(weights, w_truth, atol=1e-6)
+        truth_close(z, z_truth, atol=1e-5)
+        gw, gz = torch.randn(b, k, device=DEV), torch.randn(b, d, device=DEV)
+        torch.autograd.backward([weights, z], [gw, gz])
+        torch.autograd.backward([w_truth, z_truth], [gw.double(), gz.double()])
+        truth_close(lg.grad, l64.grad, atol=1e-5)
+        truth_close(cb.grad, e64.grad, atol=1e-5)
+
+
+def test_hard_samples_equal_reference_for_many_seeds():
+    logits, codebook = torch.randn(256, 32, device=DEV), torch.randn(32, 3, device=DEV)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for seed in range(0, 2**45, 2**45 // 10):
+            for offset in (0, 2**32 - 100):
+                args = (logits.to(dtype), codebook.to(dtype), 0.5, True, seed, offset)
+                ours = OPS.gumbel_softmax_fwd(*args)
+                w_ref, z_ref, soft_ref = reference.gumbel_softmax_fwd(*args)
+                assert torch.equal(ours[0], w_ref), (dtype, seed, offset)
+                assert torch.equal(ours[1], z_ref), (dtype, seed, offset)
+                torch.testing.assert_close(ours[2], soft_ref, **_tol(dtype))
+
+
+# ----------------------------------------------------------------------------------- preference_loss
+def f_preference(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, eps, kl_weight, ipo_average):
+    pc, pr = pc.double(), pr.double()
+    if loss_type == "dpo":
+        cr, rj = beta * (pc - rc.double()), beta * (pr - rr.double())
+        h = cr - rj
+    elif loss_type == "ipo":
+        n_w = cl.double() if ipo_average else torch.ones_like(pc)
+        n_l = rl.double() if ipo_average else torch.ones_like(pr)
+        dw, dl = (pc - rc.double()) / n_w, (pr - rr.double()) / n_l
+        h, cr, rj = dw - dl, beta * dw, beta * dl
+    else:
+        cr, rj = beta * pc / cl.double(), beta * pr / rl.double()
+        h = cr - rj - gamma
+    if loss_type == "ipo":
+        pair = (h - 1 / (2 * beta)) ** 2
+    else:
+        pair = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+    if prior is not None:
+        lq, lp = torch.log_softmax(post.double(), -1), torch.log_softmax(prior.double(), -1)
+        kl = (lq.exp() * (lq - lp)).sum(-1)
+    else:
+        kl = torch.zeros_like(pc)
+    losses = pair + kl_weight * kl
+    return losses.mean(), losses, cr, rj, kl
+
+
+PREF_CASES = [
+    dict(loss_type="dpo", beta=0.1, label_smoothing=0.0, kl_weight=0.05),
+    dict(loss_type="dpo", beta=0.5, label_smoothing=0.2, kl_weight=0.0),
+    dict(loss_type="ipo", beta=0.1, kl_weight=0.1, ipo_average=True),
+    dict(loss_type="ipo", beta=0.3, kl_weight=0.1, ipo_average=False),
+    dict(loss_type="simpo", beta=2.0, gamma=0.5, label_smoothing=0.1, kl_weight=0.05),
+]
+
+
+@pytest.mark.parametrize("b,k", [(1, 1), (6, 5), (1000, 32), (70, 1024)])
+@pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_preference_loss_vs_float64(case, b, k):
+    pc, pr, rc, rr = (torch.randn(b, device=DEV) * 5 - 20 for _ in range(4))
+    cl, rl = torch.randint(1, 30, (b,), device=DEV), torch.randint(1, 30, (b,), device=DEV)
+    prior, post = torch.randn(b, k, device=DEV), torch.randn(b, k, device=DEV) * 2
+    pc, pr, rc, rr, prior, post = (_leaf(t) for t in (pc, pr, rc, rr, prior, post))
+    if case["loss_type"] == "simpo":
+        rc = rr = None
+    opts = dict(loss_type=case["loss_type"], beta=case["beta"], gamma=case.get("gamma", 0.0),
+                label_smoothing=case.get("label_smoothing", 0.0), kl_weight=case["kl_weight"],
+                ipo_average=case.get("ipo_average", True))
+    out = lk.preference_loss(pc, pr, rc, rr, chosen_lengths=cl, rejected_lengths=rl, prior_logits=prior,
+                             posterior_logits=post, backend="cuda", **opts)
+    leaves = [t for t in (pc, pr, rc, rr, prior, post) if t is not None]
+    copies = {id(t): _leaf(t, torch.float64) for t in leaves}
+
+    def c(t):
+        return copies[id(t)] if t is not None else None
+
+    truth = f_preference(c(pc), c(pr), c(rc), c(rr), cl, rl, c(prior), c(post), opts["loss_type"], opts["beta"],
+                         opts["gamma"], opts["label_smoothing"], opts["kl_weight"], opts["ipo_average"])
+    for o, t in zip(out, truth):
+        assert o.dtype == torch.float32
+        truth_close(o, t, atol=1e-5)
+    grads = [torch.randn((), device=DEV), *(torch.randn(b, device=DEV) for _ in range(4))]
+    torch.autograd.backward(list(out), grads)
+    torch.autograd.backward(list(truth), [g.double() for g in grads])
+    for t in leaves:
+        truth_close(t.grad, copies[id(t)].grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_preference_loss_matches_reference_mixed_dtypes(loss_type, dtype):
+    b, k = 333, 7
+    pc, pr, rc, rr = ((torch.randn(b, device=DEV, dtype=torch.float64) * 30 - 100).to(dtype) for _ in range(4))
+    cl, rl = torch.randint(1, 50, (b,), device=DEV), torch.randint(1, 50, (b,), device=DEV).double()
+    prior, post = (torch.randn(b, k, device=DEV) * 3).to(dtype), torch.randn(b, k, device=DEV).double()
+    refs = (rc, rr) if loss_type != "simpo" else (None, None)
+    opts = dict(loss_type=loss_type, beta=0.2 if loss_type != "simpo" else 2.0,
+                gamma=0.5 if loss_type == "simpo" else 0.0, label_smoothing=0.0 if loss_type == "ipo" else 0.15,
+                kl_weight=0.3, ipo_average=loss_type != "ipo" or dtype != torch.float32)
+    grads = [torch.randn((), device=DEV), *(torch.randn(b, device=DEV) for _ in range(4))]
+    res = {}
+    for backend in ("cuda", "reference"):
+        leaves = [_leaf(t) if t is not None else None for t in (pc, pr, *refs, prior, post)]
+        out = lk.preference_loss(*leaves[:4], chosen_lengths=cl, rejected_lengths=rl, prior_logits=leaves[4],
+                                 posterior_logits=leaves[5], backend=backend, **opts)
+        torch.autograd.backward(list(out), [g.to(out.loss.dtype) for g in grads])
+        res[backend] = list(out) + [t.grad if t is not None else None for t in leaves]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    for o, r in zip(res["cuda"], res["reference"]):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == r.dtype
+        if o.dtype == torch.bfloat16:
+            _close(o, r, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+        else:
+            _close(o, r, **tol)
+
+
+def test_preference_loss_mean_is_deterministic_and_one_code_is_plain():
+    b = 65536
+    pc, pr, rc, rr = (torch.randn(b, device=DEV) * 5 - 20 for _ in range(4))
+    prior, post = torch.randn(b, 1, device=DEV), torch.randn(b, 1, device=DEV)
+    plain = [lk.preference_loss(pc, pr, rc, rr, backend="cuda") for _ in range(3)]
+    for other in plain[1:]:
+        for x, y in zip(plain[0], other):
+            assert torch.equal(x, y)
+    one = lk.preference_loss(pc, pr, rc, rr, prior_logits=prior, posterior_logits=post, kl_weight=0.0,
+                             backend="cuda")
+    for x, y in zip(plain[0], one):
+        assert torch.equal(x, y)
+    assert torch.equal(one.kl, torch.zeros(b, device=DEV))
+    truth_close(plain[0].loss, plain[0].losses.double().mean(), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ gradcheck (float64)
+def test_gradcheck_float64():
+    d = dict(dtype=torch.float64, device=DEV, requires_grad=True)
+    x = torch.randn(5, 2100, **d)
+    labels = torch.tensor([0, -100, 2099, 1500, 7], device=DEV)
+    assert torch.autograd.gradcheck(lambda x: lk.token_logprobs(x, labels, backend="cuda"), (x,), fast_mode=True)
+    h, w, b = torch.randn(6, 5, **d), torch.randn(300, 5, **d), torch.randn(300, **d)
+    lab = torch.tensor([1, -100, 8, -100, 299, 4], device=DEV)
+    for chunk in (1, 2, 16):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: lk.linear_token_logprobs(h, w, lab, bias=b, backend="cuda", chunk_size=chunk),
+            (h, w, b), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda h: lk.linear_token_logprobs(h, w.detach(), lab, backend="cuda"), (h,))
+    lg, cb = torch.randn(4, 6, **d), torch.randn(6, 3, **d)
+    for tau in (0.3, 1.7):
+        assert torch.autograd.gradcheck(
+            lambda a, e: lk.gumbel_softmax_codes(a, e, tau=tau, seed=11, offset=2**32, backend="cuda"), (lg, cb))
+    assert torch.autograd.gradcheck(
+        lambda e: lk.gumbel_softmax_codes(lg.detach(), e, hard=True, seed=3, backend="cuda")[1], (cb,))
+    pc, pr, rc, rr = (torch.randn(5, **d) for _ in range(4))
+    prior, post = torch.randn(5, 4, **d), torch.randn(5, 4, **d)
+    cl = torch.tensor([3, 1, 4, 2, 6], device=DEV)
+    rl = torch.tensor([2.0, 5.0, 1.0, 1.0, 3.0], dtype=torch.float64, device=DEV)
+    for loss_type in ("dpo", "ipo", "simpo"):
+        refs = loss_type != "simpo"
+
+        def f(*t, loss_type=loss_type, refs=refs):
+            rc_, rr_ = (t[2], t[3]) if refs else (None, None)
+            return tuple(lk.preference_loss(t[0], t[1], rc_, rr_, prior_logits=t[-2], posterior_logits=t[-1],
+                                            chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type, beta=0.3,
+                                            gamma=0.4 if loss_type == "simpo" else 0.0,
+                                            label_smoothing=0.0 if loss_type == "ipo" else 0.2, kl_weight=0.5,
+                                            backend="cuda"))
+
+        assert torch.autograd.gradcheck(f, (pc, pr, rc, rr, prior, post) if refs else (pc, pr, prior, post))
+
+
+# ---------------------------------------------------------------------- opcheck: public and raw ops
+def _public_cases():
+    x = torch.randn(4, 33, device=DEV, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 5], device=DEV)
+    h = torch.randn(4, 8, device=DEV, requires_grad=True)
+    w = torch.randn(33, 8, device=DEV, requires_grad=True)
+    b = torch.randn(33, device=DEV)
+    lg, cb = torch.randn(3, 6, device=DEV, requires_grad=True), torch.randn(6, 4, device=DEV, requires_grad=True)
+    pc, pr, rc, rr = (torch.randn(3, device=DEV, requires_grad=True) for _ in range(4))
+    prior = torch.randn(3, 6, device=DEV, requires_grad=True)
+    post = torch.randn(3, 6, device=DEV, requires_grad=True)
+    lengths = torch.tensor([2, 3, 4], device=DEV)
+    return [
+        (_ops.token_logprobs_op, (x, labels, -100, False, "cuda")),
+        (_ops.linear_token_logprobs_op, (h, w, b, labels, -100, 2, "cuda")),
+        (_ops.linear_token_logprobs_op, (h, w, None, labels, -100, 16, "cuda")),
+        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, False, 3, 0, "cuda")),
+        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, True, 3, 0, "cuda")),
+        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True,
+                                   "cuda")),
+        (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
+                                   True, "cuda")),
+    ]
+
+
+def _count(cases):
+    return range(len(cases())) if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("case", _count(_public_cases))
+def test_opcheck_public_ops(case):
+    op, args = _public_cases()[case]
+    opcheck(op, args)
+
+
+def _raw_cases():
+    lab = torch.tensor([0, 32, -100, 5], device=DEV)
+    x = torch.randn(4, 33, device=DEV)
+    lse = OPS.token_logprobs_fwd(x, lab, -100)[1]
+    g = torch.randn(4, device=DEV)
+    h, w, b = torch.randn(4, 8, device=DEV), torch.randn(33, 8, device=DEV), torch.randn(33, device=DEV)
+    lin_lse = OPS.linear_token_logprobs_fwd(h, w, b, lab, -100, 2)[1]
+    lg, cb = torch.randn(3, 6, device=DEV), torch.randn(6, 4, device=DEV)
+    w_soft, _, none = OPS.gumbel_softmax_fwd(lg, cb, 0.8, False, 3, 0)
+    w_hard, _, soft = OPS.gumbel_softmax_fwd(lg, cb, 0.8, True, 3, 2**32 + 1)
+    pc, pr, rc, rr = (torch.randn(3, device=DEV) for _ in range(4))
+    prior, post = torch.randn(3, 6, device=DEV), torch.randn(3, 6, device=DEV)
+    cl, rl = torch.tensor([2, 3, 4], device=DEV), torch.tensor([1.0, 5.0, 2.0], device=DEV)
+    grads = (torch.randn((), device=DEV), *(torch.randn(3, device=DEV) for _ in range(4)))
+    cases = [
+        (OPS.token_logprobs_fwd, (x, lab, -100)),
+        (OPS.token_logprobs_fwd, (x.to(torch.bfloat16), lab, -100)),
+        (OPS.token_logprobs_fwd, (x.double(), torch.tensor([0, 32, 5, 5], device=DEV), 5)),
+        (OPS.token_logprobs_bwd, (g, x, lab, lse, -100)),
+        (OPS.token_logprobs_bwd, (g, x.half(), lab, lse, -100)),
+        (OPS.token_logprobs_bwd_, (g, x.clone(), lab, lse, -100)),
+        (OPS.linear_token_logprobs_fwd, (h, w, b, lab, -100, 2)),
+        (OPS.linear_token_logprobs_fwd, (h.bfloat16(), w.bfloat16(), None, lab, -100, 16)),
+        (OPS.linear_token_logprobs_bwd, (g, h, w, b, lab, lin_lse, -100, 3, True, True, True)),
+        (OPS.linear_token_logprobs_bwd, (g, h, w, None, lab, lin_lse, -100, 3, True, False, False)),
+        (OPS.linear_token_logprobs_bwd, (g, h.half(), w.half(), b.half(), lab, lin_lse, -100, 1, False, True, True)),
+        (OPS.gumbel_softmax_fwd, (lg, cb, 0.8, False, 3, 0)),
+        (OPS.gumbel_softmax_fwd, (lg.bfloat16(), cb.bfloat16(), 1.3, True, 2**40, 2**33)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=DEV), torch.randn(3, 4, device=DEV), w_soft, none, cb, 0.8,
+                                  True, True)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=DEV), torch.randn(3, 4, device=DEV), w_hard, soft, cb, 0.8,
+                                  True, False)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=DEV), torch.randn(3, 4, device=DEV), w_hard, soft, cb, 0.8,
+                                  False, True)),
+    ]
+    dpo = (pc, pr, rc, rr, cl, rl, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True)
+    ipo = (pc, pr, rc, rr, None, None, None, None, "ipo", 0.3, 0.0, 0.0, 0.0, False)
+    simpo = (pc, pr, None, None, cl, rl, prior.double(), post.half(), "simpo", 2.0, 0.5, 0.0, 0.1, True)
+    for args in (dpo, ipo, simpo):
+        cases.append((OPS.preference_loss_fwd, args))
+        cases.append((OPS.preference_loss_bwd, (*grads, *args)))
+    return cases
+
+
+def test_every_schema_has_a_cuda_kernel():
+    names = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_", "linear_token_logprobs_fwd",
+             "linear_token_logprobs_bwd", "gumbel_softmax_fwd", "gumbel_softmax_bwd", "preference_loss_fwd",
+             "preference_loss_bwd"]
+    for name in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lpc::{name}", "CUDA"), name
+
+
+@pytest.mark.parametrize("case", _count(_raw_cases))
+def test_opcheck_raw_ops(case):
+    op, args = _raw_cases()[case]
+    opcheck(op, args)
+
+
+def _bad_calls():
+    x, lab = torch.randn(4, 10, device=DEV), torch.tensor([1, 2, -100, 3], device=DEV)
+    g, lse = torch.randn(4, device=DEV), torch.zeros(4, device=DEV)
+    h, w = torch.randn(4, 6, device=DEV), torch.randn(10, 6, device=DEV)
+    lg, cb = torch.randn(2, 5, device=DEV), torch.randn(5, 3, device=DEV)
+    wts, _, _ = OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 0)
+    pc = torch.randn(3, device=DEV)
+    return [
+        ("logits", lambda: OPS.token_logprobs_fwd(x.t(), lab, -100)),
+        ("logits", lambda: OPS.token_logprobs_fwd(x[None], lab, -100)),
+        ("logits", lambda: OPS.token_logprobs_fwd(x.long(), lab, -100)),
+        ("logits", lambda: OPS.token_logprobs_fwd(x.cpu(), lab, -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, lab[:3], -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.stack([lab, lab], 1)[:, 0], -100)),
+        ("grad_logp", lambda: OPS.token_logprobs_bwd(g[:2], x, lab, lse, -100)),
+        ("lse", lambda: OPS.token_logprobs_bwd(g, x, lab, lse[None], -100)),
+        ("logits", lambda: OPS.token_logprobs_bwd_(g, x.t().contiguous().t(), lab, lse, -100)),
+        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h.t(), w, None, lab, -100, 4)),
+        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w.double(), None, lab, -100, 4)),
+        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w[:, :, None], None, lab, -100, 4)),
+        ("bias", lambda: OPS.linear_token_logprobs_fwd(h, w, torch.randn(9, device=DEV), lab, -100, 4)),
+        ("chunk_size", lambda: OPS.linear_token_logprobs_fwd(h, w, None, lab, -100, 0)),
+        ("need_bias", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse, -100, 4, True, True, True)),
+        ("lse", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse[:3], -100, 4, True, True, False)),
+        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb[:4], 1.0, False, 0, 0)),
+        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb.t().contiguous().t(), 1.0, False, 0, 0)),
+        ("tau", lambda: OPS.gumbel_softmax_fwd(lg, cb, 0.0, False, 0, 0)),
+        ("seed", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, -1, 0)),
+        ("offset", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 2**63 - 5)),
+        ("soft", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=DEV), torch.randn(2, 3, device=DEV), wts,
+                                                torch.randn(5, device=DEV), cb, 1.0, True, True)),
+        ("grad_z", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=DEV), torch.randn(2, 4, device=DEV), wts,
+                                                  wts.new_empty(0), cb, 1.0, True, True)),
+        ("weights", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=DEV), torch.randn(2, 3, device=DEV),
+                                                   wts.half(), wts.new_empty(0), cb, 1.0, True, True)),
+        ("loss_type", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "kto", 0.1, 0.0,
+                                                      0.0, 0.0, True)),
+        ("pr", lambda: OPS.preference_loss_fwd(pc, pc[:2], pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
+                                               0.0, 0.0, True)),
+        ("rc", lambda: OPS.preference_loss_fwd(pc, pc, pc, None, None, None, None, None, "dpo", 0.1, 0.0, 0.0,
+                                               0.0, True)),
+        ("cl", lambda: OPS.preference_loss_fwd(pc, pc, None, None, None, None, None, None, "simpo", 2.0, 0.5,
+                                               0.0, 0.0, True)),
+        ("post", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4, device=DEV),
+                                                 torch.randn(3, 5, device=DEV), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
+        ("prior", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4, device=DEV).t(),
+                                                  torch.randn(4, 3, device=DEV), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
+        ("kl_weight", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
+                                                      0.0, 0.1, True)),
+        ("g_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
+                                                   "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+        ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
+                                                 None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", _count(_bad_calls))
+def test_bad_inputs_reaching_cuda_name_the_argument(case):
+    name, call = _bad_calls()[case]
+    with pytest.raises(RuntimeError, match=rf"\b{name}\b"):
+        call()
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(4, 33, device=DEV, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 5], device=DEV)
+    h = torch.randn(4, 8, device=DEV, requires_grad=True)
+    w = torch.randn(33, 8, device=DEV, requires_grad=True)
+    lg = torch.randn(4, 6, device=DEV, requires_grad=True)
+    cb = torch.randn(6, 8, device=DEV, requires_grad=True)
+    ref = torch.randn(4, device=DEV)
+
+    def step(x, h, w, lg, cb):
+        tok = lk.token_logprobs(x, labels, backend="cuda")
+        weights, z = lk.gumbel_softmax_codes(lg, cb, seed=5, backend="cuda")
+        lin = lk.linear_token_logprobs(h + z, w, labels, backend="cuda")
+        out = lk.preference_loss(tok, lin, ref, ref.flip(0), prior_logits=lg, posterior_logits=lg * 2,
+                                 kl_weight=0.1, backend="cuda")
+        return out.loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = (x, h, w, lg, cb)
+    got = compiled(*args)
+    got.backward()
+    grads = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    expected = step(*args)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    for g, a in zip(grads, args):
+        torch.testing.assert_close(g, a.grad)
