@@ -62,8 +62,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, 
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                          ignore_index: int = -100, backend: str = "auto",
-                          chunk_size: Optional[int] = None) -> Tensor:
+                          ignore_index: int = -100, backend: str = "auto", chunk_size: Optional[int] = None,
+                          filter_eps: float = 0.0) -> Tensor:
     """Log-probability of each label under ``softmax(hidden @ weight.T + bias)``, without ``[N, V]`` logits.
 
     Args:
@@ -75,18 +75,21 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         chunk_size: rows per recomputed ``[chunk, V]`` logits block for the chunked backends
             (reference, cpu, cuda); default ``DEFAULT_CHUNK_SIZE``. Peak extra memory ~ ``chunk * V``.
+        filter_eps: opt-in gradient filter (triton backend): skip logits tiles holding no label whose
+            softmax entries are all below it; each skipped gradient entry is off by at most
+            ``|grad_logp| * filter_eps``. 0 (default) is exact; other backends always compute exactly.
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to hidden, weight, bias.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    _ops.check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size)
+    _ops.check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
     name = resolve_backend(backend, hidden.device)
     lead = labels.shape
     logp, _ = _ops.linear_token_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         bias.contiguous() if bias is not None else None, labels.reshape(-1).long().contiguous(), ignore_index,
-        chunk_size, name)
+        chunk_size, name, float(filter_eps))
     return logp.view(lead)
 
 

@@ -196,7 +196,7 @@ def check_token_logprobs(logits, labels, ignore_index) -> None:
     _check_same_device({"logits": logits, "labels": labels})
 
 
-def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size) -> None:
+def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps=0.0) -> None:
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight, ndim=2)
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -215,6 +215,7 @@ def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chun
         raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)}): nothing to score")
     _check_int("ignore_index", ignore_index)
     _check_int("chunk_size", chunk_size, low=1)
+    _check_float("filter_eps", filter_eps, low=0.0, high=1.0)
     _check_same_device({"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
 
 
@@ -379,7 +380,8 @@ token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_tok
 # --------------------------------------------------------------------------- linear_token_logprobs
 @torch.library.custom_op("lpc::linear_token_logprobs", mutates_args=())
 def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                             ignore_index: int, chunk_size: int, backend: str) -> tuple[Tensor, Tensor]:
+                             ignore_index: int, chunk_size: int, backend: str,
+                             filter_eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N]), fp32."""
     _check_label_values(labels, weight.shape[0], ignore_index)
     return backend_module(backend).linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
@@ -387,7 +389,7 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 @linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend):
+def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps=0.0):
     n, dt = hidden.shape[0], _float_out(hidden)
     return hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt)
 
@@ -396,17 +398,22 @@ def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend):
 def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                       labels: Tensor, lse: Tensor, ignore_index: int, chunk_size: int,
                                       need_hidden: bool, need_weight: bool, need_bias: bool,
-                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for hidden, weight, bias; a tensor of shape [0] stands for one not asked for."""
+                                      backend: str, filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for hidden, weight, bias; a tensor of shape [0] stands for one not asked for.
+
+    ``filter_eps > 0`` lets the triton backend skip logits tiles whose softmax mass is below it (error
+    bounded by ``|g| * filter_eps`` per skipped entry); the other backends compute the exact gradient.
+    """
+    extra = {"filter_eps": filter_eps} if filter_eps > 0 and backend == "triton" else {}
     grads = backend_module(backend).linear_token_logprobs_bwd(
         grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
-        need_bias)
+        need_bias, **extra)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
-      need_bias, backend):
+      need_bias, backend, filter_eps=0.0):
     empty = hidden.new_empty(0)
     return (torch.empty_like(hidden) if need_hidden else empty,
             torch.empty_like(weight) if need_weight else empty,
@@ -414,9 +421,9 @@ def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, ne
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, chunk_size, backend = inputs
+    hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
+    ctx.ignore_index, ctx.chunk_size, ctx.backend, ctx.filter_eps = ignore_index, chunk_size, backend, filter_eps
     ctx.mark_non_differentiable(output[1])
 
 
@@ -424,12 +431,12 @@ def _linear_backward(ctx, grad_logp, grad_lse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_h or need_w or need_b):
-        return None, None, None, None, None, None, None
+        return (None,) * 8
     gh, gw, gb = linear_token_logprobs_backward_op(
         grad_logp.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size,
-        need_h, need_w, bool(need_b and bias is not None), ctx.backend)
+        need_h, need_w, bool(need_b and bias is not None), ctx.backend, ctx.filter_eps)
     return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 linear_token_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup)

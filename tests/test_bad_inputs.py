@@ -70,6 +70,7 @@ CASES = [
     ("bias shape", lin(bias=torch.randn(V + 1)), ValueError, "bias"),
     ("linear label >= V", lin(labels_=torch.tensor([0, 1, V])), ValueError, "labels"),
     ("chunk_size 0", lin(chunk_size=0), ValueError, "chunk_size"),
+    ("negative filter_eps", lin(filter_eps=-0.1), ValueError, "filter_eps"),
     ("K mismatch", gumbel(cb=torch.randn(K + 1, D)), ValueError, "codebook"),
     ("D = 0", gumbel(cb=torch.randn(K, 0)), ValueError, "codebook"),
     ("tau = 0", gumbel(tau=0.0), ValueError, "tau"),
