@@ -15,7 +15,7 @@ if os.environ.get("LPC_KERNELS_BUILD_EXT", "1") != "0":
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # No -std flag: BuildExtension adds the C++ standard this torch's headers need (C++20 for torch 2.14).
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-g0", "-fopenmp"]  # -g0: no debug info, half the build time on 2 cores
     if torch.version.cuda is None:
         ext = CppExtension("lpc_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     else:

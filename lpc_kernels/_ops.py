@@ -414,10 +414,10 @@ def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight:
 @linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
       need_bias, backend, filter_eps=0.0):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias else empty)
+    # a fresh [0] tensor for each absent output: one shared placeholder would alias two outputs
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -471,15 +471,14 @@ def gumbel_softmax_codes_backward_op(grad_weights: Tensor, grad_z: Tensor, weigh
     """``soft`` is the forward's third output: ``[0]``-shaped for soft samples (then ``weights`` is used)."""
     g_logits, g_codebook = backend_module(backend).gumbel_softmax_bwd(
         grad_weights, grad_z, weights, soft if soft.numel() else None, codebook, tau, need_logits, need_codebook)
-    empty = soft.new_empty(0)
-    return (g_logits if g_logits is not None else empty, g_codebook if g_codebook is not None else empty)
+    return (g_logits if g_logits is not None else soft.new_empty(0),
+            g_codebook if g_codebook is not None else soft.new_empty(0))
 
 
 @gumbel_softmax_codes_backward_op.register_fake
 def _(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook, backend):
-    empty = soft.new_empty(0)
-    return (torch.empty_like(weights) if need_logits else empty,
-            torch.empty_like(codebook) if need_codebook else empty)
+    return (torch.empty_like(weights) if need_logits else soft.new_empty(0),
+            torch.empty_like(codebook) if need_codebook else soft.new_empty(0))
 
 
 def _gumbel_setup(ctx, inputs, output):

@@ -366,6 +366,12 @@ def _opcheck_cases(backend):
                                    backend)),
         (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
                                    True, backend)),
+        # backward ops with several outputs not asked for ([0]-shaped placeholders must not alias)
+        (_ops.linear_token_logprobs_backward_op,
+         (torch.randn(4), h.detach(), w.detach(), None, labels, torch.randn(4), -100, 2, True, False, False, backend)),
+        (_ops.gumbel_softmax_codes_backward_op,
+         (torch.randn(3, 6), torch.randn(3, 4), torch.softmax(lg.detach(), -1), torch.empty(0), cb.detach(), 0.8,
+          False, False, backend)),
     ]
 
 

@@ -1,0 +1,133 @@
+"""The ``cpu`` and ``cuda`` backends: the compiled kernels of ``lpc_kernels._C``.
+
+The schemas are declared once in ``csrc/ops.cpp`` (``torch.ops.lpc.*_fwd`` / ``*_bwd``); the kernels
+register per dispatch key (``csrc/cpu`` for CPU, ``csrc/cuda`` for CUDA), so one Python module serves
+both backends and the dispatcher picks the kernel from the tensors' device. The functions below have
+the signatures documented in ``lpc_kernels.reference``; the C++ ops return ``[0]``-shaped tensors for
+outputs the reference returns as ``None`` (a schema cannot return None), mapped back here.
+
+The fake (meta) implementations registered here let ``torch.compile`` and ``opcheck`` trace the raw
+C++ ops without running them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
+
+_lpc = torch.ops.lpc
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------- token_logprobs
+def token_logprobs_fwd(logits, labels, ignore_index):
+    return _lpc.token_logprobs_fwd.default(logits, labels, ignore_index)
+
+
+def token_logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, inplace):
+    if inplace:
+        _lpc.token_logprobs_bwd_.default(grad_logp, logits, labels, lse, ignore_index)
+        return logits
+    return _lpc.token_logprobs_bwd.default(grad_logp, logits, labels, lse, ignore_index)
+
+
+# ---------------------------------------------------------------------------- linear_token_logprobs
+def linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index, chunk_size):
+    return _lpc.linear_token_logprobs_fwd.default(hidden, weight, bias, labels, ignore_index, chunk_size)
+
+
+def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
+                              need_hidden, need_weight, need_bias):
+    gh, gw, gb = _lpc.linear_token_logprobs_bwd.default(grad_logp, hidden, weight, bias, labels, lse, ignore_index,
+                                                        chunk_size, need_hidden, need_weight, need_bias)
+    return gh if need_hidden else None, gw if need_weight else None, gb if need_bias else None
+
+
+# ----------------------------------------------------------------------------- gumbel_softmax_codes
+def gumbel_softmax_fwd(logits, codebook, tau, hard, seed, offset):
+    weights, z, soft = _lpc.gumbel_softmax_fwd.default(logits, codebook, float(tau), hard, seed, offset)
+    return weights, z, soft if hard else None
+
+
+def gumbel_softmax_bwd(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook):
+    soft = weights.new_empty(0) if soft is None else soft
+    g_logits, g_codebook = _lpc.gumbel_softmax_bwd.default(grad_weights, grad_z, weights, soft, codebook, float(tau),
+                                                           need_logits, need_codebook)
+    return g_logits if need_logits else None, g_codebook if need_codebook else None
+
+
+# ----------------------------------------------------------------------------------- preference_loss
+def preference_loss_fwd(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing,
+                        kl_weight, ipo_average):
+    return _lpc.preference_loss_fwd.default(pc, pr, rc, rr, cl, rl, prior, post, loss_type, float(beta),
+                                            float(gamma), float(label_smoothing), float(kl_weight), ipo_average)
+
+
+def preference_loss_bwd(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type,
+                        beta, gamma, label_smoothing, kl_weight, ipo_average):
+    d_pc, d_pr, d_rc, d_rr, d_prior, d_post = _lpc.preference_loss_bwd.default(
+        g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type, float(beta),
+        float(gamma), float(label_smoothing), float(kl_weight), ipo_average)
+    return (d_pc, d_pr, d_rc if rc is not None else None, d_rr if rr is not None else None, None, None,
+            d_prior if prior is not None else None, d_post if post is not None else None)
+
+
+# ------------------------------------------------------------------------------- fake implementations
+@torch.library.register_fake("lpc::token_logprobs_fwd")
+def _(logits, labels, ignore_index):
+    n, dt = logits.shape[0], _compute_dtype(logits)
+    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
+
+
+@torch.library.register_fake("lpc::token_logprobs_bwd")
+def _(grad_logp, logits, labels, lse, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("lpc::token_logprobs_bwd_")
+def _(grad_logp, logits, labels, lse, ignore_index):
+    return None
+
+
+@torch.library.register_fake("lpc::linear_token_logprobs_fwd")
+def _(hidden, weight, bias, labels, ignore_index, chunk_size):
+    n, dt = hidden.shape[0], _compute_dtype(hidden)
+    return hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt)
+
+
+@torch.library.register_fake("lpc::linear_token_logprobs_bwd")
+def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight, need_bias):
+    # a fresh [0] stand-in per output, as the kernel returns: outputs must not alias each other
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+@torch.library.register_fake("lpc::gumbel_softmax_fwd")
+def _(logits, codebook, tau, hard, seed, offset):
+    b, k = logits.shape
+    dt = _compute_dtype(logits)
+    return (logits.new_empty(b, k, dtype=dt), codebook.new_empty(b, codebook.shape[1]),
+            logits.new_empty((b, k) if hard else (0,), dtype=dt))
+
+
+@torch.library.register_fake("lpc::gumbel_softmax_bwd")
+def _(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook):
+    return (torch.empty_like(weights) if need_logits else weights.new_empty(0),
+            torch.empty_like(codebook) if need_codebook else weights.new_empty(0))
+
+
+@torch.library.register_fake("lpc::preference_loss_fwd")
+def _(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average):
+    b, dt = pc.shape[0], _compute_dtype(pc)
+    return (pc.new_empty((), dtype=dt),) + tuple(pc.new_empty(b, dtype=dt) for _ in range(4))
+
+
+@torch.library.register_fake("lpc::preference_loss_bwd")
+def _(g_loss, g_losses, g_cr, g_rr, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma,
+      label_smoothing, kl_weight, ipo_average):
+    return tuple(torch.empty_like(t) if t is not None else pc.new_empty(0) for t in (pc, pr, rc, rr, prior, post))

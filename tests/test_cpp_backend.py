@@ -1,0 +1,498 @@
+"""Tests specific to the compiled CPU kernels (csrc/cpu, lpc_kernels._cpp).
+
+The backend table in test_ops.py checks every backend against independent float64 formulas; this file
+covers what only the C++ side has: the raw ``torch.ops.lpc.*_fwd/_bwd`` ops (opcheck, argument checks
+that raise RuntimeError naming the argument), the Philox header (bit-exact words and uniforms, compiled
+on its own), the noise drawn through the op, paths the small table does not reach (multi-block rows,
+-inf logits, non-consecutive valid rows, chunk sizes), and agreement with the reference backend:
+fp32/fp64 inputs to ~1e-5 / 1e-12 relative, bf16/fp16 inputs against the reference run on the exactly
+upcast fp32 inputs (same math in fp32), gradients within one rounding of the input dtype.
+"""
+
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import lpc_kernels as lk
+from lpc_kernels import _ops, philox, reference
+
+CPU = torch.device("cpu")
+_REASON = _ops._unavailable_reason("cpu", CPU)
+if _REASON is not None:
+    pytest.skip(f"cpu backend unavailable: {_REASON}", allow_module_level=True)
+
+from lpc_kernels import _cpp  # noqa: E402  (needs lpc_kernels._C)
+
+OPS = torch.ops.lpc
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def _close(ours, ref, rtol, atol):
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+
+
+def _one_rounding(ours, ref_fp32, dtype):
+    """ours (dtype) equals ref_fp32 rounded to dtype, up to one ulp of dtype (accumulation order)."""
+    assert ours.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    _close(ours, ref_fp32.to(dtype), rtol=eps, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- raw ops: opcheck
+def _raw_cases():
+    lab = torch.tensor([0, 32, -100, 5])
+    x = torch.randn(4, 33)
+    lse = OPS.token_logprobs_fwd(x, lab, -100)[1]
+    g = torch.randn(4)
+    h, w, b = torch.randn(4, 8), torch.randn(33, 8), torch.randn(33)
+    lin_lse = OPS.linear_token_logprobs_fwd(h, w, b, lab, -100, 2)[1]
+    lg, cb = torch.randn(3, 6), torch.randn(6, 4)
+    w_soft, _, none = OPS.gumbel_softmax_fwd(lg, cb, 0.8, False, 3, 0)
+    w_hard, _, soft = OPS.gumbel_softmax_fwd(lg, cb, 0.8, True, 3, 2**32 + 1)
+    pc, pr, rc, rr = (torch.randn(3) for _ in range(4))
+    prior, post = torch.randn(3, 6), torch.randn(3, 6)
+    cl, rl = torch.tensor([2, 3, 4]), torch.tensor([1.0, 5.0, 2.0])
+    grads = (torch.randn(()), *(torch.randn(3) for _ in range(4)))
+    cases = [
+        (OPS.token_logprobs_fwd, (x, lab, -100)),
+        (OPS.token_logprobs_fwd, (x.to(torch.bfloat16), lab, -100)),
+        (OPS.token_logprobs_fwd, (x.double(), torch.tensor([0, 32, 5, 5]), 5)),
+        (OPS.token_logprobs_bwd, (g, x, lab, lse, -100)),
+        (OPS.token_logprobs_bwd, (g, x.half(), lab, lse, -100)),
+        (OPS.token_logprobs_bwd_, (g, x.clone(), lab, lse, -100)),
+        (OPS.linear_token_logprobs_fwd, (h, w, b, lab, -100, 2)),
+        (OPS.linear_token_logprobs_fwd, (h.bfloat16(), w.bfloat16(), None, lab, -100, 16)),
+        (OPS.linear_token_logprobs_bwd, (g, h, w, b, lab, lin_lse, -100, 3, True, True, True)),
+        (OPS.linear_token_logprobs_bwd, (g, h, w, None, lab, lin_lse, -100, 3, True, False, False)),
+        (OPS.linear_token_logprobs_bwd, (g, h.half(), w.half(), b.half(), lab, lin_lse, -100, 1, False, True, True)),
+        (OPS.gumbel_softmax_fwd, (lg, cb, 0.8, False, 3, 0)),
+        (OPS.gumbel_softmax_fwd, (lg.bfloat16(), cb.bfloat16(), 1.3, True, 2**40, 2**33)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6), torch.randn(3, 4), w_soft, none, cb, 0.8, True, True)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6), torch.randn(3, 4), w_hard, soft, cb, 0.8, True, False)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6), torch.randn(3, 4), w_hard, soft, cb, 0.8, False, True)),
+    ]
+    dpo = (pc, pr, rc, rr, cl, rl, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True)
+    ipo = (pc, pr, rc, rr, None, None, None, None, "ipo", 0.3, 0.0, 0.0, 0.0, False)
+    simpo = (pc, pr, None, None, cl, rl, prior.double(), post.half(), "simpo", 2.0, 0.5, 0.0, 0.1, True)
+    for args in (dpo, ipo, simpo):
+        cases.append((OPS.preference_loss_fwd, args))
+        cases.append((OPS.preference_loss_bwd, (*grads, *args)))
+    return cases
+
+
+def test_every_schema_has_a_cpu_kernel():
+    names = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_", "linear_token_logprobs_fwd",
+             "linear_token_logprobs_bwd", "gumbel_softmax_fwd", "gumbel_softmax_bwd", "preference_loss_fwd",
+             "preference_loss_bwd"]
+    for name in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lpc::{name}", "CPU"), name
+
+
+@pytest.mark.parametrize("case", range(len(_raw_cases())))
+def test_opcheck_raw_ops(case):
+    op, args = _raw_cases()[case]
+    opcheck(op, args)
+
+
+# ------------------------------------------------------------------- raw ops: bad inputs reach C++
+def _bad_calls():
+    x, lab, g = torch.randn(4, 10), torch.tensor([1, 2, -100, 3]), torch.randn(4)
+    lse = torch.zeros(4)
+    h, w = torch.randn(4, 6), torch.randn(10, 6)
+    lg, cb = torch.randn(2, 5), torch.randn(5, 3)
+    wts, _, _ = OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 0)
+    pc = torch.randn(3)
+    return [
+        ("logits", lambda: OPS.token_logprobs_fwd(x.t(), lab, -100)),  # non-contiguous
+        ("logits", lambda: OPS.token_logprobs_fwd(x[None], lab, -100)),  # 3-D
+        ("logits", lambda: OPS.token_logprobs_fwd(x.long(), lab, -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, lab.int(), -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, lab[:3], -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.tensor([1, 2, 10, 3]), -100)),  # out of range
+        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.tensor([1, -1, 0, 3]), -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.stack([lab, lab], 1)[:, 0], -100)),
+        ("grad_logp", lambda: OPS.token_logprobs_bwd(g[:2], x, lab, lse, -100)),
+        ("lse", lambda: OPS.token_logprobs_bwd(g, x, lab, lse[None], -100)),
+        ("logits", lambda: OPS.token_logprobs_bwd_(g, x.t().contiguous().t(), lab, lse, -100)),
+        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h.t(), w, None, lab, -100, 4)),
+        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h[:, :5], w, None, lab, -100, 4)),
+        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w.double(), None, lab, -100, 4)),
+        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w[:, :, None], None, lab, -100, 4)),
+        ("bias", lambda: OPS.linear_token_logprobs_fwd(h, w, torch.randn(9), lab, -100, 4)),
+        ("chunk_size", lambda: OPS.linear_token_logprobs_fwd(h, w, None, lab, -100, 0)),
+        ("need_bias", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse, -100, 4, True, True, True)),
+        ("lse", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse[:3], -100, 4, True, True, False)),
+        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb[:4], 1.0, False, 0, 0)),
+        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb.t().contiguous().t(), 1.0, False, 0, 0)),
+        ("tau", lambda: OPS.gumbel_softmax_fwd(lg, cb, 0.0, False, 0, 0)),
+        ("seed", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, -1, 0)),
+        ("offset", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 2**63 - 5)),
+        ("soft", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5), torch.randn(2, 3), wts, torch.randn(5),
+                                                cb, 1.0, True, True)),
+        ("grad_z", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5), torch.randn(2, 4), wts, wts.new_empty(0),
+                                                  cb, 1.0, True, True)),
+        ("weights", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5), torch.randn(2, 3), wts.half(),
+                                                   wts.new_empty(0), cb, 1.0, True, True)),
+        ("loss_type", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "kto", 0.1, 0.0,
+                                                      0.0, 0.0, True)),
+        ("pr", lambda: OPS.preference_loss_fwd(pc, pc[:2], pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
+                                               0.0, 0.0, True)),
+        ("rc", lambda: OPS.preference_loss_fwd(pc, pc, pc, None, None, None, None, None, "dpo", 0.1, 0.0, 0.0,
+                                               0.0, True)),
+        ("cl", lambda: OPS.preference_loss_fwd(pc, pc, None, None, None, None, None, None, "simpo", 2.0, 0.5,
+                                               0.0, 0.0, True)),
+        ("post", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4),
+                                                 torch.randn(3, 5), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
+        ("prior", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4).t(),
+                                                  torch.randn(4, 3), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
+        ("kl_weight", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
+                                                      0.0, 0.1, True)),
+        ("g_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
+                                                   "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+        ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
+                                                 None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_inputs_reaching_cpp_name_the_argument(case):
+    name, call = _bad_calls()[case]
+    with pytest.raises(RuntimeError, match=rf"\b{name}\b"):
+        call()
+
+
+# ------------------------------------------------------------------------ against the reference
+def _token_ref(logits, labels, ignore_index=-100):
+    """Reference backend on the exactly upcast input: the same math in fp32 (fp64 for fp64)."""
+    up = logits.detach().float() if logits.dtype in LOW else logits.detach()
+    leaf = up.clone().requires_grad_(True)
+    out = lk.token_logprobs(leaf, labels, ignore_index=ignore_index, backend="reference")
+    return out, leaf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
+@pytest.mark.parametrize("v", [1, 7, 2048, 5000])  # 5000: three row blocks of 2048, the last one partial
+def test_token_logprobs_matches_reference(dtype, v):
+    n = 9
+    base = torch.randn(n, v, dtype=torch.float64) * 5
+    base[2, v // 2] = 40.0  # the max grows in a later block: the running sum is rescaled
+    if v > 1:
+        base[4, : v // 2] = float("-inf")  # masked vocabulary entries
+    logits = base.to(dtype)
+    labels = torch.randint(v // 2, v, (n,))
+    labels[[1, 6]] = -100
+    g = torch.randn(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for inplace in (False, True):
+        leaf = _leaf(logits)
+        buf = leaf * 1  # a non-leaf buffer the in-place backward may overwrite
+        out = lk.token_logprobs(buf, labels, backend="cpu", inplace_backward=inplace)
+        out.backward(g)
+        ref, ref_leaf = _token_ref(logits, labels)
+        ref.backward(g)
+        assert out.dtype == ref.dtype and leaf.grad.dtype == dtype
+        _close(out, ref, **_tol(dtype))
+        if dtype in LOW:
+            _one_rounding(leaf.grad, ref_leaf.grad, dtype)
+        else:
+            _close(leaf.grad, ref_leaf.grad, **_tol(dtype))
+        assert torch.equal(leaf.grad[1], torch.zeros(v, dtype=dtype))  # ignored row
+
+
+def test_token_logprobs_extreme_logits_stay_finite():
+    logits = torch.randn(6, 3000) * 1e4
+    labels = torch.randint(0, 3000, (6,))
+    leaf = _leaf(logits)
+    out = lk.token_logprobs(leaf, labels, backend="cpu")
+    out.sum().backward()
+    ref = lk.token_logprobs(logits.double(), labels, backend="reference")
+    assert torch.isfinite(out).all() and torch.isfinite(leaf.grad).all()
+    _close(out, ref, rtol=1e-6, atol=1e-2)  # fp32 rounding of 1e4-sized values: ~1e-3 absolute
+
+
+def test_token_logprobs_deterministic_across_thread_counts():
+    logits, labels = torch.randn(64, 4099), torch.randint(0, 4099, (64,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, max(threads, 2)):
+            torch.set_num_threads(t)
+            logp, lse = OPS.token_logprobs_fwd(logits, labels, -100)
+            results.append((logp, lse, OPS.token_logprobs_bwd(torch.ones(64), logits, labels, lse, -100)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _linear_run(backend, hidden, weight, bias, labels, chunk_size, g):
+    h, w = _leaf(hidden), _leaf(weight)
+    b = _leaf(bias) if bias is not None else None
+    out = lk.linear_token_logprobs(h, w, labels, bias=b, backend=backend, chunk_size=chunk_size)
+    out.backward(g)
+    return out.detach(), h.grad, w.grad, b.grad if b is not None else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_linear_token_logprobs_matches_reference(dtype, with_bias, chunk_size):
+    n, h, v = 11, 24, 2500  # rows span two blocks of 2048
+    hidden = (torch.randn(n, h, dtype=torch.float64)).to(dtype)
+    weight = (torch.randn(v, h, dtype=torch.float64) / h**0.5 * 3).to(dtype)
+    bias = torch.randn(v, dtype=torch.float64).to(dtype) if with_bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[[0, 4, 5, 9]] = -100  # valid rows are not consecutive: gathered chunks, scattered grad rows
+    g = torch.randn(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    ours = _linear_run("cpu", hidden, weight, bias, labels, chunk_size, g)
+    up = (lambda t: t.float() if t is not None else None) if dtype in LOW else (lambda t: t)
+    ref = _linear_run("reference", up(hidden), up(weight), up(bias), labels, chunk_size, g)
+    tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=2e-5)
+    _close(ours[0], ref[0], **(tol if dtype not in LOW else dict(rtol=1e-5, atol=2e-5)))
+    for o, r in zip(ours[1:], ref[1:]):
+        if r is None:
+            assert o is None
+        elif dtype in LOW:
+            _one_rounding(o, r, dtype)
+        else:
+            _close(o, r, **tol)
+    assert torch.equal(ours[1][[0, 4, 5, 9]], torch.zeros(4, h, dtype=dtype))
+
+
+def test_linear_token_logprobs_need_flags_and_results_independent_of_chunking():
+    hidden, weight, bias = torch.randn(10, 16), torch.randn(300, 16), torch.randn(300)
+    labels = torch.randint(0, 300, (10,))
+    labels[3] = -100
+    logp, lse = OPS.linear_token_logprobs_fwd(hidden, weight, bias, labels, -100, 4)
+    for chunk in (1, 7, 64):
+        lp2, lse2 = OPS.linear_token_logprobs_fwd(hidden, weight, bias, labels, -100, chunk)
+        _close(lp2, logp, rtol=1e-6, atol=1e-6)
+        _close(lse2, lse, rtol=1e-6, atol=1e-6)
+    g = torch.randn(10)
+    full = OPS.linear_token_logprobs_bwd(g, hidden, weight, bias, labels, lse, -100, 4, True, True, True)
+    for need in [(True, False, False), (False, True, False), (False, False, True)]:
+        part = _cpp.linear_token_logprobs_bwd(g, hidden, weight, bias, labels, lse, -100, 3, *need)
+        for flag, p, f in zip(need, part, full):
+            if flag:
+                _close(p, f, rtol=1e-5, atol=1e-6)
+            else:
+                assert p is None
+
+
+def test_gumbel_matches_reference_all_dtypes():
+    for dtype in (torch.float32, torch.float64, *LOW):
+        for hard in (False, True):
+            logits, codebook = (torch.randn(7, 13) * 2).to(dtype), torch.randn(13, 5).to(dtype)
+            gw, gz = torch.randn(7, 13), torch.randn(7, 5).to(dtype)
+            res = {}
+            for backend in ("cpu", "reference"):
+                lg, cb = _leaf(logits), _leaf(codebook)
+                w, z = lk.gumbel_softmax_codes(lg, cb, tau=0.6, hard=hard, seed=77, offset=2**32 - 50,
+                                               backend=backend)
+                torch.autograd.backward([w, z], [gw.to(w.dtype), gz])
+                res[backend] = (w.detach(), z.detach(), lg.grad, cb.grad)
+            if hard:
+                assert torch.equal(res["cpu"][0], res["reference"][0])
+                assert torch.equal(res["cpu"][1], res["reference"][1])
+            tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
+            if dtype in LOW:
+                tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+            for o, r in zip(res["cpu"], res["reference"]):
+                assert o.dtype == r.dtype
+                _close(o, r, **tol)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_preference_loss_matches_reference(loss_type, dtype):
+    b, k = 33, 7
+    pc, pr, rc, rr = ((torch.randn(b, dtype=torch.float64) * 30 - 100).to(dtype) for _ in range(4))
+    cl, rl = torch.randint(1, 50, (b,)), torch.randint(1, 50, (b,)).double()  # int and float lengths
+    prior, post = torch.randn(b, k).to(dtype) * 3, torch.randn(b, k).double()  # mixed dtypes: cast to pc's
+    refs = (rc, rr) if loss_type != "simpo" else (None, None)
+    opts = dict(loss_type=loss_type, beta=0.2 if loss_type != "simpo" else 2.0,
+                gamma=0.5 if loss_type == "simpo" else 0.0, label_smoothing=0.0 if loss_type == "ipo" else 0.15,
+                kl_weight=0.3, ipo_average=loss_type != "ipo" or dtype != torch.float32)
+    grads = [torch.randn(()), *(torch.randn(b) for _ in range(4))]
+    res = {}
+    for backend in ("cpu", "reference"):
+        leaves = [_leaf(t) if t is not None else None for t in (pc, pr, *refs, prior, post)]
+        out = lk.preference_loss(*leaves[:4], chosen_lengths=cl, rejected_lengths=rl, prior_logits=leaves[4],
+                                 posterior_logits=leaves[5], backend=backend, **opts)
+        torch.autograd.backward(list(out), [g.to(out.loss.dtype) for g in grads])
+        res[backend] = list(out) + [t.grad if t is not None else None for t in leaves]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    for o, r in zip(res["cpu"], res["reference"]):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == r.dtype
+        if o.dtype == torch.bfloat16:  # rounded once from the same fp32 value
+            _close(o, r, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+        else:
+            _close(o, r, **tol)
+
+
+# ------------------------------------------------------------------------------ float64 gradcheck
+def test_gradcheck_token_logprobs_float64():
+    x = torch.randn(5, 2100, dtype=torch.float64, requires_grad=True)  # two row blocks
+    labels = torch.tensor([0, -100, 2099, 1500, 7])
+    assert torch.autograd.gradcheck(lambda x: lk.token_logprobs(x, labels, backend="cpu"), (x,), fast_mode=True)
+    # (inplace_backward is covered by test_token_logprobs_matches_reference: gradcheck runs backward
+    # several times, and the in-place variant consumes its logits buffer on the first)
+    x2 = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lk.token_logprobs(x, torch.tensor([0, -100, 10]), backend="cpu"),
+                                    (x2,))
+
+
+def test_gradcheck_linear_token_logprobs_float64():
+    d = dict(dtype=torch.float64, requires_grad=True)
+    h, w, b = torch.randn(6, 5, **d), torch.randn(9, 5, **d), torch.randn(9, **d)
+    labels = torch.tensor([1, -100, 8, -100, 0, 4])
+    for chunk in (1, 2, 16):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: lk.linear_token_logprobs(h, w, labels, bias=b, backend="cpu", chunk_size=chunk),
+            (h, w, b))
+    assert torch.autograd.gradcheck(lambda h: lk.linear_token_logprobs(h, w.detach(), labels, backend="cpu"), (h,))
+
+
+def test_gradcheck_gumbel_softmax_codes_float64():
+    d = dict(dtype=torch.float64, requires_grad=True)
+    lg, cb = torch.randn(4, 6, **d), torch.randn(6, 3, **d)
+    for tau in (0.3, 1.7):
+        assert torch.autograd.gradcheck(
+            lambda a, e: lk.gumbel_softmax_codes(a, e, tau=tau, seed=11, offset=2**32, backend="cpu"), (lg, cb))
+    # hard samples: z is a row of the codebook, differentiable in the codebook
+    assert torch.autograd.gradcheck(
+        lambda e: lk.gumbel_softmax_codes(lg.detach(), e, hard=True, seed=3, backend="cpu")[1], (cb,))
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+def test_gradcheck_preference_loss_float64(loss_type):
+    d = dict(dtype=torch.float64, requires_grad=True)
+    pc, pr, rc, rr = (torch.randn(5, **d) for _ in range(4))
+    prior, post = torch.randn(5, 4, **d), torch.randn(5, 4, **d)
+    cl, rl = torch.tensor([3, 1, 4, 2, 6]), torch.tensor([2.0, 5.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    refs = 2 if loss_type != "simpo" else 0
+
+    def f(*t):
+        rc_, rr_ = (t[2], t[3]) if refs else (None, None)
+        return tuple(lk.preference_loss(t[0], t[1], rc_, rr_, prior_logits=t[-2], posterior_logits=t[-1],
+                                        chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type,
+                                        beta=0.3, gamma=0.4 if loss_type == "simpo" else 0.0,
+                                        label_smoothing=0.0 if loss_type == "ipo" else 0.2, kl_weight=0.5,
+                                        ipo_average=loss_type == "ipo", backend="cpu"))
+
+    inputs = (pc, pr, rc, rr, prior, post) if refs else (pc, pr, prior, post)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+# ----------------------------------------------------------------------------------------- Philox
+def _f32_bits(x):
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+_HEADER_PROBE = r"""
+#include <cstdio>
+#include <cinttypes>
+#include "philox.h"
+int main(int argc, char**) {
+  if (argc > 1) {  // the float constants, for exactness against lpc_kernels.philox
+    std::printf("%a %a %a\n", (double)lpc::philox::kUniformScale, (double)lpc::philox::kGumbelUMin,
+                (double)lpc::philox::kGumbelUMax);
+    return 0;
+  }
+  unsigned long long seed, counter;
+  float u;
+  while (std::scanf("%llu %llu", &seed, &counter) == 2) {
+    const uint32_t w = lpc::philox::philox_first_word(seed, counter);
+    u = lpc::philox::philox_uniform(seed, counter);
+    const float g = lpc::philox::gumbel_from_uniform(u);
+    std::printf("%" PRIu32 " %a %a\n", w, (double)u, (double)g);
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def header_probe(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the csrc/philox.h probe")
+    d = tmp_path_factory.mktemp("philox_probe")
+    (d / "probe.cpp").write_text(_HEADER_PROBE)
+    subprocess.run([cxx, "-O2", "-std=c++17", "-I", os.path.join(REPO, "csrc"), str(d / "probe.cpp"), "-o",
+                    str(d / "probe")], check=True)
+    return str(d / "probe")
+
+
+def test_philox_header_bit_exact(header_probe):
+    """csrc/philox.h alone (no torch): words and uniforms equal lpc_kernels.philox bit for bit."""
+    seeds = [0, 1, 7, 2**32 - 1, 2**32, 2**32 + 11, 2**40 + 5, 2**63 - 1]
+    counters = [0, 1, 2, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**33 + 12345, 2**62 - 1, 2**63 - 1]
+    counters += torch.randint(0, 2**62, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    pairs = [(s, c) for s in seeds for c in counters]
+    out = subprocess.run([header_probe], input="".join(f"{s} {c}\n" for s, c in pairs), capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    for (s, c), line in zip(pairs, out):
+        word, u, g = line.split()
+        ctr = torch.tensor([c])
+        assert int(word) == int(philox.philox_uint32(s, ctr)[0]), (s, c)
+        assert _f32_bits(float.fromhex(u)) == _f32_bits(philox.philox_uniform(s, ctr)[0].item()), (s, c)
+        # the header's gumbel uses the platform logf; torch's log may differ by an ulp in each log, which
+        # is a few ulps of g, or ~1e-7 absolute where g is near 0 (the outer log's result is small there)
+        ref_g = philox.gumbel_from_uniform(philox.philox_uniform(s, ctr))[0].item()
+        assert abs(_f32_bits(float.fromhex(g)) - _f32_bits(ref_g)) <= 4 or abs(float.fromhex(g) - ref_g) < 1e-6
+
+
+def test_philox_header_constants(header_probe):
+    """The header's float32 constants are the ones lpc_kernels.philox uses (as float32 tensors)."""
+    out = subprocess.run([header_probe, "consts"], capture_output=True, text=True, check=True).stdout.split()
+    expected = (philox.UNIFORM_SCALE, philox.GUMBEL_U_MIN, philox.GUMBEL_U_MAX)
+    for got, want in zip(out, expected):
+        assert float.fromhex(got) == torch.tensor(want, dtype=torch.float32).item()
+
+
+def _noise_from_op(seed, offset, b, k):
+    """Gumbel noise differences g[:, j] - g[:, 0] recovered from float64 soft weights of zero logits."""
+    soft, _, _ = OPS.gumbel_softmax_fwd(torch.zeros(b, k, dtype=torch.float64), torch.zeros(k, 1), 1.0, False,
+                                        seed, offset)
+    logs = soft.log()
+    return logs - logs[:, :1]
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 5), (123456789, 2**32 - 7), (2**40 + 3, 2**33 + 1),
+                                         (2**63 - 1, 2**62), (99, 2**63 - 1 - 64)])
+def test_op_noise_is_bit_exact(seed, offset):
+    """The op's float32 noise equals lpc_kernels.philox.gumbel_noise exactly: differences of float32
+    values are exact in float64, and the float64 softmax/log round-trip is accurate to ~1e-14."""
+    b, k = 8, 8
+    got = _noise_from_op(seed, offset, b, k)
+    g = philox.gumbel_noise(seed, offset, b, k).double()
+    torch.testing.assert_close(got, g - g[:, :1], rtol=0, atol=1e-11)
+
+
+def test_hard_samples_equal_reference_for_many_seeds():
+    logits, codebook = torch.randn(16, 32), torch.randn(32, 3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for seed in range(0, 2**45, 2**45 // 25):
+            for offset in (0, 2**32 - 100, 2**32 + 3 * seed % 1000):
+                args = (logits.to(dtype), codebook.to(dtype), 0.5, True, seed, offset)
+                ours = OPS.gumbel_softmax_fwd(*args)
+                w_ref, z_ref, soft_ref = reference.gumbel_softmax_fwd(*args)
+                assert torch.equal(ours[0], w_ref), (dtype, seed, offset)
+                assert torch.equal(ours[1], z_ref), (dtype, seed, offset)
+                torch.testing.assert_close(ours[2], soft_ref, **_tol(dtype))
