@@ -208,8 +208,8 @@ std::tuple<Tensor, Tensor> gumbel_softmax_bwd_cuda(const Tensor& grad_weights, c
   const c10::cuda::CUDAGuard guard(weights.device());
   const Tensor& soft = has_soft ? soft_in : weights;
   const auto cdt = weights.scalar_type();
-  const Tensor none = at::empty({0}, soft.options());
-  Tensor g_logits = none, g_codebook = none;
+  // a fresh [0] tensor per absent output: a shared one would alias two outputs (opcheck rejects it)
+  Tensor g_logits = at::empty({0}, soft.options()), g_codebook = at::empty({0}, soft.options());
   if (need_logits) {
     g_logits = at::empty({B, K}, weights.options());
     if (B > 0) {

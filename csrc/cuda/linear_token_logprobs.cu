@@ -302,7 +302,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_cuda(
               "], got ", grad_logp.sizes(), " and ", lse.sizes());
   TORCH_CHECK(!need_bias || p.bias.defined(), "need_bias is true but bias is None");
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const auto empty0 = at::empty({0}, hidden.options());
+  // a fresh [0] tensor per absent output: a shared one would alias two outputs (opcheck rejects it)
+  const auto empty0 = [&] { return at::empty({0}, hidden.options()); };
   const auto f32 = hidden.options().dtype(p.cdt);  // compute dtype (fp32 / fp64)
 
   const Tensor rows = (need_hidden || need_weight || need_bias) && p.n > 0 ? valid_rows(p.labels, ignore_index)
@@ -310,8 +311,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_cuda(
   const int64_t nv = rows.size(0);
   const bool all_valid = nv == p.n;
   if (nv == 0) {
-    return {need_hidden ? at::zeros_like(hidden) : empty0, need_weight ? at::zeros_like(weight) : empty0,
-            need_bias ? at::zeros_like(p.bias) : empty0};
+    return {need_hidden ? at::zeros_like(hidden) : empty0(), need_weight ? at::zeros_like(weight) : empty0(),
+            need_bias ? at::zeros_like(p.bias) : empty0()};
   }
   // Compact per-row inputs (compute dtype).
   const Tensor g_c = (grad_logp.scalar_type() == p.cdt ? grad_logp : grad_logp.to(p.cdt)).index_select(0, rows);
@@ -404,7 +405,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_cuda(
       if (need_bias) gb = gb_acc.scalar_type() == p.dt ? gb_acc : gb_acc.to(p.dt);
     }
   });
-  return {need_hidden ? gh : empty0, need_weight ? gw : empty0, need_bias ? gb : empty0};
+  return {need_hidden ? gh : empty0(), need_weight ? gw : empty0(), need_bias ? gb : empty0()};
 }
 
 }  // namespace

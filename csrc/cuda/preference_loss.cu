@@ -417,10 +417,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> preference_loss_bwd_c
   auto as_cdt = [&](const Tensor& t) { return t.scalar_type() == in.cdt ? t.contiguous() : t.to(in.cdt).contiguous(); };
   const Tensor gl = as_cdt(g_loss), gls = as_cdt(g_losses), gcr = as_cdt(g_cr), grj = as_cdt(g_rj),
                gkl = as_cdt(g_kl);
-  const Tensor none = at::empty({0}, pc.options());
+  // a fresh [0] tensor per absent output: a shared one would alias two outputs (opcheck rejects it)
+  const auto none = [&] { return at::empty({0}, pc.options()); };
   Tensor d_pc = at::empty_like(pc), d_pr = at::empty_like(in.pr);
-  Tensor d_rc = in.rc.defined() ? at::empty_like(in.rc) : none;
-  Tensor d_rr = in.rr.defined() ? at::empty_like(in.rr) : none;
+  Tensor d_rc = in.rc.defined() ? at::empty_like(in.rc) : none();
+  Tensor d_rr = in.rr.defined() ? at::empty_like(in.rr) : none();
   const std::pair<Tensor, Tensor> logit_pair = logits_pair(in);
   const Tensor& lp = logit_pair.first;
   const Tensor& lq = logit_pair.second;
@@ -446,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> preference_loss_bwd_c
     });
   });
   // Gradients of prior/post in their own dtypes (differs from the kernel's only for mixed dtypes).
-  Tensor d_prior = none, d_post = none;
+  Tensor d_prior = none(), d_post = none();
   if (lp.defined()) {
     d_prior = d_lp.scalar_type() == in.prior.scalar_type() ? d_lp : d_lp.to(in.prior.scalar_type());
     d_post = d_lq.scalar_type() == in.post.scalar_type() ? d_lq : d_lq.to(in.post.scalar_type());

@@ -1,0 +1,73 @@
+"""The LPC objective through ``lk.preference_loss``, and the per-step metrics (TRL names).
+
+``L = mean_i pair_loss_i(z_i) + kl_weight * mean_i KL(q_i || p_i)`` (DESIGN.md section 1): the pair loss
+is DPO, IPO or SimPO on the summed answer log-probs; the KL term is computed by the op from the prior and
+posterior logits (log-softmax inside). Without LPC the logits are not passed and the loss is plain
+DPO / IPO / SimPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import lpc_kernels as lk
+
+from .model import LPCOutput, code_perplexity, entropy_from_logits
+
+
+@dataclass
+class LossConfig:
+    """``loss_type`` dpo | ipo | simpo; ``gamma`` is used by SimPO only (the op requires 0 otherwise)."""
+
+    loss_type: str = "dpo"
+    beta: float = 0.1
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+    kl_weight: float = 0.05
+    ipo_average: bool = True
+    backend: str = "auto"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+
+def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
+                         cfg: LossConfig) -> lk.PreferenceLossOutput:
+    """The loss for one batch; ``ref_*`` are ``[B]`` reference log-probs (None for SimPO)."""
+    lpc = out.prior_logits is not None
+    return lk.preference_loss(
+        out.chosen_logps, out.rejected_logps, ref_chosen if cfg.needs_reference else None,
+        ref_rejected if cfg.needs_reference else None, chosen_lengths=out.chosen_lengths,
+        rejected_lengths=out.rejected_lengths, prior_logits=out.prior_logits if lpc else None,
+        posterior_logits=out.posterior_logits if lpc else None, loss_type=cfg.loss_type, beta=cfg.beta,
+        gamma=cfg.gamma if cfg.loss_type == "simpo" else 0.0,
+        label_smoothing=cfg.label_smoothing if cfg.loss_type != "ipo" else 0.0,
+        kl_weight=cfg.kl_weight if lpc else 0.0, ipo_average=cfg.ipo_average, backend=cfg.backend)
+
+
+@torch.no_grad()
+def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, float]:
+    """Batch-mean metrics with DESIGN.md's names (``lpc/*`` only when the model has the latent)."""
+    cr, rj = loss.chosen_rewards.float(), loss.rejected_rewards.float()
+    m = {
+        "loss": float(loss.loss),
+        "rewards/chosen": float(cr.mean()),
+        "rewards/rejected": float(rj.mean()),
+        "rewards/accuracies": float((cr > rj).float().mean()),
+        "rewards/margins": float((cr - rj).mean()),
+        "logps/chosen": float(out.chosen_logps.mean()),
+        "logps/rejected": float(out.rejected_logps.mean()),
+    }
+    if out.prior_logits is not None:
+        m.update({
+            "lpc/kl": float(loss.kl.mean()),
+            "lpc/prior_entropy": float(entropy_from_logits(out.prior_logits).mean()),
+            "lpc/posterior_entropy": float(entropy_from_logits(out.posterior_logits).mean()),
+            "lpc/code_perplexity": float(code_perplexity(out.posterior_logits)),
+        })
+    return m

@@ -1,0 +1,352 @@
+"""The LPC model: any HF causal LM plus a codebook and prior/posterior heads, ``z`` added before the LM head.
+
+DESIGN.md section 1, in code:
+
+* One backbone pass per sequence. The chosen and rejected sequences of ``B`` pairs run as one ``[2B, T]``
+  batch through the model's transformer body (``get_decoder()``, i.e. without the LM head), giving final
+  hidden states ``H [2B, T, D]`` (after the final norm). The backbone never sees ``z``, so the same ``H``
+  gives the features and the states the log-probs need.
+* Features: ``h_x = H[i, prompt_len - 1]`` (chosen half; with a causal model this equals a prompt-only
+  pass), ``h_w = H[i, last]`` and ``h_l = H[B + i, last]`` (last real token, the eos).
+* Prior ``softmax(MLP_prior(h_x))`` and posterior ``softmax(MLP_post([h_w ; h_l]))`` over ``K`` codes.
+* Training: ``w, z_post = gumbel_softmax_codes(posterior_logits, E, seed, offset)``;
+  ``z = g * z_prior + (1 - g) * z_post`` with ``g`` from ``prior_mix_weight``. Inference: ``z`` from the
+  prior (expected embedding by default, or the argmax code).
+* Conditioning: ``log pi(y_t | x, y_<t, z) = linear_token_logprobs(H[t-1] + z, W_head, y_t)``, only at the
+  positions that predict answer tokens (adding ``z`` to the others would not change any log-prob), so the
+  ``[N, V]`` logits are never materialised.
+
+The reference model is a frozen copy of the initial policy, scored the same way without ``z``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import lpc_kernels as lk
+
+from .config import LPCConfig
+from .data import IGNORE_INDEX
+
+HEADS_FILE = "lpc_heads.safetensors"
+LPC_CONFIG_FILE = "lpc_config.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------ policy helpers
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body of an HF causal LM (everything before the LM head)."""
+    get = getattr(model, "get_decoder", None)
+    body = get() if callable(get) else None
+    if body is None:
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if body is None or body is model:
+        raise ValueError(f"cannot find the transformer body of {type(model).__name__} "
+                         "(neither get_decoder() nor base_model_prefix)")
+    return body
+
+
+def lm_head_of(model: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """``(weight [V, D], bias [V] | None)`` of the LM head; refuses heads that are not a plain linear map."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the LM head must be an nn.Linear, got {type(head).__name__}")
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):  # logits != hidden @ W.T for these models
+        value = getattr(cfg, attr, None)
+        if value not in (None, 1.0):
+            raise ValueError(f"models with {attr}={value} are not supported: the fused log-prob op computes "
+                             "plain hidden @ W.T + b")
+    return head.weight, head.bias
+
+
+def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[B, T] -> [B, T, D]`` final-layer hidden states (after the final norm), no LM head."""
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def concat_pair(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, labels)``, each ``[2B, T]``: chosen rows first, then rejected."""
+    return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], dim=0)
+                 for k in ("input_ids", "attention_mask", "labels"))
+
+
+def response_logps(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+    """Summed answer log-probs per sequence through ``lk.linear_token_logprobs``.
+
+    Args:
+        hidden: ``[S, T, D]`` final hidden states. labels: ``[S, T]`` int64 aligned with the input ids,
+            ``-100`` where no token is scored; position ``t - 1`` predicts ``labels[:, t]``.
+        weight / bias: LM head ``[V, D]`` / ``[V]``. z: ``[S, D]`` latent added to every scored position.
+
+    Returns:
+        ``[S]`` float32 (float64 for float64 inputs) sums of ``log pi(y_t | ...)`` over answer tokens.
+    """
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]  # sequence index of each scored token (row-major, like boolean indexing)
+    h = hidden[:, :-1][keep]  # [N, D]: compacting here means prompt/pad rows never reach the op
+    if z is not None:
+        h = h + z.to(h.dtype)[rows]
+    logp = lk.linear_token_logprobs(h, weight, target[keep], bias=bias, backend=backend)
+    return logp.new_zeros(hidden.shape[0]).index_add(0, rows, logp)
+
+
+@torch.no_grad()
+def reference_logps(ref_model: nn.Module, batch: dict, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(chosen [B], rejected [B])`` summed log-probs of the frozen, unconditioned reference model."""
+    ids, mask, labels = concat_pair(batch)
+    hidden = final_hidden_states(ref_model, ids, mask)
+    weight, bias = lm_head_of(ref_model)
+    logps = response_logps(hidden, labels, weight, bias, backend=backend)
+    return logps.chunk(2)
+
+
+def make_reference(policy: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``policy`` in eval mode (the DPO reference ``pi_ref``)."""
+    ref = copy.deepcopy(policy)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def prior_mix_weight(step: int, total_steps: int, mode: str = "linear") -> float:
+    """``g`` in ``z = g * z_prior + (1 - g) * z_post``: ``step / (total_steps - 1)`` for ``"linear"``
+    (0 at the first step, 1 at the last), 0 for ``"none"``."""
+    if mode == "none":
+        return 0.0
+    if mode != "linear":
+        raise ValueError(f"prior_mix must be 'linear' or 'none', got {mode!r}")
+    if total_steps <= 1:
+        return 1.0
+    return min(max(step / (total_steps - 1), 0.0), 1.0)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """``[B, K] -> [B]`` entropy in nats, from log-softmax (never log of a softmax)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def code_perplexity(logits: Tensor) -> Tensor:
+    """``exp(H(mean_b softmax(logits_b)))``: how many codes the batch uses (1..K)."""
+    p = torch.softmax(logits.float(), dim=-1).mean(0)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+# ---------------------------------------------------------------------------------------- the model
+@dataclass
+class LPCOutput:
+    """Per-pair outputs of one policy pass. Log-probs are summed over answer tokens (fp32)."""
+
+    chosen_logps: Tensor              # [B]
+    rejected_logps: Tensor            # [B]
+    chosen_lengths: Tensor            # [B] int64
+    rejected_lengths: Tensor          # [B] int64
+    prior_logits: Optional[Tensor]    # [B, K] (None without LPC)
+    posterior_logits: Optional[Tensor]  # [B, K]
+    code_weights: Optional[Tensor]    # [B, K] the weights that formed z (Gumbel sample, prior probs or one-hot)
+    z: Optional[Tensor]               # [B, D]
+    num_tokens: int                   # real (non-pad) tokens in the [2B, T] pass
+
+
+class LPCModel(nn.Module):
+    """A causal LM policy with LPC's codebook ``E [K, D]`` and heads, or a plain policy when ``lpc`` is None.
+
+    Args:
+        policy: an ``AutoModelForCausalLM``-compatible model whose LM head is a plain ``nn.Linear``.
+        lpc: the latent configuration, or ``None`` for plain DPO / IPO / SimPO.
+        backend: ``lpc_kernels`` backend for the log-prob and Gumbel ops.
+    """
+
+    def __init__(self, policy: nn.Module, lpc: Optional[LPCConfig] = None, *, backend: str = "auto"):
+        super().__init__()
+        self.policy = policy
+        self.lpc = lpc
+        self.backend = backend
+        lm_head_of(policy)  # fail early on unsupported heads
+        if lpc is not None:
+            d = policy.config.hidden_size
+            width = lpc.head_hidden or d
+            self.codebook = nn.Parameter(torch.randn(lpc.num_codes, d) * lpc.codebook_init_std)
+            self.prior = _mlp(d, width, lpc.num_codes)
+            self.posterior = _mlp(2 * d, width, lpc.num_codes)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.policy.config.hidden_size
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """Codebook and head parameters (what ``lpc_heads.safetensors`` stores)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("policy.")}
+
+    # ------------------------------------------------------------------------------------ latents
+    def features(self, hidden: Tensor, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """``(h_x, h_w, h_l)``, each ``[B, D]``, from the ``[2B, T, D]`` hidden states of one pass."""
+        b = batch["prompt_lengths"].shape[0]
+        idx = torch.arange(b, device=hidden.device)
+        h_x = hidden[idx, batch["prompt_lengths"] - 1]
+        h_w = hidden[idx, batch["chosen_attention_mask"].sum(1) - 1]
+        h_l = hidden[b + idx, batch["rejected_attention_mask"].sum(1) - 1]
+        if self.lpc.detach_features:
+            h_x, h_w, h_l = h_x.detach(), h_w.detach(), h_l.detach()
+        dt = self.codebook.dtype
+        return h_x.to(dt), h_w.to(dt), h_l.to(dt)
+
+    def prior_z(self, prior_logits: Tensor, mode: Optional[str] = None) -> tuple[Tensor, Tensor]:
+        """Inference latent: ``(weights [B, K], z [B, D])`` from the prior, ``"expected"`` or ``"argmax"``."""
+        mode = mode or self.lpc.inference
+        if mode == "argmax":
+            w = F.one_hot(prior_logits.argmax(-1), self.lpc.num_codes).to(self.codebook.dtype)
+        else:
+            w = torch.softmax(prior_logits.float(), dim=-1).to(self.codebook.dtype)
+        return w, w @ self.codebook
+
+    def latent(self, prior_logits: Tensor, posterior_logits: Tensor, *, mix: float, seed: int,
+               offset: int) -> tuple[Tensor, Tensor]:
+        """Training latent ``z = g * z_prior + (1 - g) * z_post``; returns ``(posterior weights, z)``.
+
+        The posterior sample uses Gumbel counters ``offset .. offset + B*K``; a Gumbel prior sample
+        (``prior_sample="gumbel"``) the next ``B*K``, so the two noises are independent.
+        """
+        cfg = self.lpc
+        w, z = lk.gumbel_softmax_codes(posterior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard, seed=seed,
+                                       offset=offset, backend=self.backend)
+        if mix > 0.0:
+            if cfg.prior_sample == "gumbel":
+                _, z_prior = lk.gumbel_softmax_codes(prior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard,
+                                                     seed=seed, offset=offset + prior_logits.numel(),
+                                                     backend=self.backend)
+            else:
+                z_prior = self.prior_z(prior_logits, "expected")[1]
+            z = mix * z_prior + (1.0 - mix) * z
+        return w, z
+
+    def gumbel_numel(self, batch_size: int) -> int:
+        """Gumbel counters one training step consumes (advance ``offset`` by this between steps)."""
+        return 0 if self.lpc is None else 2 * batch_size * self.lpc.num_codes
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, batch: dict, *, mix: float = 0.0, seed: int = 0, offset: int = 0,
+                use_prior: bool = False) -> LPCOutput:
+        """One policy pass over a collated batch (see ``lpc.data``).
+
+        Args:
+            mix: prior-mix weight ``g`` in [0, 1] (training). seed / offset: Gumbel noise counters.
+            use_prior: inference mode: ``z`` from the prior (``lpc.inference``), no sampling.
+        """
+        ids, mask, labels = concat_pair(batch)
+        hidden = final_hidden_states(self.policy, ids, mask)
+        weight, bias = lm_head_of(self.policy)
+        prior_logits = posterior_logits = w = z = None
+        if self.lpc is not None:
+            h_x, h_w, h_l = self.features(hidden, batch)
+            prior_logits = self.prior(h_x)
+            posterior_logits = self.posterior(torch.cat([h_w, h_l], dim=-1))
+            if use_prior:
+                w, z = self.prior_z(prior_logits)
+            else:
+                w, z = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset)
+        logps = response_logps(hidden, labels, weight, bias, None if z is None else torch.cat([z, z]),
+                               backend=self.backend)
+        chosen, rejected = logps.chunk(2)
+        return LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
+                         posterior_logits, w, z, int(mask.sum()))
+
+    # ------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, path: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
+        """Write ``path/`` atomically: the policy (HF layout, safetensors), ``lpc_heads.safetensors`` and
+        ``lpc_config.json`` beside it, the tokenizer, and ``extra_files`` (name -> JSON-able object).
+
+        Everything goes into a temp directory next to ``path`` which then replaces ``path`` by rename,
+        so a crash never leaves a half-written checkpoint under the final name.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint should look like any other dir
+        try:
+            self.policy.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            meta = {"lpc": self.lpc.to_dict() if self.lpc is not None else None}
+            with open(tmp / LPC_CONFIG_FILE, "w") as f:
+                json.dump(meta, f, indent=2)
+            if self.lpc is not None:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
+                save_file(tensors, str(tmp / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
+            for name, obj in (extra_files or {}).items():
+                with open(tmp / name, "w") as f:
+                    json.dump(obj, f, indent=2)
+            old = None
+            if path.exists():  # rename cannot replace a non-empty directory: move the old one aside first
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / "ckpt")
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: os.PathLike, *, backend: str = "auto", **model_kwargs) -> "LPCModel":
+        """Load what ``save_pretrained`` wrote (``model_kwargs`` go to ``AutoModelForCausalLM``)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
+        with open(path / LPC_CONFIG_FILE) as f:
+            meta = json.load(f)
+        lpc = LPCConfig(**meta["lpc"]) if meta.get("lpc") else None
+        model = cls(policy, lpc, backend=backend)
+        if lpc is not None:
+            missing, unexpected = model.load_state_dict(load_file(str(path / HEADS_FILE)), strict=False)
+            missing = [k for k in missing if not k.startswith("policy.")]
+            if missing or unexpected:
+                raise ValueError(f"{HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+# ------------------------------------------------------------------------------------ the tiny model
+def build_tiny_llama(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                     intermediate_size: Optional[int] = None, max_positions: int = 128, seed: int = 0):
+    """A random-init ``LlamaForCausalLM`` sized for CPU smoke runs, initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                      intermediate_size=intermediate_size or 4 * hidden_size, num_hidden_layers=num_layers,
+                      num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                      max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)

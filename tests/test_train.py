@@ -1,0 +1,132 @@
+"""Short end-to-end runs of ``python -m lpc.train`` (in-process: the same ``main`` the CLI calls)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lpc.config import TrainConfig
+from lpc.model import LPCModel
+from lpc.train import build_parser, main, train
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("lpc-cache"))
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_short_lpc_dpo_run_learns_and_writes_outputs(tmp_path, cache_dir):
+    cfg = TrainConfig(steps=60, batch_size=16, num_train=512, eval_size=128, lr=3e-3, warmup_steps=5,
+                      eval_every=30, output_dir=str(tmp_path / "run"), cache_dir=cache_dir, **TINY)
+    summary = train(cfg)
+    out = tmp_path / "run"
+    metrics = _read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 61))
+    names = ["loss", "step", "lr", "tokens_per_s", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+             "rewards/margins", "logps/chosen", "logps/rejected", "lpc/kl", "lpc/prior_entropy",
+             "lpc/posterior_entropy", "lpc/code_perplexity", "lpc/mix"]
+    for m in metrics:
+        assert set(names) <= set(m), set(names) - set(m)
+    assert metrics[0]["lpc/mix"] == 0.0 and metrics[-1]["lpc/mix"] == 1.0
+    # the policy starts as the reference: DPO loss log(2) plus the small KL term, then it learns
+    first = sum(m["loss"] for m in metrics[:10]) / 10
+    last = sum(m["loss"] for m in metrics[-10:]) / 10
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=0.02)
+    assert last < first - 0.1, (first, last)
+    assert sum(m["rewards/accuracies"] for m in metrics[-10:]) / 10 > 0.7
+
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev == summary["eval"] and ev["num_pairs"] == 128 and ev["accuracy"] > 0.6
+    assert 0.0 <= ev["code_source_nmi"] <= 1.0 and set(ev["accuracy_by_source"]) == {
+        "concise", "detailed", "formal", "casual"}
+    assert len(_read_jsonl(out / "eval.jsonl")) == 1  # step 30 (the last step is the final eval)
+    final = out / "final"
+    for name in ("model.safetensors", "config.json", "lpc_heads.safetensors", "lpc_config.json",
+                 "tokenizer.json", "train_config.json"):
+        assert (final / name).exists(), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temp files were renamed away
+    loaded = LPCModel.from_pretrained(final)
+    assert loaded.lpc.num_codes == 32 and loaded.codebook.shape == (32, 32)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo"])
+@pytest.mark.parametrize("lpc", [True, False])
+def test_each_loss_with_and_without_lpc_runs(tmp_path, cache_dir, loss, lpc):
+    cfg = TrainConfig(loss=loss, lpc=lpc, steps=3, batch_size=4, num_train=32, eval_size=8, num_codes=4,
+                      output_dir=str(tmp_path), cache_dir=cache_dir, **TINY)
+    summary = train(cfg)
+    metrics = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert len(metrics) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert ("lpc/kl" in metrics[0]) == lpc
+    assert summary["eval"]["num_pairs"] == 8 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert (tmp_path / "final" / "lpc_heads.safetensors").exists() == lpc
+
+
+def test_cli_prints_accuracy_and_outputs(tmp_path, cache_dir, capsys):
+    main(["--steps", "2", "--batch-size", "4", "--num-train", "16", "--eval-size", "8", "--hidden-size", "32",
+          "--num-layers", "1", "--num-heads", "2", "--no-progress", "--output-dir", str(tmp_path / "cli"),
+          "--cache-dir", cache_dir, "--loss", "simpo", "--gamma", "0.3"])
+    text = capsys.readouterr().out
+    assert "held-out preference accuracy:" in text and str(tmp_path / "cli") in text
+    saved = json.loads((tmp_path / "cli" / "train_config.json").read_text())
+    assert saved["loss"] == "simpo" and saved["gamma"] == 0.3 and saved["lpc"] is True
+
+
+def test_help_documents_every_flag_with_its_default():
+    import re
+
+    text = build_parser().format_help().split("options:", 1)[1]
+    # one entry per option: from its "  --flag" line to the next option line
+    entries = {m.group(1): m.group(0) for m in re.finditer(r"\n  (--[\w-]+).*?(?=\n  -|\Z)", text, re.S)}
+    for flag, default in (("--loss", "dpo"), ("--steps", None), ("--batch-size", None), ("--lr", None),
+                          ("--num-codes", "32"), ("--kl-weight", "0.05"), ("--beta", "0.1"), ("--gamma", "0.5"),
+                          ("--tau", "1.0"), ("--seed", "0"), ("--output-dir", None), ("--backend", "auto"),
+                          ("--eval-size", None), ("--no-lpc", None)):
+        entry = entries.get(flag) or next(e for e in entries.values() if flag in e.strip().split("\n")[0])
+        assert "default:" in " ".join(entry.split()), flag  # every flag documents its default
+        if default is not None:
+            assert f"default: {default})" in " ".join(entry.split()), (flag, entry)
+
+
+def test_dataset_jsonl_and_chat_format(tmp_path, cache_dir):
+    rows = [{"prompt": "user_1 asks : tell me about cats .", "chosen": "indeed cats are warm .",
+             "rejected": "yeah cats seem teh ."},
+            {"chosen": [{"role": "user", "content": "user_2 asks : tell me about tea ."},
+                        {"role": "assistant", "content": "moreover tea feel calm ."}],
+             "rejected": [{"role": "user", "content": "user_2 asks : tell me about tea ."},
+                          {"role": "assistant", "content": "like tea are old ."}]}] * 8
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(dataset=str(path), steps=2, batch_size=4, eval_size=4, output_dir=str(tmp_path / "run"),
+                      cache_dir=cache_dir, num_codes=4, **TINY)
+    summary = train(cfg)
+    assert summary["eval"]["num_pairs"] == 4 and "accuracy_by_source" not in summary["eval"]
+
+
+def test_train_from_a_saved_model_directory(tmp_path, cache_dir):
+    first = train(TrainConfig(steps=1, batch_size=4, num_train=8, eval_size=4, num_codes=4,
+                              output_dir=str(tmp_path / "a"), cache_dir=cache_dir, **TINY))
+    cfg = TrainConfig(model=first["checkpoint"], steps=2, batch_size=4, num_train=8, eval_size=4, num_codes=4,
+                      output_dir=str(tmp_path / "b"), cache_dir=cache_dir, **TINY)
+    summary = train(cfg)
+    loaded = LPCModel.from_pretrained(summary["checkpoint"])
+    assert loaded.policy.config.hidden_size == 32 and summary["eval"]["num_pairs"] == 4
+
+
+def test_same_seed_gives_the_same_run(tmp_path, cache_dir):
+    def run(name):
+        train(TrainConfig(steps=3, batch_size=4, num_train=16, eval_size=4, num_codes=4, seed=11,
+                          output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
+        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _read_jsonl(tmp_path / name /
+                                                                                        "metrics.jsonl")]
+
+    assert run("a") == run("b")
