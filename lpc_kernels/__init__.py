@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import torch
 from torch import Tensor
 
 from . import _ops
