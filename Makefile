@@ -38,8 +38,26 @@ info: build
 build-cuda:
 	bash scripts/build_cuda.sh
 
-bench: build
-	$(PY) -m pytest benches/ --benchmark-only $(PYTEST_ARGS)
+# Benchmarks (benches/, pytest-benchmark) -> $(BENCH_OUT)/bench.json + report.md, summary.csv, *.png.
+# Peers: Liger-Kernel and Cut Cross-Entropy (--no-deps: they must not replace torch), matplotlib for plots.
+# BENCH_ARGS=--quick runs the target shapes only. On a GPU machine use benches/gpu_check.sh instead.
+BENCH_DEVICE = $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+BENCH_OUT ?= benches/results/$(BENCH_DEVICE)
+BENCH_ARGS ?=
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps liger-kernel cut-cross-entropy
+	$(PY) -m pip install -q matplotlib
+	touch $@
+
+bench: build $(VENV)/.bench-installed
+	@mkdir -p $(BENCH_OUT)
+	@start=$$(date +%s); \
+	$(PY) -m pytest benches/ --benchmark-only -rs -p no:cacheprovider --benchmark-json=$(BENCH_OUT)/bench.json \
+		$(BENCH_ARGS) $(PYTEST_ARGS); rc=$$?; \
+	echo "bench: pytest finished in $$(( $$(date +%s) - start )) s (rc=$$rc)"; \
+	$(PY) benches/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT)/report.md || rc=1; \
+	exit $$rc
 
 clean:
 	rm -rf build lpc_kernels/_C*.so .pytest_cache .benchmarks

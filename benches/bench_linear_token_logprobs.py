@@ -1,0 +1,90 @@
+"""linear_token_logprobs: log p(label) from hidden states and the LM head, ``[N, V]`` logits never held.
+
+Implementations (all return fp32 log-probs ``[N]``; backward gets the same upstream gradient ``[N]``):
+  eager           ``log_softmax((hidden @ weight.T).float()).gather(label)``
+  compile         ``torch.compile`` of eager (``dynamic=False``)
+  liger           ``-LigerFusedLinearCrossEntropyLoss(reduction="none")`` (Triton: GPU only)
+  cce             ``-cut_cross_entropy.linear_cross_entropy(reduction="none")``, impl ``cce`` on GPU,
+                  ``torch_compile`` on CPU (library defaults otherwise, e.g. ``filter_eps="high"``)
+  ours_<backend>  ``lpc_kernels.linear_token_logprobs(backend=...)``, default chunk size
+                  (``ours_reference``, the pure-PyTorch oracle, at the target shape only)
+No label is ignored (``ignore_index`` rows would be skipped by ours and by CCE, not by eager).
+"""
+
+import sys
+
+import pytest
+import torch
+
+import _common as C
+from _common import Shape
+
+OP = "linear_token_logprobs"
+CHECK_IMPL = "eager"
+
+
+def _s(n, h, v, dtype, rounds, quick=False, tags=()):
+    return Shape(f"N{n}-H{h}-V{v}", {"N": n, "H": h, "V": v}, dtype, rounds, quick, tags)
+
+
+SHAPES = C.shapes_for(
+    cpu=[_s(4096, 512, 32000, "float32", 2, quick=True, tags=("target",)),
+         _s(1024, 512, 32000, "float32", 3),
+         _s(1024, 512, 8000, "float32", 5)],
+    gpu=[_s(16384, 4096, 128256, "bfloat16", 10, quick=True, tags=("target",)),
+         _s(4096, 4096, 128256, "bfloat16", 10),
+         _s(16384, 4096, 32000, "bfloat16", 10)],
+)
+IMPLS = (["eager"] + [f"ours_{b}" for b in C.OURS_BACKENDS[:-1]] + ["cce", "liger", "compile"]
+         + [f"ours_{C.OURS_BACKENDS[-1]}"])
+
+
+def make_inputs(shape: Shape) -> dict:
+    n, h, v = shape.dims["N"], shape.dims["H"], shape.dims["V"]
+    g = C.generator(0)
+    dt = shape.torch_dtype
+    hidden = torch.randn(n, h, generator=g, device=C.DEVICE).to(dt).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, device=C.DEVICE) * 0.02).to(dt).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g, device=C.DEVICE)
+    grad = torch.randn(n, generator=g, device=C.DEVICE)
+    return {"hidden": hidden, "weight": weight, "labels": labels, "grad": grad}
+
+
+def eager(hidden, weight, labels):
+    logits = hidden @ weight.T
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+def build(impl: str, shape: Shape, x: dict) -> C.Case:
+    hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
+    info = {}
+    if impl == "eager":
+        fwd = lambda: eager(hidden, weight, labels)  # noqa: E731
+    elif impl == "compile":
+        fn = C.compiled(eager)
+        fwd = lambda: fn(hidden, weight, labels)  # noqa: E731
+    elif impl == "liger":
+        C.require_cuda("Liger-Kernel's fused linear cross entropy")
+        lk = C.require_module("liger_kernel.transformers", "liger-kernel")
+        loss = lk.LigerFusedLinearCrossEntropyLoss(reduction="none")
+        fwd = lambda: -loss(weight, hidden, labels)  # noqa: E731
+    elif impl == "cce":
+        cce = C.require_module("cut_cross_entropy", "cut-cross-entropy")
+        name = C.cce_impl_name()
+        info["cce_impl"] = name
+        fwd = lambda: -cce.linear_cross_entropy(hidden, weight, labels, reduction="none", impl=name)  # noqa: E731
+    elif impl.startswith("ours_"):
+        backend = C.ours_backend(impl)
+        C.require_ours(backend)
+        import lpc_kernels as lk
+
+        info["backend"] = backend
+        fwd = lambda: lk.linear_token_logprobs(hidden, weight, labels, backend=backend)  # noqa: E731
+    else:
+        raise ValueError(impl)
+    return C.Case(forward=fwd, backward=C.backward_with(x["grad"]), params=[hidden, weight], info=info)
+
+
+@pytest.mark.parametrize("shape,impl,mode", C.params(SHAPES, IMPLS, sweep_skip=("ours_reference",)))
+def test_linear_token_logprobs(benchmark, request, shape, impl, mode):
+    C.run(benchmark, request, sys.modules[__name__], shape, impl, mode)
