@@ -15,6 +15,7 @@ from torch.library import opcheck
 
 import lpc_kernels as lk
 from formulas import PREF_CASES, f_linear_token_logprobs, f_preference, f_token_logprobs
+from raw_op_cases import KERNEL_SCHEMAS, raw_op_cases
 from lpc_kernels import _ops, philox, reference
 
 pytestmark = [pytest.mark.cuda,
@@ -535,54 +536,11 @@ def test_opcheck_public_ops(case):
 
 
 def _raw_cases():
-    lab = torch.tensor([0, 32, -100, 5], device=DEV)
-    x = torch.randn(4, 33, device=DEV)
-    lse = OPS.token_logprobs_fwd(x, lab, -100)[1]
-    g = torch.randn(4, device=DEV)
-    h, w, b = torch.randn(4, 8, device=DEV), torch.randn(33, 8, device=DEV), torch.randn(33, device=DEV)
-    lin_lse = OPS.linear_token_logprobs_fwd(h, w, b, lab, -100, 2)[1]
-    lg, cb = torch.randn(3, 6, device=DEV), torch.randn(6, 4, device=DEV)
-    w_soft, _, none = OPS.gumbel_softmax_fwd(lg, cb, 0.8, False, 3, 0)
-    w_hard, _, soft = OPS.gumbel_softmax_fwd(lg, cb, 0.8, True, 3, 2**32 + 1)
-    pc, pr, rc, rr = (torch.randn(3, device=DEV) for _ in range(4))
-    prior, post = torch.randn(3, 6, device=DEV), torch.randn(3, 6, device=DEV)
-    cl, rl = torch.tensor([2, 3, 4], device=DEV), torch.tensor([1.0, 5.0, 2.0], device=DEV)
-    grads = (torch.randn((), device=DEV), *(torch.randn(3, device=DEV) for _ in range(4)))
-    cases = [
-        (OPS.token_logprobs_fwd, (x, lab, -100)),
-        (OPS.token_logprobs_fwd, (x.to(torch.bfloat16), lab, -100)),
-        (OPS.token_logprobs_fwd, (x.double(), torch.tensor([0, 32, 5, 5], device=DEV), 5)),
-        (OPS.token_logprobs_bwd, (g, x, lab, lse, -100)),
-        (OPS.token_logprobs_bwd, (g, x.half(), lab, lse, -100)),
-        (OPS.token_logprobs_bwd_, (g, x.clone(), lab, lse, -100)),
-        (OPS.linear_token_logprobs_fwd, (h, w, b, lab, -100, 2)),
-        (OPS.linear_token_logprobs_fwd, (h.bfloat16(), w.bfloat16(), None, lab, -100, 16)),
-        (OPS.linear_token_logprobs_bwd, (g, h, w, b, lab, lin_lse, -100, 3, True, True, True)),
-        (OPS.linear_token_logprobs_bwd, (g, h, w, None, lab, lin_lse, -100, 3, True, False, False)),
-        (OPS.linear_token_logprobs_bwd, (g, h.half(), w.half(), b.half(), lab, lin_lse, -100, 1, False, True, True)),
-        (OPS.gumbel_softmax_fwd, (lg, cb, 0.8, False, 3, 0)),
-        (OPS.gumbel_softmax_fwd, (lg.bfloat16(), cb.bfloat16(), 1.3, True, 2**40, 2**33)),
-        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=DEV), torch.randn(3, 4, device=DEV), w_soft, none, cb, 0.8,
-                                  True, True)),
-        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=DEV), torch.randn(3, 4, device=DEV), w_hard, soft, cb, 0.8,
-                                  True, False)),
-        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=DEV), torch.randn(3, 4, device=DEV), w_hard, soft, cb, 0.8,
-                                  False, True)),
-    ]
-    dpo = (pc, pr, rc, rr, cl, rl, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True)
-    ipo = (pc, pr, rc, rr, None, None, None, None, "ipo", 0.3, 0.0, 0.0, 0.0, False)
-    simpo = (pc, pr, None, None, cl, rl, prior.double(), post.half(), "simpo", 2.0, 0.5, 0.0, 0.1, True)
-    for args in (dpo, ipo, simpo):
-        cases.append((OPS.preference_loss_fwd, args))
-        cases.append((OPS.preference_loss_bwd, (*grads, *args)))
-    return cases
+    return raw_op_cases(DEV)
 
 
 def test_every_schema_has_a_cuda_kernel():
-    names = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_", "linear_token_logprobs_fwd",
-             "linear_token_logprobs_bwd", "gumbel_softmax_fwd", "gumbel_softmax_bwd", "preference_loss_fwd",
-             "preference_loss_bwd"]
-    for name in names:
+    for name in KERNEL_SCHEMAS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lpc::{name}", "CUDA"), name
 
 

@@ -1,0 +1,53 @@
+"""Calls of every compiled kernel (``torch.ops.lpc.*``) for opcheck, shared by the CPU and CUDA tests."""
+
+import torch
+
+OPS = torch.ops.lpc
+KERNEL_SCHEMAS = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_", "linear_token_logprobs_fwd",
+                  "linear_token_logprobs_bwd", "gumbel_softmax_fwd", "gumbel_softmax_bwd", "preference_loss_fwd",
+                  "preference_loss_bwd"]
+
+
+def raw_op_cases(device):
+    """(op, args) pairs covering every compiled kernel schema and option, on ``device``."""
+    lab = torch.tensor([0, 32, -100, 5], device=device)
+    x = torch.randn(4, 33, device=device)
+    lse = OPS.token_logprobs_fwd(x, lab, -100)[1]
+    g = torch.randn(4, device=device)
+    h, w, b = torch.randn(4, 8, device=device), torch.randn(33, 8, device=device), torch.randn(33, device=device)
+    lin_lse = OPS.linear_token_logprobs_fwd(h, w, b, lab, -100, 2)[1]
+    lg, cb = torch.randn(3, 6, device=device), torch.randn(6, 4, device=device)
+    w_soft, _, none = OPS.gumbel_softmax_fwd(lg, cb, 0.8, False, 3, 0)
+    w_hard, _, soft = OPS.gumbel_softmax_fwd(lg, cb, 0.8, True, 3, 2**32 + 1)
+    pc, pr, rc, rr = (torch.randn(3, device=device) for _ in range(4))
+    prior, post = torch.randn(3, 6, device=device), torch.randn(3, 6, device=device)
+    cl, rl = torch.tensor([2, 3, 4], device=device), torch.tensor([1.0, 5.0, 2.0], device=device)
+    grads = (torch.randn((), device=device), *(torch.randn(3, device=device) for _ in range(4)))
+    cases = [
+        (OPS.token_logprobs_fwd, (x, lab, -100)),
+        (OPS.token_logprobs_fwd, (x.to(torch.bfloat16), lab, -100)),
+        (OPS.token_logprobs_fwd, (x.double(), torch.tensor([0, 32, 5, 5], device=device), 5)),
+        (OPS.token_logprobs_bwd, (g, x, lab, lse, -100)),
+        (OPS.token_logprobs_bwd, (g, x.half(), lab, lse, -100)),
+        (OPS.token_logprobs_bwd_, (g, x.clone(), lab, lse, -100)),
+        (OPS.linear_token_logprobs_fwd, (h, w, b, lab, -100, 2)),
+        (OPS.linear_token_logprobs_fwd, (h.bfloat16(), w.bfloat16(), None, lab, -100, 16)),
+        (OPS.linear_token_logprobs_bwd, (g, h, w, b, lab, lin_lse, -100, 3, True, True, True)),
+        (OPS.linear_token_logprobs_bwd, (g, h, w, None, lab, lin_lse, -100, 3, True, False, False)),
+        (OPS.linear_token_logprobs_bwd, (g, h.half(), w.half(), b.half(), lab, lin_lse, -100, 1, False, True, True)),
+        (OPS.gumbel_softmax_fwd, (lg, cb, 0.8, False, 3, 0)),
+        (OPS.gumbel_softmax_fwd, (lg.bfloat16(), cb.bfloat16(), 1.3, True, 2**40, 2**33)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=device), torch.randn(3, 4, device=device), w_soft, none, cb, 0.8,
+                                  True, True)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=device), torch.randn(3, 4, device=device), w_hard, soft, cb, 0.8,
+                                  True, False)),
+        (OPS.gumbel_softmax_bwd, (torch.randn(3, 6, device=device), torch.randn(3, 4, device=device), w_hard, soft, cb, 0.8,
+                                  False, True)),
+    ]
+    dpo = (pc, pr, rc, rr, cl, rl, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True)
+    ipo = (pc, pr, rc, rr, None, None, None, None, "ipo", 0.3, 0.0, 0.0, 0.0, False)
+    simpo = (pc, pr, None, None, cl, rl, prior.double(), post.half(), "simpo", 2.0, 0.5, 0.0, 0.1, True)
+    for args in (dpo, ipo, simpo):
+        cases.append((OPS.preference_loss_fwd, args))
+        cases.append((OPS.preference_loss_bwd, (*grads, *args)))
+    return cases
