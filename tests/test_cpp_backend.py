@@ -19,6 +19,9 @@ import torch
 from torch.library import opcheck
 
 import lpc_kernels as lk
+from backend_checks import check_preference_mixed_dtypes_match_reference
+from backend_checks import close64 as _close
+from backend_checks import leaf as _leaf
 from lpc_kernels import _ops, philox, reference
 from raw_op_cases import KERNEL_SCHEMAS, raw_op_cases
 
@@ -32,14 +35,6 @@ from lpc_kernels import _cpp  # noqa: E402  (needs lpc_kernels._C)
 OPS = torch.ops.lpc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOW = [torch.bfloat16, torch.float16]
-
-
-def _leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
-
-
-def _close(ours, ref, rtol, atol):
-    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
 
 
 def _tol(dtype):
@@ -279,32 +274,7 @@ def test_gumbel_matches_reference_all_dtypes():
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_preference_loss_matches_reference(loss_type, dtype):
-    b, k = 33, 7
-    pc, pr, rc, rr = ((torch.randn(b, dtype=torch.float64) * 30 - 100).to(dtype) for _ in range(4))
-    cl, rl = torch.randint(1, 50, (b,)), torch.randint(1, 50, (b,)).double()  # int and float lengths
-    prior, post = torch.randn(b, k).to(dtype) * 3, torch.randn(b, k).double()  # mixed dtypes: cast to pc's
-    refs = (rc, rr) if loss_type != "simpo" else (None, None)
-    opts = dict(loss_type=loss_type, beta=0.2 if loss_type != "simpo" else 2.0,
-                gamma=0.5 if loss_type == "simpo" else 0.0, label_smoothing=0.0 if loss_type == "ipo" else 0.15,
-                kl_weight=0.3, ipo_average=loss_type != "ipo" or dtype != torch.float32)
-    grads = [torch.randn(()), *(torch.randn(b) for _ in range(4))]
-    res = {}
-    for backend in ("cpu", "reference"):
-        leaves = [_leaf(t) if t is not None else None for t in (pc, pr, *refs, prior, post)]
-        out = lk.preference_loss(*leaves[:4], chosen_lengths=cl, rejected_lengths=rl, prior_logits=leaves[4],
-                                 posterior_logits=leaves[5], backend=backend, **opts)
-        torch.autograd.backward(list(out), [g.to(out.loss.dtype) for g in grads])
-        res[backend] = list(out) + [t.grad if t is not None else None for t in leaves]
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
-    for o, r in zip(res["cpu"], res["reference"]):
-        if r is None:
-            assert o is None
-            continue
-        assert o.dtype == r.dtype
-        if o.dtype == torch.bfloat16:  # rounded once from the same fp32 value
-            _close(o, r, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
-        else:
-            _close(o, r, **tol)
+    check_preference_mixed_dtypes_match_reference("cpu", CPU, loss_type, dtype, b=33)
 
 
 # ------------------------------------------------------------------------------ float64 gradcheck

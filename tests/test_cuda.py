@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import lpc_kernels as lk
+from backend_checks import check_compiled_step_matches_eager, check_preference_mixed_dtypes_match_reference
+from backend_checks import close64 as _close
+from backend_checks import leaf as _leaf
 from formulas import PREF_CASES, f_linear_token_logprobs, f_preference, f_token_logprobs
 from raw_op_cases import KERNEL_SCHEMAS, raw_op_cases
 from lpc_kernels import _ops, philox, reference
@@ -33,10 +36,6 @@ def _cuda_backend_available():
     torch.cuda.manual_seed_all(0)
 
 
-def _leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
-
-
 def truth_close(ours, truth, rtol=1e-5, atol=1e-5):
     """``|ours - truth| <= atol + rtol * |truth|`` elementwise, on float64 copies; finite values only."""
     ours, truth = ours.detach().double(), truth.detach().double()
@@ -44,10 +43,6 @@ def truth_close(ours, truth, rtol=1e-5, atol=1e-5):
     err = (ours - truth).abs()
     worst = (err - (atol + rtol * truth.abs())).max()
     assert worst <= 0, f"max error {err.max().item():.3e} exceeds the bound by {worst.item():.3e}"
-
-
-def _close(ours, ref, rtol, atol):
-    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
 
 
 def _one_rounding(ours, ref_fp32, dtype):
@@ -419,32 +414,7 @@ def test_preference_loss_vs_float64(case, b, k):
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_preference_loss_matches_reference_mixed_dtypes(loss_type, dtype):
-    b, k = 333, 7
-    pc, pr, rc, rr = ((torch.randn(b, device=DEV, dtype=torch.float64) * 30 - 100).to(dtype) for _ in range(4))
-    cl, rl = torch.randint(1, 50, (b,), device=DEV), torch.randint(1, 50, (b,), device=DEV).double()
-    prior, post = (torch.randn(b, k, device=DEV) * 3).to(dtype), torch.randn(b, k, device=DEV).double()
-    refs = (rc, rr) if loss_type != "simpo" else (None, None)
-    opts = dict(loss_type=loss_type, beta=0.2 if loss_type != "simpo" else 2.0,
-                gamma=0.5 if loss_type == "simpo" else 0.0, label_smoothing=0.0 if loss_type == "ipo" else 0.15,
-                kl_weight=0.3, ipo_average=loss_type != "ipo" or dtype != torch.float32)
-    grads = [torch.randn((), device=DEV), *(torch.randn(b, device=DEV) for _ in range(4))]
-    res = {}
-    for backend in ("cuda", "reference"):
-        leaves = [_leaf(t) if t is not None else None for t in (pc, pr, *refs, prior, post)]
-        out = lk.preference_loss(*leaves[:4], chosen_lengths=cl, rejected_lengths=rl, prior_logits=leaves[4],
-                                 posterior_logits=leaves[5], backend=backend, **opts)
-        torch.autograd.backward(list(out), [g.to(out.loss.dtype) for g in grads])
-        res[backend] = list(out) + [t.grad if t is not None else None for t in leaves]
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
-    for o, r in zip(res["cuda"], res["reference"]):
-        if r is None:
-            assert o is None
-            continue
-        assert o.dtype == r.dtype
-        if o.dtype == torch.bfloat16:
-            _close(o, r, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
-        else:
-            _close(o, r, **tol)
+    check_preference_mixed_dtypes_match_reference("cuda", DEV, loss_type, dtype, b=333)
 
 
 def test_preference_loss_mean_is_deterministic_and_one_code_is_plain():
@@ -615,32 +585,4 @@ def test_bad_inputs_reaching_cuda_name_the_argument(case):
 
 # ------------------------------------------------------------------------------------ torch.compile
 def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    x = torch.randn(4, 33, device=DEV, requires_grad=True)
-    labels = torch.tensor([0, 32, -100, 5], device=DEV)
-    h = torch.randn(4, 8, device=DEV, requires_grad=True)
-    w = torch.randn(33, 8, device=DEV, requires_grad=True)
-    lg = torch.randn(4, 6, device=DEV, requires_grad=True)
-    cb = torch.randn(6, 8, device=DEV, requires_grad=True)
-    ref = torch.randn(4, device=DEV)
-
-    def step(x, h, w, lg, cb):
-        tok = lk.token_logprobs(x, labels, backend="cuda")
-        weights, z = lk.gumbel_softmax_codes(lg, cb, seed=5, backend="cuda")
-        lin = lk.linear_token_logprobs(h + z, w, labels, backend="cuda")
-        out = lk.preference_loss(tok, lin, ref, ref.flip(0), prior_logits=lg, posterior_logits=lg * 2,
-                                 kl_weight=0.1, backend="cuda")
-        return out.loss
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    args = (x, h, w, lg, cb)
-    got = compiled(*args)
-    got.backward()
-    grads = [a.grad.clone() for a in args]
-    for a in args:
-        a.grad = None
-    expected = step(*args)
-    expected.backward()
-    torch.testing.assert_close(got, expected)
-    for g, a in zip(grads, args):
-        torch.testing.assert_close(g, a.grad)
+    check_compiled_step_matches_eager("cuda", DEV)

@@ -14,6 +14,7 @@ import torch
 from torch.library import opcheck
 
 import lpc_kernels as lk
+from backend_checks import check_compiled_step_matches_eager
 from formulas import PREF_CASES, f_gumbel, f_linear_token_logprobs, f_preference, f_token_logprobs
 from lpc_kernels import _ops
 
@@ -324,33 +325,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
-    x = torch.randn(4, 33, requires_grad=True)
-    labels = torch.tensor([0, 32, -100, 5])
-    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(33, 8, requires_grad=True)
-    lg, cb = torch.randn(4, 6, requires_grad=True), torch.randn(6, 8, requires_grad=True)
-    ref = torch.randn(4)
-
-    def step(x, h, w, lg, cb):
-        tok = lk.token_logprobs(x, labels, backend=backend)
-        weights, z = lk.gumbel_softmax_codes(lg, cb, seed=5, backend=backend)
-        lin = lk.linear_token_logprobs(h + z, w, labels, backend=backend)
-        out = lk.preference_loss(tok, lin, ref, ref.flip(0), prior_logits=lg, posterior_logits=lg * 2,
-                                 kl_weight=0.1, backend=backend)
-        return out.loss
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    args = (x, h, w, lg, cb)
-    got = compiled(*args)
-    got.backward()
-    grads = [a.grad.clone() for a in args]
-    for a in args:
-        a.grad = None
-    expected = step(*args)
-    expected.backward()
-    torch.testing.assert_close(got, expected)
-    for g, a in zip(grads, args):
-        torch.testing.assert_close(g, a.grad)
+    check_compiled_step_matches_eager(backend, CPU)
 
 
 # ------------------------------------------------------------------------ compositions and modules

@@ -1,0 +1,77 @@
+"""Checks shared by the backend test files (test_ops.py for CPU tensors, test_cpp_backend.py, test_cuda.py):
+each takes the backend and the device, so every backend is held to the same assertions."""
+
+import torch
+
+import lpc_kernels as lk
+
+
+def leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def close64(ours, ref, rtol, atol):
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+def check_compiled_step_matches_eager(backend, device):
+    """One LPC step through all four ops compiles with fullgraph=True and equals eager, values and grads."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 33, device=device, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 5], device=device)
+    h = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(33, 8, device=device, requires_grad=True)
+    lg = torch.randn(4, 6, device=device, requires_grad=True)
+    cb = torch.randn(6, 8, device=device, requires_grad=True)
+    ref = torch.randn(4, device=device)
+
+    def step(x, h, w, lg, cb):
+        tok = lk.token_logprobs(x, labels, backend=backend)
+        weights, z = lk.gumbel_softmax_codes(lg, cb, seed=5, backend=backend)
+        lin = lk.linear_token_logprobs(h + z, w, labels, backend=backend)
+        out = lk.preference_loss(tok, lin, ref, ref.flip(0), prior_logits=lg, posterior_logits=lg * 2,
+                                 kl_weight=0.1, backend=backend)
+        return out.loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = (x, h, w, lg, cb)
+    got = compiled(*args)
+    got.backward()
+    grads = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    expected = step(*args)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    for g, a in zip(grads, args):
+        torch.testing.assert_close(g, a.grad)
+
+
+def check_preference_mixed_dtypes_match_reference(backend, device, loss_type, dtype, b, k=7):
+    """``backend`` equals the reference backend on mixed-dtype inputs (int and float lengths, code logits in
+    other dtypes), outputs and all gradients, bf16 results within one rounding."""
+    pc, pr, rc, rr = ((torch.randn(b, device=device, dtype=torch.float64) * 30 - 100).to(dtype) for _ in range(4))
+    cl, rl = torch.randint(1, 50, (b,), device=device), torch.randint(1, 50, (b,), device=device).double()
+    prior, post = (torch.randn(b, k, device=device) * 3).to(dtype), torch.randn(b, k, device=device).double()
+    refs = (rc, rr) if loss_type != "simpo" else (None, None)
+    opts = dict(loss_type=loss_type, beta=0.2 if loss_type != "simpo" else 2.0,
+                gamma=0.5 if loss_type == "simpo" else 0.0, label_smoothing=0.0 if loss_type == "ipo" else 0.15,
+                kl_weight=0.3, ipo_average=loss_type != "ipo" or dtype != torch.float32)
+    grads = [torch.randn((), device=device), *(torch.randn(b, device=device) for _ in range(4))]
+    res = {}
+    for name in (backend, "reference"):
+        leaves = [leaf(t) if t is not None else None for t in (pc, pr, *refs, prior, post)]
+        out = lk.preference_loss(*leaves[:4], chosen_lengths=cl, rejected_lengths=rl, prior_logits=leaves[4],
+                                 posterior_logits=leaves[5], backend=name, **opts)
+        torch.autograd.backward(list(out), [g.to(out.loss.dtype) for g in grads])
+        res[name] = list(out) + [t.grad if t is not None else None for t in leaves]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    for o, r in zip(res[backend], res["reference"]):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == r.dtype
+        if o.dtype == torch.bfloat16:  # rounded once from the same fp32 value
+            close64(o, r, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+        else:
+            close64(o, r, **tol)
