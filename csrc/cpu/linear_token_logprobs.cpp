@@ -129,8 +129,9 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd(const at::Tensor& h
   at::Tensor logp = at::zeros({a.n}, opts), lse = at::zeros({a.n}, opts);
   if (count == 0) return {logp, lse};
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor w = weight.scalar_type() == a.cdt ? weight : weight.to(a.cdt);  // once per call
-  const at::Tensor b = has_bias ? (bias->scalar_type() == a.cdt ? *bias : bias->to(a.cdt)) : at::Tensor();
+  // upcast once per call; Tensor::to returns the tensor itself when the dtype already matches
+  const at::Tensor w = weight.to(a.cdt);
+  const at::Tensor b = has_bias ? bias->to(a.cdt) : at::Tensor();
   const at::Tensor rows = valid_rows(labels, count, ignore_index);
   const int64_t chunk = std::min(chunk_size, count);
   at::Tensor buf = at::empty({chunk, a.v}, opts);
@@ -167,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   at::Tensor gw = need_weight ? at::zeros({a.v, a.h}, opts) : none();  // accumulators in the compute dtype
   at::Tensor gb = need_bias ? at::zeros({a.v}, opts) : none();
   if (count > 0 && (need_hidden || need_weight || need_bias)) {
-    const at::Tensor w = weight.scalar_type() == a.cdt ? weight : weight.to(a.cdt);
-    const at::Tensor b = has_bias ? (bias->scalar_type() == a.cdt ? *bias : bias->to(a.cdt)) : at::Tensor();
+    const at::Tensor w = weight.to(a.cdt);
+    const at::Tensor b = has_bias ? bias->to(a.cdt) : at::Tensor();
     const at::Tensor rows = valid_rows(labels, count, ignore_index);
     const int64_t chunk = std::min(chunk_size, count);
     at::Tensor buf = at::empty({chunk, a.v}, opts);
