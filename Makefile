@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH := torch==2.13.0 triton==3.8.0
-DEPS := numpy transformers safetensors tqdm tokenizers ninja pytest pytest-benchmark hypothesis
+DEPS := numpy transformers safetensors tqdm tokenizers ninja pytest pytest-benchmark hypothesis \
+	pyyaml matplotlib pyarrow peft scikit-learn
 PYTEST_ARGS ?=
 
 .PHONY: venv build test train build-cuda bench clean info
