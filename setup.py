@@ -21,6 +21,9 @@ if os.environ.get("LPC_KERNELS_BUILD_EXT", "1") != "0":
     else:
         # Hopper by default: our build machines have no GPU for torch to query the architecture from.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        # csrc/cuda/*.cpp (the CUDA ops' argument checks) go to the host compiler, not nvcc: see
+        # csrc/cuda/checks.h for why no nvcc-compiled code formats an error message.
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = CUDAExtension("lpc_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
 # benches/gpu_check.sh OUTDIR -- the one script to run on a GPU machine (H100/H200, no network).
 #
-# Steps, each logged to OUTDIR/<step>.log with its status in OUTDIR/summary.txt; a failing step does not
-# stop the later ones, and every step has a timeout so the whole script ends within GPU_CHECK_BUDGET_S
-# (default 530 s, i.e. under 9 minutes):
-#   env       nvidia-smi, python / torch / triton / nvcc / compute-sanitizer versions
+# Steps, each logged to OUTDIR/<step>.log with one line in OUTDIR/summary.txt (status, seconds, note); a
+# failing step does not stop the later ones, and every step has a timeout so the whole script ends
+# within GPU_CHECK_BUDGET_S (default 400 s). summary.txt is printed last: it is what survives when only
+# the tail of the output comes back.
+#   env       nvidia-smi, versions -> OUTDIR/env.json (GPU, driver, CUDA runtime, torch, triton, python,
+#             nvcc, git commit: `git rev-parse HEAD` when the tree has .git, else $LPC_GIT_COMMIT)
 #   wheels    installs Liger-Kernel and Cut Cross-Entropy from the wheels carried in .whl/ (pure Python,
 #             --no-deps, into $GPU_CHECK_SITE, default /tmp/lpc_site, put on PYTHONPATH) when not importable
 #   build     python3 setup.py build_ext --inplace with the machine's torch (CUDA extension), then
 #             python3 -m lpc_kernels.info
-#   test      pytest -m "cuda or triton" -x tests  (TRITON_INTERPRET=0: Triton runs natively)
+#   probe     scripts/cuda_bad_input_probe.py: every bad-input case of tests/test_cuda.py in its own
+#             process (a segfault there once killed the whole test run); crashes rerun under cuda-gdb,
+#             backtraces in OUTDIR/probe/gdb_*.txt, table in OUTDIR/probe/probe.txt
+#   test      pytest -m "cuda or triton" per GPU test file (TRITON_INTERPRET=0: Triton runs natively)
 #   sanitize  compute-sanitizer --tool memcheck python3 scripts/cuda_smoke.py (if both exist)
 #   bench     the GPU benchmark set: one pytest run over benches/ -> OUTDIR/bench.json, the issue's target
 #             shapes of every op first; benchmarks that would start after the step's deadline are skipped
-#             and listed as such (LPC_BENCH_DEADLINE), and SIGINT at the end still gets the JSON written
+#             and listed as such (LPC_BENCH_DEADLINE), and SIGINT at the end still gets the JSON written.
+#             LPC_TRITON_AUTOTUNE_LOG=OUTDIR/autotune.json: the Triton kernels' chosen configs (at exit)
+#   dist      short DDP and FSDP2 runs of the trainer (torchrun --standalone --nproc-per-node 1, NCCL),
+#             only when `python3 -m lpc.train --help` mentions --strategy; skipped with the reason otherwise
 #   report    benches/report.py -> OUTDIR/report.md, summary.csv, *_scaling.png (if matplotlib exists)
+#
+# Time: each step gets min(its cap, what is left minus the minimum kept for the later wanted steps);
+# the bench step takes whatever the others leave (about 60-120 s of a 400 s budget, measured on an H100
+# in Nov 2026: env 6 s, wheels 17 s, build 44 s, sanitize 20 s; test and probe are estimates).
+# Narrow the bench with GPU_CHECK_BENCH_ARGS / GPU_CHECK_BENCH_FILES, or drop steps with GPU_CHECK_STEPS.
 #
 # Environment:
 #   PYTHON=python3              interpreter with the machine's CUDA torch
-#   GPU_CHECK_BUDGET_S=530      wall-clock budget of the whole script
+#   GPU_CHECK_BUDGET_S=400      wall-clock budget of the whole script
 #   GPU_CHECK_STEPS=...         comma list of steps to run (default: all, in the order above)
 #   GPU_CHECK_BENCH_FILES=...   bench files / pytest node ids to run (default: benches)
 #   GPU_CHECK_BENCH_ARGS=...    extra pytest args for every bench run (e.g. "--quick" or "-k 'not compile'")
 #   GPU_CHECK_PYTEST_ARGS=...   extra args for the test step
-#   GPU_CHECK_DRY_RUN=1         test this script's logic without a GPU: build for CPU, collect (not run)
-#                               the GPU tests, print the sanitizer command, run a tiny CPU bench subset.
+#   LPC_GIT_COMMIT=...          the commit of the tree, for env.json when the copy has no .git
+#   GPU_CHECK_DRY_RUN=1         test this script's logic without a GPU: build for CPU, probe the controls
+#                               (--dry-run), collect (not run) the GPU tests, print the sanitizer and dist
+#                               commands, run a tiny CPU bench subset.
 #                               Without a visible GPU and without DRY_RUN, the GPU steps are skipped.
 set -u -o pipefail
 
@@ -34,10 +49,10 @@ ROOT=$PWD
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-530}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-STEPS=${GPU_CHECK_STEPS:-env,wheels,build,test,sanitize,bench,report}
+STEPS=${GPU_CHECK_STEPS:-env,wheels,build,probe,test,sanitize,bench,dist,report}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 SUMMARY=$OUTDIR/summary.txt
 SITE=${GPU_CHECK_SITE:-/tmp/lpc_site}
@@ -51,42 +66,69 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# minimum seconds kept for each later step, so an overrunning early step cannot starve the benchmarks
-declare -A RESERVE=([env]=5 [wheels]=5 [build]=60 [test]=60 [sanitize]=45 [bench]=180 [report]=20)
-declare -A CAP=([env]=30 [wheels]=60 [build]=240 [test]=150 [sanitize]=120 [bench]=100000 [report]=60)
-ORDER=(env wheels build test sanitize bench report)
+# Minimum seconds kept for each later wanted step, so an overrunning early step cannot starve the rest,
+# and the most each step may take. GRACE: the seconds `timeout -k` waits after SIGINT before KILL; budget_for
+# subtracts it, so a step that ignores SIGINT still ends inside the budget.
+# Worst case, all non-bench steps at their caps: 30+45+180+45+150+90+60+30 = 630 s > 400, so the reserves
+# (5+5+45+20+60+40+60+40+10 = 285 s; dist's 40 only when the trainer has --strategy) decide: an early
+# step that overruns eats into the bench step first. Nominal on an H100 (400 s, dist present): GPU check
+# 5 s, env ~6, wheels ~17, build ~50 (limit ~145), probe ~20 (limit 45), test limit ~130, sanitize ~20
+# (at least 40 kept), then bench gets what is left (>= 60), dist <= 60, report ~2.
+declare -A RESERVE=([env]=5 [wheels]=5 [build]=45 [probe]=20 [test]=60 [sanitize]=40 [bench]=60 [dist]=40 [report]=10)
+declare -A CAP=([env]=30 [wheels]=45 [build]=180 [probe]=45 [test]=150 [sanitize]=90 [bench]=100000 [dist]=60 [report]=30)
+ORDER=(env wheels build probe test sanitize bench dist report)
+GRACE=10
+
+# dist runs only when the trainer has --strategy: without it, keep no time back for it (a cheap source
+# check here; the step itself asks `python3 -m lpc.train --help`).
+if [[ ",$STEPS," == *",dist,"* ]] && ! grep -qs -- '--strategy' "$ROOT"/lpc/*.py; then
+  RESERVE[dist]=0
+fi
 
 : > "$SUMMARY"
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*"; }
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
-record() { printf '%-9s %-8s %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
+# record NAME STATUS SECONDS NOTE: one line per step in summary.txt (and on stdout)
+record() { printf '%-9s %-8s %5s  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"; }
 
-# seconds step $1 may use: its cap, minus what the later wanted steps must keep
+# seconds step $1 may use: its cap, minus what the later wanted steps must keep, minus GRACE
 budget_for() {
   local step=$1 later=0 seen=0 s
   for s in "${ORDER[@]}"; do
     if [ $seen = 1 ] && want "$s"; then later=$((later + RESERVE[$s])); fi
     [ "$s" = "$step" ] && seen=1
   done
-  local left=$((DEADLINE - $(date +%s) - later))
+  local left=$((DEADLINE - $(date +%s) - later - GRACE))
   local cap=${CAP[$step]}
   echo $(( left < cap ? left : cap ))
 }
 
+# A short note for a step's summary line, read from its outputs.
+step_note() {
+  case $1 in
+    probe) tail -n 1 "$OUTDIR/probe/probe.txt" 2>/dev/null | sed 's/^probe summary: //' ;;
+    test)  grep -hE '^(== |[0-9]+ (passed|failed|skipped|errors?|deselected)|=+ [0-9]+ .* in [0-9.]+s|[0-9/]+ tests? collected)' \
+             "$OUTDIR/test.log" 2>/dev/null | sed -E 's/^=+ //; s/ =+$//' | paste -sd ' ' | cut -c1-300 ;;
+    dist)  grep -hE '^dist: ' "$OUTDIR/dist.log" 2>/dev/null | sed 's/^dist: //' | paste -sd ';' ;;
+    *) ;;
+  esac
+}
+
 # run_step NAME FUNCTION [ARGS...]: run the (exported) shell function in a child bash under the step's
-# timeout, log to OUTDIR/NAME.log, record the status
+# timeout, log to OUTDIR/NAME.log, record the status. STEP_T is the step's time limit (for the function).
 run_step() {
   local name=$1; shift
   local t; t=$(budget_for "$name")
-  if [ "$t" -lt 10 ]; then record "$name" SKIPPED "time budget exhausted"; return 0; fi
+  if [ "$t" -lt 10 ]; then record "$name" SKIPPED 0s "time budget exhausted"; return 0; fi
   log "$name (timeout ${t}s): $*"
   local s0; s0=$(date +%s)
-  timeout -s INT -k 20 "$t" bash -c '"$@"' _ "$@" > "$OUTDIR/$name.log" 2>&1
+  STEP_T=$t timeout -s INT -k $GRACE "$t" bash -c '"$@"' _ "$@" > "$OUTDIR/$name.log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - s0 ))
-  if [ $rc -eq 0 ]; then record "$name" OK "${dt}s"
-  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" TIMEOUT "after ${dt}s (limit ${t}s), rc=$rc; see $name.log"
-  else record "$name" FAILED "rc=$rc after ${dt}s; see $name.log"; fi
+  local note; note=$(step_note "$name")
+  if [ $rc -eq 0 ]; then record "$name" OK "${dt}s" "$note"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" TIMEOUT "${dt}s" "limit ${t}s, rc=$rc; see $name.log $note"
+  else record "$name" FAILED "${dt}s" "rc=$rc; see $name.log $note"; fi
   tail -n 5 "$OUTDIR/$name.log" | sed "s/^/    $name| /"
   return 0
 }
@@ -100,9 +142,9 @@ if not torch.cuda.is_available():
 if [ -z "$GPU_REASON" ]; then HAVE_GPU=1; else HAVE_GPU=0; fi
 if [ $HAVE_GPU = 1 ]; then log "GPU visible"; else log "no GPU: $GPU_REASON"; fi
 SMOKE=scripts/cuda_smoke.py
-export OUTDIR PY HAVE_GPU DRY SMOKE ROOT GPU_REASON BUDGET STEPS
+export OUTDIR PY HAVE_GPU DRY SMOKE ROOT GPU_REASON BUDGET STEPS GRACE
 if [ $HAVE_GPU = 0 ] && [ "$DRY" != 1 ]; then
-  log "no GPU and GPU_CHECK_DRY_RUN != 1: the GPU steps (test, sanitize, bench) will be skipped"
+  log "no GPU and GPU_CHECK_DRY_RUN != 1: the GPU steps (probe, test, sanitize, bench, dist) will be skipped"
 fi
 [ "$DRY" = 1 ] && log "DRY RUN: exercising the script's logic on $( [ $HAVE_GPU = 1 ] && echo GPU || echo CPU )"
 
@@ -112,20 +154,14 @@ step_env() {
   command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"
   command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not found"
   command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -n 2 || echo "compute-sanitizer: not found"
-  "$PY" - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton; print("triton", triton.__version__)
-except Exception as e: print("triton: not importable:", e)
-for m in ("transformers", "pytest_benchmark", "matplotlib", "liger_kernel", "cut_cross_entropy"):
-    try:
-        mod = __import__(m); print(m, getattr(mod, "__version__", "?"))
-    except Exception as e: print(m, "not importable:", type(e).__name__, e)
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-EOF
-  echo "git: $(git rev-parse --verify -q HEAD 2>/dev/null || echo 'no git metadata in this tree')"
+  # env.json: what the results were measured on (benches/results/ records it beside the numbers)
+  local commit src
+  commit=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null)
+  if [[ "$commit" =~ ^[0-9a-f]{40}$ ]]; then src="git rev-parse HEAD"
+  elif [ -n "${LPC_GIT_COMMIT:-}" ]; then commit=$LPC_GIT_COMMIT; src="LPC_GIT_COMMIT"
+  else commit="unknown"; src="no .git in this tree and LPC_GIT_COMMIT unset"; fi
+  echo "git: $commit ($src)"
+  GIT_COMMIT=$commit GIT_COMMIT_SOURCE=$src "$PY" scripts/gpu_env.py "$OUTDIR/env.json"
 }
 export -f step_env
 if want env; then run_step env step_env; fi
@@ -147,7 +183,7 @@ if want wheels; then
     if [ ${#missing[@]} -gt 0 ]; then
       mkdir -p "$SITE"
       echo "installing ${missing[*]} into $SITE"
-      if ! timeout 120 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${missing[@]}"; then
+      if ! timeout "$(budget_for wheels)" "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${missing[@]}"; then
         echo "pip failed: unpacking the (pure-Python) wheels into $SITE instead"
         for f in "${missing[@]}"; do "$PY" -m zipfile -e "$f" "$SITE"; done
       fi
@@ -158,8 +194,8 @@ if want wheels; then
   for mod in liger_kernel cut_cross_entropy; do
     "$PY" -c "import $mod" >> "$OUTDIR/wheels.log" 2>&1 || bad="$bad $mod"
   done
-  if [ -z "$bad" ]; then record wheels OK "$(( $(date +%s) - s0 ))s"
-  else record wheels FAILED "not importable:$bad (their benchmarks will be skipped with the reason); see wheels.log"; fi
+  if [ -z "$bad" ]; then record wheels OK "$(( $(date +%s) - s0 ))s" ""
+  else record wheels FAILED "$(( $(date +%s) - s0 ))s" "not importable:$bad (their benchmarks are skipped with the reason); see wheels.log"; fi
 fi
 
 # ------------------------------------------------------------------------------------------ build
@@ -169,6 +205,21 @@ step_build() {
 }
 export -f step_build
 if want build; then run_step build step_build; fi
+
+# ------------------------------------------------------------------------------------------ probe
+# Every bad-input case of tests/test_cuda.py in its own process: which raise, which crash (and where,
+# from cuda-gdb). Early, so a crash that would kill the test step is already characterised.
+step_probe() {
+  local dry="" budget=$((STEP_T - 5))
+  [ $HAVE_GPU = 1 ] || dry="--dry-run"
+  "$PY" scripts/cuda_bad_input_probe.py --out "$OUTDIR/probe" --budget "$budget" --gdb-timeout 30 $dry
+}
+export -f step_probe
+if want probe; then
+  if [ ! -f scripts/cuda_bad_input_probe.py ]; then record probe SKIPPED 0s "scripts/cuda_bad_input_probe.py does not exist"
+  elif [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then run_step probe step_probe
+  else record probe SKIPPED 0s "no GPU: $GPU_REASON"; fi
+fi
 
 # ------------------------------------------------------------------------------------------- test
 step_test() {
@@ -192,7 +243,7 @@ step_test() {
 export -f step_test
 if want test; then
   if [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then run_step test step_test
-  else record test SKIPPED "no GPU: $GPU_REASON"; fi
+  else record test SKIPPED 0s "no GPU: $GPU_REASON"; fi
 fi
 
 # --------------------------------------------------------------------------------------- sanitize
@@ -206,10 +257,10 @@ step_sanitize() {
 }
 export -f step_sanitize
 if want sanitize; then
-  if [ ! -f "$SMOKE" ]; then record sanitize SKIPPED "$SMOKE does not exist"
-  elif [ $HAVE_GPU = 1 ] && ! command -v compute-sanitizer >/dev/null; then record sanitize SKIPPED "compute-sanitizer not on PATH"
+  if [ ! -f "$SMOKE" ]; then record sanitize SKIPPED 0s "$SMOKE does not exist"
+  elif [ $HAVE_GPU = 1 ] && ! command -v compute-sanitizer >/dev/null; then record sanitize SKIPPED 0s "compute-sanitizer not on PATH"
   elif [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then run_step sanitize step_sanitize
-  else record sanitize SKIPPED "no GPU: $GPU_REASON"; fi
+  else record sanitize SKIPPED 0s "no GPU: $GPU_REASON"; fi
 fi
 
 # ------------------------------------------------------------------------------------------ bench
@@ -217,6 +268,7 @@ fi
 # first (linear, token, train step, gumbel, preference), then the scaling shapes. Benchmarks that would
 # start after LPC_BENCH_DEADLINE are skipped (and listed in the JSON); at the end of the budget SIGINT
 # makes pytest finish the running benchmark and still write the JSON; KILL 30 s later.
+# LPC_TRITON_AUTOTUNE_LOG: the Triton kernels write the configs their autotuners chose there at exit.
 step_bench() {
   local budget=$1 files=${GPU_CHECK_BENCH_FILES:-benches} extra=${GPU_CHECK_BENCH_ARGS:-} device_env=""
   if [ $HAVE_GPU = 0 ]; then  # dry run on CPU: a few cheap benchmarks, enough to exercise JSON + report
@@ -229,7 +281,7 @@ step_bench() {
   if [ $soft -lt 10 ]; then soft=$((budget / 2)); stop=$((budget * 3 / 4)); fi
   echo "bench: $files; new benchmarks until +${soft}s, SIGINT at +${stop}s, KILL at +$((stop + 30))s"
   # shellcheck disable=SC2086
-  env $device_env LPC_BENCH_DEADLINE=$((now + soft)) timeout --foreground -s INT -k 30 "$stop" \
+  env $device_env LPC_TRITON_AUTOTUNE_LOG="$OUTDIR/autotune.json" LPC_BENCH_DEADLINE=$((now + soft)) timeout --foreground -s INT -k 30 "$stop" \
     bash -c "exec \"$PY\" -m pytest $files --benchmark-only -rs -q -p no:cacheprovider \
       --benchmark-json=\"$OUTDIR/bench.json\" --benchmark-columns=median,min,max,rounds $extra"
   local rc=$?
@@ -243,7 +295,50 @@ if want bench; then
   if [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then
     t=$(budget_for bench)
     run_step bench step_bench "$((t - 10))"
-  else record bench SKIPPED "no GPU: $GPU_REASON"; fi
+  else record bench SKIPPED 0s "no GPU: $GPU_REASON"; fi
+  if [ -s "$OUTDIR/autotune.json" ]; then
+    record autotune FILE - "autotune.json ($(wc -c < "$OUTDIR/autotune.json") bytes): the Triton configs chosen in bench"
+  else
+    record autotune NONE - "no autotune.json (no Triton kernel tuned in bench, or LPC_TRITON_AUTOTUNE_LOG unsupported)"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------- dist
+# Short DDP / FSDP2 runs of the trainer through torchrun (one process, NCCL on the one GPU): checks that
+# the distributed code paths start, step and stop cleanly. Tiny settings; each run gets half the step.
+DIST_ARGS="--steps 5 --batch-size 8 --eval-size 16 --num-train 64"
+export DIST_ARGS
+step_dist() {
+  local help per rc=0 strat r tr cmd end=$(( $(date +%s) + STEP_T - 3 ))
+  help=$(timeout 60 "$PY" -m lpc.train --help 2>&1) || { echo "python3 -m lpc.train --help failed:"; echo "$help" | tail -n 20; return 1; }
+  if ! grep -q -- '--strategy' <<< "$help"; then
+    echo "dist: lpc.train --help does not mention --strategy: skipped"; return 0
+  fi
+  tr=$(command -v torchrun || echo "$PY -m torch.distributed.run")
+  for strat in ddp fsdp2; do
+    # ddp gets 3/5 of what is left (it also trains and caches the tokenizer), fsdp2 the rest
+    if [ $strat = ddp ]; then per=$(( (end - $(date +%s)) * 3 / 5 )); else per=$(( end - $(date +%s) )); fi
+    if [ $per -lt 5 ]; then echo "dist: $strat SKIPPED: no time left in the step"; rc=1; continue; fi
+    cmd="$tr --standalone --nproc-per-node 1 -m lpc.train --strategy $strat $DIST_ARGS --device cuda"
+    cmd="$cmd --output-dir /tmp/lpc_dist_runs/$strat --cache-dir $ROOT/.cache/lpc"
+    echo "== $strat: $cmd  (timeout ${per}s)"
+    if [ $HAVE_GPU = 0 ]; then echo "dist: $strat dry run without a GPU: command printed, not run"; continue; fi
+    # shellcheck disable=SC2086
+    timeout -s INT -k 5 "$per" $cmd > "$OUTDIR/dist_$strat.log" 2>&1
+    r=$?
+    tail -n 15 "$OUTDIR/dist_$strat.log"
+    if [ $r -eq 0 ]; then echo "dist: $strat OK"
+    else echo "dist: $strat FAILED rc=$r (log: dist_$strat.log)"; rc=1; fi
+  done
+  return $rc
+}
+export -f step_dist
+if want dist; then
+  if [ ! -f lpc/train.py ]; then record dist SKIPPED 0s "lpc/train.py does not exist"
+  elif ! grep -qs -- '--strategy' lpc/*.py; then
+    record dist SKIPPED 0s "lpc.train has no --strategy option (no '--strategy' in lpc/*.py): nothing to run"
+  elif [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then run_step dist step_dist
+  else record dist SKIPPED 0s "no GPU: $GPU_REASON"; fi
 fi
 
 # ----------------------------------------------------------------------------------------- report
@@ -255,7 +350,8 @@ step_report() {
 export -f step_report
 if want report; then run_step report step_report; fi
 
-record total "-" "$(( $(date +%s) - START ))s of ${BUDGET}s budget; outputs in $OUTDIR"
-echo "---- $SUMMARY"; cat "$SUMMARY"
-if grep -qE '^(build|test|sanitize|bench|report|wheels) +(FAILED|TIMEOUT)' "$SUMMARY"; then exit 1; fi
+record total - "$(( $(date +%s) - START ))s" "of ${BUDGET}s budget; outputs in $OUTDIR"
+# Last in the output on purpose: the caller may see only the final lines.
+echo "---- $SUMMARY (step, status, seconds, note)"; cat "$SUMMARY"
+if grep -qE '^(build|probe|test|sanitize|bench|dist|report|wheels) +(FAILED|TIMEOUT)' "$SUMMARY"; then exit 1; fi
 exit 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile and link the CUDA extension (csrc/ops.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu) against the CUDA 13
+# Compile and link the CUDA extension (csrc/ops.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cpp + *.cu) against the CUDA 13
 # torch wheel, on a machine without a GPU, then load it and check that every lpc op has a CUDA kernel.
 #
 # - venv: ~/.cache/lpc-kernels/venv-cuda (override: LPC_CUDA_VENV), created once with torch==2.14.1 (the CUDA 13 wheel, ~5 GB)

@@ -583,6 +583,25 @@ def test_bad_inputs_reaching_cuda_name_the_argument(case):
         call()
 
 
+def test_bad_input_messages_format_values():
+    """The messages that format a shape, a dtype, a device or a number (built in csrc/cuda/checks.cpp, not in
+    nvcc-compiled code: formatting one from a .cu file once segfaulted the process on an H100)."""
+    x, lab = torch.randn(4, 10, device=DEV), torch.tensor([1, 2, -100, 3], device=DEV)
+    with pytest.raises(RuntimeError, match=r"logits must be 2-D, got shape \[1, 4, 10\]"):
+        OPS.token_logprobs_fwd(x[None], lab, -100)
+    with pytest.raises(RuntimeError, match=r"logits must be float32, float64, float16 or bfloat16, got Long"):
+        OPS.token_logprobs_fwd(x.long(), lab, -100)
+    with pytest.raises(RuntimeError, match=r"logits must be a CUDA tensor, got a tensor on cpu"):
+        OPS.token_logprobs_fwd(x.cpu(), lab, -100)
+    with pytest.raises(RuntimeError, match=r"labels must have shape \[N\] = \[4\], got \[3\]"):
+        OPS.token_logprobs_fwd(x, lab[:3], -100)
+    with pytest.raises(RuntimeError, match=r"tau must be > 0, got 0"):
+        OPS.gumbel_softmax_fwd(torch.randn(2, 5, device=DEV), torch.randn(5, 3, device=DEV), 0.0, False, 0, 0)
+    with pytest.raises(RuntimeError, match=r"loss_type must be one of \['dpo', 'ipo', 'simpo'\], got 'kto'"):
+        pc = torch.randn(3, device=DEV)
+        OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "kto", 0.1, 0.0, 0.0, 0.0, True)
+
+
 # ------------------------------------------------------------------------------------ torch.compile
 def test_torch_compile_fullgraph():
     check_compiled_step_matches_eager("cuda", DEV)

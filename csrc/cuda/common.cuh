@@ -1,4 +1,4 @@
-// Shared pieces of the CUDA kernels (csrc/cuda/*.cu): argument checks, dtype helpers, vectorised row
+// Shared pieces of the CUDA kernels (csrc/cuda/*.cu): dtype helpers, vectorised row
 // traversal, online log-sum-exp, warp/block reductions, and cuBLAS matmuls through ATen.
 //
 // Lean headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h: the toolkit on the build machines
@@ -22,6 +22,8 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include "checks.h"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -31,44 +33,13 @@ namespace lpc_cuda {
 
 using at::Tensor;
 
-// ------------------------------------------------------------------------------------ host checks
-inline void check_cuda(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
-}
-
-inline void check_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the Python wrappers call .contiguous())");
-}
-
-inline void check_dim(const Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-inline void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-}
-
-inline void check_float(const Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
-              " must be float32, float64, float16 or bfloat16, got ", st);
-}
-
-// A CUDA, contiguous tensor of the given rank (the common case for every kernel argument).
-inline void check_input(const Tensor& t, const char* name, int64_t dim, const Tensor& ref,
-                        const char* ref_name) {
-  check_cuda(t, name);
-  check_dim(t, dim, name);
-  check_contiguous(t, name);
-  check_same_device(t, ref, name, ref_name);
-}
+// ---------------------------------------------------------------------------------- host helpers
+// The argument checks live in checks.cpp (compiled by the host compiler, see checks.h); nothing here
+// formats an error message.
 
 // Labels as contiguous int64 (int32 is widened; a no-op for int64).
 inline Tensor labels_int64(const Tensor& labels) {
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "labels must be int64 or int32, got ", labels.scalar_type());
+  checks::label_dtype(labels);
   return labels.scalar_type() == at::kLong ? labels.contiguous() : labels.to(at::kLong).contiguous();
 }
 
@@ -143,26 +114,17 @@ __device__ __forceinline__ c10::BFloat16 from_acc<c10::BFloat16, double>(double 
 // ---------------------------------------------------------------- type-erased [B] vectors (any dtype)
 // preference_loss takes [B] inputs of any float (and, for lengths, integer) dtype and returns gradients
 // in each input's dtype; a code per vector lets one kernel launch read and write them all.
-enum VecCode : int { kAbsent = 0, kF32 = 1, kF64 = 2, kF16 = 3, kBF16 = 4, kI64 = 5, kI32 = 6 };
-
+// (VecCode: checks.h.)
 struct AnyVec {
   void* ptr = nullptr;
   int code = kAbsent;
 };
 
-inline AnyVec any_vec(const Tensor& t) {
+inline AnyVec any_vec(const Tensor& t, const char* name) {
   AnyVec v;
   if (!t.defined()) return v;
+  v.code = checks::vec_code(t, name);  // raises (from checks.cpp) for an unsupported dtype
   v.ptr = t.data_ptr();
-  switch (t.scalar_type()) {
-    case at::kFloat: v.code = kF32; break;
-    case at::kDouble: v.code = kF64; break;
-    case at::kHalf: v.code = kF16; break;
-    case at::kBFloat16: v.code = kBF16; break;
-    case at::kLong: v.code = kI64; break;
-    case at::kInt: v.code = kI32; break;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
   return v;
 }
 

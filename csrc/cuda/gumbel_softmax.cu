@@ -14,6 +14,8 @@
 // Backward: G = grad_z @ codebook^T by cuBLAS (fp16/bf16: fp32 accumulate and output), then one kernel,
 // a warp per row: g = grad_weights + G, grad_logits = soft * (g - <g, soft>) / tau;
 // grad_codebook = weights^T @ grad_z in the compute dtype, cast to the codebook dtype.
+//
+// Argument checks: checks.cpp (host compiler), called first by each entry point.
 #include "common.cuh"
 
 #include "../philox.h"
@@ -141,18 +143,8 @@ __global__ void __launch_bounds__(kThreads) gumbel_bwd_kernel(const acc_t* __res
 
 std::tuple<Tensor, Tensor, Tensor> gumbel_softmax_fwd_cuda(const Tensor& logits, const Tensor& codebook, double tau,
                                                            bool hard, int64_t seed, int64_t offset) {
-  check_input(logits, "logits", 2, logits, "logits");
-  check_float(logits, "logits");
-  check_input(codebook, "codebook", 2, logits, "logits");
-  check_float(codebook, "codebook");
+  checks::gumbel_softmax_fwd(logits, codebook, tau, seed, offset, kRows);
   const int64_t B = logits.size(0), K = logits.size(1), D = codebook.size(1);
-  TORCH_CHECK(K > 0 && codebook.size(0) == K, "codebook must have shape [K, D] with K = logits.shape[1] = ", K,
-              " > 0, got ", codebook.sizes());
-  TORCH_CHECK(tau > 0, "tau must be > 0, got ", tau);
-  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
-  TORCH_CHECK(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - B * K,
-              "offset must be >= 0 with offset + B*K < 2**63, got offset=", offset);
-  TORCH_CHECK(ceil_div(B, kRows) < (int64_t(1) << 31), "logits has too many rows for one launch");
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto cdt = compute_dtype(logits);
   Tensor weights = at::empty({B, K}, logits.options().dtype(cdt));
@@ -179,32 +171,8 @@ std::tuple<Tensor, Tensor> gumbel_softmax_bwd_cuda(const Tensor& grad_weights, c
                                                    const Tensor& weights, const Tensor& soft_in,
                                                    const Tensor& codebook, double tau, bool need_logits,
                                                    bool need_codebook) {
-  check_input(weights, "weights", 2, weights, "weights");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble,
-              "weights must be float32 or float64 (the forward's output), got ", weights.scalar_type());
+  const bool has_soft = checks::gumbel_softmax_bwd(grad_weights, grad_z, weights, soft_in, codebook, tau, kRows);
   const int64_t B = weights.size(0), K = weights.size(1);
-  check_input(codebook, "codebook", 2, weights, "weights");
-  check_float(codebook, "codebook");
-  TORCH_CHECK(codebook.size(0) == K, "codebook must have shape [K, D] with K = ", K, ", got ", codebook.sizes());
-  const int64_t D = codebook.size(1);
-  check_input(grad_weights, "grad_weights", 2, weights, "weights");
-  check_float(grad_weights, "grad_weights");
-  TORCH_CHECK(grad_weights.sizes() == weights.sizes(), "grad_weights must have shape ", weights.sizes(), ", got ",
-              grad_weights.sizes());
-  check_input(grad_z, "grad_z", 2, weights, "weights");
-  check_float(grad_z, "grad_z");
-  TORCH_CHECK(grad_z.size(0) == B && grad_z.size(1) == D, "grad_z must have shape [", B, ", ", D, "], got ",
-              grad_z.sizes());
-  check_cuda(soft_in, "soft");
-  const bool has_soft = soft_in.numel() > 0;
-  if (has_soft) {
-    check_input(soft_in, "soft", 2, weights, "weights");
-    TORCH_CHECK(soft_in.sizes() == weights.sizes() && soft_in.scalar_type() == weights.scalar_type(),
-                "soft must be [0]-shaped or match weights (", weights.sizes(), ", ", weights.scalar_type(),
-                "), got ", soft_in.sizes(), ", ", soft_in.scalar_type());
-  }
-  TORCH_CHECK(tau > 0, "tau must be > 0, got ", tau);
-  TORCH_CHECK(ceil_div(B, kRows) < (int64_t(1) << 31), "weights has too many rows for one launch");
   const c10::cuda::CUDAGuard guard(weights.device());
   const Tensor& soft = has_soft ? soft_in : weights;
   const auto cdt = weights.scalar_type();

@@ -19,6 +19,8 @@
 // The tiling that completes the larger gradient is used (vocab when only the weight/bias gradients are
 // wanted, rows when only the hidden gradient is), so the fp32 accumulator is the smaller of the two.
 // grad_bias = column sums of D in fp32 (at::sum, deterministic).
+//
+// Argument checks: checks.cpp (host compiler), called first by each entry point.
 #include "common.cuh"
 
 #include <ATen/ops/index_copy.h>
@@ -131,28 +133,10 @@ struct Problem {
 
 Problem make_problem(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
                      const Tensor& labels, int64_t chunk_size) {
-  check_input(hidden, "hidden", 2, hidden, "hidden");
-  check_float(hidden, "hidden");
-  check_input(weight, "weight", 2, hidden, "hidden");
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "hidden (", hidden.scalar_type(), ") and weight (",
-              weight.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape [V, H] with H = hidden.shape[1] = ",
-              hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0 && weight.size(1) > 0, "weight must have shape [V, H] with V, H > 0, got ",
-              weight.sizes());
-  check_input(labels, "labels", 1, hidden, "hidden");
-  TORCH_CHECK(labels.size(0) == hidden.size(0), "labels must have shape [N] = [", hidden.size(0), "], got ",
-              labels.sizes());
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  const Tensor b = bias.has_value() ? *bias : Tensor();
+  checks::linear_token_logprobs(hidden, weight, b, labels, chunk_size);
   Problem p;
-  if (bias.has_value() && bias->defined()) {
-    check_input(*bias, "bias", 1, hidden, "hidden");
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "bias must have the dtype of weight (",
-                weight.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->size(0) == weight.size(0), "bias must have shape [V] = [", weight.size(0), "], got ",
-                bias->sizes());
-    p.bias = *bias;
-  }
+  p.bias = b;  // undefined when absent
   p.hidden = hidden;
   p.weight = weight;
   p.labels = labels_int64(labels);
@@ -269,7 +253,7 @@ std::tuple<Tensor, Tensor> linear_token_logprobs_fwd_cuda(const Tensor& hidden, 
   if (nv == 0) return {logp, lse};
   const bool all_valid = nv == p.n;
   const int64_t chunk = std::min(chunk_size, nv);
-  TORCH_CHECK(chunk < (int64_t(1) << 31), "chunk_size too large for one launch");
+  checks::fits_launch(chunk, "chunk_size");
   const Tensor flat = at::empty({chunk * p.v}, hidden.options().dtype(p.cdt));
   const Tensor wt = p.weight.t();
   dispatch_bias(p, [&](auto* b) {
@@ -294,13 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_cuda(
     const Tensor& labels, const Tensor& lse, int64_t ignore_index, int64_t chunk_size, bool need_hidden,
     bool need_weight, bool need_bias) {
   const Problem p = make_problem(hidden, weight, bias, labels, chunk_size);
-  check_input(grad_logp, "grad_logp", 1, hidden, "hidden");
-  check_input(lse, "lse", 1, hidden, "hidden");
-  check_float(grad_logp, "grad_logp");
-  check_float(lse, "lse");
-  TORCH_CHECK(grad_logp.size(0) == p.n && lse.size(0) == p.n, "grad_logp and lse must have shape [N] = [", p.n,
-              "], got ", grad_logp.sizes(), " and ", lse.sizes());
-  TORCH_CHECK(!need_bias || p.bias.defined(), "need_bias is true but bias is None");
+  checks::linear_token_logprobs_bwd(grad_logp, lse, hidden, need_bias, p.bias.defined());
   const c10::cuda::CUDAGuard guard(hidden.device());
   // a fresh [0] tensor per absent output: a shared one would alias two outputs (opcheck rejects it)
   const auto empty0 = [&] { return at::empty({0}, hidden.options()); };
@@ -331,7 +309,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_cuda(
       int64_t vc = std::max<int64_t>(1, (std::min(chunk_size, nv) * p.v) / nv);
       if (vc < p.v) vc = std::max<int64_t>(128, (vc / 128) * 128);
       vc = std::min(vc, p.v);
-      TORCH_CHECK(nv < (int64_t(1) << 31), "too many valid rows for one launch");
+      checks::fits_launch(nv, "hidden (rows whose label is not ignore_index)");
       const Tensor h = all_valid ? p.hidden : p.hidden.index_select(0, rows);  // [Nv, H]
       const Tensor flat = at::empty({nv * vc}, f32);
       const Tensor flat_low = p.reduced ? at::empty({nv * vc}, hidden.options()) : Tensor();
@@ -368,7 +346,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_cuda(
     } else {
       // Tile [chunk, V] over the compacted rows.
       const int64_t chunk = std::min(chunk_size, nv);
-      TORCH_CHECK(chunk < (int64_t(1) << 31), "chunk_size too large for one launch");
+      checks::fits_launch(chunk, "chunk_size");
       const Tensor flat = at::empty({chunk * p.v}, f32);
       const Tensor flat_low = p.reduced ? at::empty({chunk * p.v}, hidden.options()) : Tensor();
       Tensor gh_c;  // [Nv, H] in the input dtype, rows complete per chunk

@@ -18,6 +18,8 @@
 //   with gk = g_each kl_weight + g_kl: d post = gk q (log q - log p - KL), d prior = gk (p - q).
 // The [B] inputs may have any float dtype (lengths: any int or float dtype) and gradients are written in
 // each input's dtype, through type codes (AnyVec), so mixed dtypes cost no extra launches.
+//
+// Argument checks: checks.cpp (host compiler), called first by each entry point.
 #include "common.cuh"
 
 #include <torch/library.h>
@@ -31,7 +33,7 @@ namespace {
 constexpr int kPairs = 8;  // pairs per block, one warp each
 constexpr int kThreads = 32 * kPairs;
 
-enum LossType : int { kDpo = 0, kIpo = 1, kSimpo = 2 };
+// LossType (kDpo, kIpo, kSimpo): checks.h, which parses loss_type.
 
 template <typename acc_t>
 struct PrefParams {
@@ -242,15 +244,6 @@ __global__ void __launch_bounds__(kThreads) preference_bwd_kernel(
 }
 
 // ------------------------------------------------------------------------------------------- host
-int parse_loss_type(c10::string_view s) {
-  const std::string_view v(s.data(), s.size());
-  if (v == "dpo") return kDpo;
-  if (v == "ipo") return kIpo;
-  if (v == "simpo") return kSimpo;
-  TORCH_CHECK(false, "loss_type must be one of ['dpo', 'ipo', 'simpo'], got '", std::string(v), "'");
-  return kDpo;
-}
-
 Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 struct Inputs {
@@ -260,26 +253,12 @@ struct Inputs {
   at::ScalarType cdt;
 };
 
-void check_vec(const Tensor& t, const char* name, const Tensor& pc, bool allow_int) {
-  if (!t.defined()) return;
-  check_input(t, name, 1, pc, "pc");
-  TORCH_CHECK(t.size(0) == pc.size(0), name, " must have shape [B] = [", pc.size(0), "], got ", t.sizes());
-  if (allow_int) {
-    TORCH_CHECK(t.is_floating_point() || t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
-                " must be a float or int32/int64 tensor, got ", t.scalar_type());
-  } else {
-    check_float(t, name);
-  }
-}
-
 Inputs make_inputs(const Tensor& pc, const Tensor& pr, const std::optional<Tensor>& rc,
                    const std::optional<Tensor>& rr, const std::optional<Tensor>& cl,
                    const std::optional<Tensor>& rl, const std::optional<Tensor>& prior,
                    const std::optional<Tensor>& post, c10::string_view loss_type, bool ipo_average, double beta,
                    double label_smoothing, double kl_weight) {
   Inputs in;
-  check_input(pc, "pc", 1, pc, "pc");
-  check_float(pc, "pc");
   in.pc = pc;
   in.pr = pr;
   in.rc = opt(rc);
@@ -288,37 +267,13 @@ Inputs make_inputs(const Tensor& pc, const Tensor& pr, const std::optional<Tenso
   in.rl = opt(rl);
   in.prior = opt(prior);
   in.post = opt(post);
-  check_vec(in.pr, "pr", pc, false);
-  check_vec(in.rc, "rc", pc, false);
-  check_vec(in.rr, "rr", pc, false);
-  check_vec(in.cl, "cl", pc, true);
-  check_vec(in.rl, "rl", pc, true);
-  in.loss_type = parse_loss_type(loss_type);
-  in.B = pc.size(0);
+  const std::string_view lt(loss_type.data(), loss_type.size());
+  const checks::PrefShape shape = checks::preference_loss(in.pc, in.pr, in.rc, in.rr, in.cl, in.rl, in.prior, in.post,
+                                                          lt, ipo_average, beta, label_smoothing, kl_weight, kPairs);
+  in.loss_type = shape.loss_type;
+  in.B = shape.B;
+  in.K = shape.K;
   in.cdt = compute_dtype(pc);
-  if (in.loss_type != kSimpo) {
-    TORCH_CHECK(in.rc.defined() && in.rr.defined(), "loss_type dpo/ipo needs rc and rr (reference log-probs)");
-  }
-  const bool need_lengths = in.loss_type == kSimpo || (in.loss_type == kIpo && ipo_average);
-  if (need_lengths) TORCH_CHECK(in.cl.defined() && in.rl.defined(), "this loss_type needs cl and rl (lengths)");
-  TORCH_CHECK(in.prior.defined() == in.post.defined(), "prior and post must be given together");
-  if (in.prior.defined()) {
-    check_input(in.prior, "prior", 2, pc, "pc");
-    check_input(in.post, "post", 2, pc, "pc");
-    check_float(in.prior, "prior");
-    check_float(in.post, "post");
-    TORCH_CHECK(in.prior.sizes() == in.post.sizes() && in.prior.size(0) == in.B && in.prior.size(1) > 0,
-                "prior and post must both have shape [B, K] with B = ", in.B, ", K > 0; got ", in.prior.sizes(),
-                " and ", in.post.sizes());
-    in.K = in.prior.size(1);
-  }
-  TORCH_CHECK(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 0.5, "label_smoothing must be in [0, 0.5], got ",
-              label_smoothing);
-  TORCH_CHECK(kl_weight >= 0, "kl_weight must be >= 0, got ", kl_weight);
-  TORCH_CHECK(kl_weight == 0 || in.prior.defined(), "kl_weight=", kl_weight, " > 0 needs prior and post");
-  TORCH_CHECK(in.B > 0, "preference_loss needs at least one pair (pc is empty)");
-  TORCH_CHECK(ceil_div(in.B, kPairs) < (int64_t(1) << 31), "too many pairs for one launch");
   return in;
 }
 
@@ -326,12 +281,12 @@ template <typename acc_t>
 PrefParams<acc_t> make_params(const Inputs& in, bool ipo_average, double beta, double gamma, double eps,
                               double kl_weight) {
   PrefParams<acc_t> p;
-  p.pc = any_vec(in.pc);
-  p.pr = any_vec(in.pr);
-  p.rc = any_vec(in.rc);
-  p.rr = any_vec(in.rr);
-  p.cl = any_vec(in.cl);
-  p.rl = any_vec(in.rl);
+  p.pc = any_vec(in.pc, "pc");
+  p.pr = any_vec(in.pr, "pr");
+  p.rc = any_vec(in.rc, "rc");
+  p.rr = any_vec(in.rr, "rr");
+  p.cl = any_vec(in.cl, "cl");
+  p.rl = any_vec(in.rl, "rl");
   p.loss_type = in.loss_type;
   p.ipo_average = ipo_average;
   p.beta = static_cast<acc_t>(beta);
@@ -403,17 +358,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> preference_loss_bwd_c
   const Inputs in = make_inputs(pc, pr, rc, rr, cl, rl, prior, post, loss_type, ipo_average, beta,
                                 label_smoothing, kl_weight);
   const c10::cuda::CUDAGuard guard(pc.device());
-  check_cuda(g_loss, "g_loss");
-  check_same_device(g_loss, pc, "g_loss", "pc");
-  TORCH_CHECK(g_loss.numel() == 1, "g_loss must be a scalar, got shape ", g_loss.sizes());
-  check_float(g_loss, "g_loss");
-  const char* names[4] = {"g_losses", "g_cr", "g_rr", "g_kl"};
-  const Tensor* gs[4] = {&g_losses, &g_cr, &g_rj, &g_kl};
-  for (int j = 0; j < 4; ++j) {
-    check_input(*gs[j], names[j], 1, pc, "pc");
-    check_float(*gs[j], names[j]);
-    TORCH_CHECK(gs[j]->size(0) == in.B, names[j], " must have shape [B] = [", in.B, "], got ", gs[j]->sizes());
-  }
+  checks::preference_loss_grads(g_loss, g_losses, g_cr, g_rj, g_kl, pc);
   auto as_cdt = [&](const Tensor& t) { return t.scalar_type() == in.cdt ? t.contiguous() : t.to(in.cdt).contiguous(); };
   const Tensor gl = as_cdt(g_loss), gls = as_cdt(g_losses), gcr = as_cdt(g_cr), grj = as_cdt(g_rj),
                gkl = as_cdt(g_kl);
@@ -432,10 +377,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> preference_loss_bwd_c
     using acc_t = scalar_t;
     const PrefParams<acc_t> p = make_params<acc_t>(in, ipo_average, beta, gamma, label_smoothing, kl_weight);
     PrefGrads<acc_t> g;
-    g.d_pc = any_vec(d_pc);
-    g.d_pr = any_vec(d_pr);
-    g.d_rc = in.rc.defined() ? any_vec(d_rc) : AnyVec();
-    g.d_rr = in.rr.defined() ? any_vec(d_rr) : AnyVec();
+    g.d_pc = any_vec(d_pc, "pc");
+    g.d_pr = any_vec(d_pr, "pr");
+    g.d_rc = in.rc.defined() ? any_vec(d_rc, "rc") : AnyVec();
+    g.d_rr = in.rr.defined() ? any_vec(d_rr, "rr") : AnyVec();
     dispatch_logits(lp, in.cdt, [&](auto* tag) {
       using lt_t = std::remove_pointer_t<decltype(tag)>;
       preference_bwd_kernel<acc_t, lt_t><<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, current_stream()>>>(

@@ -10,6 +10,8 @@
 // Backward, one block per row: d x_v = g * (onehot(label)_v - exp(x_v - lse)), computed in fp32 from
 // the saved lse and written once in the logits dtype (optionally over the logits buffer itself: each
 // element is read before the same thread overwrites it). Ignored rows get an exact zero gradient.
+//
+// Argument checks: checks.cpp (host compiler), called first by each entry point.
 #include "common.cuh"
 
 #include <ATen/ops/empty_like.h>
@@ -71,13 +73,7 @@ void launch_fwd(const Tensor& logits, const Tensor& labels, int64_t ignore_index
 
 std::tuple<Tensor, Tensor> token_logprobs_fwd_cuda(const Tensor& logits, const Tensor& labels_in,
                                                    int64_t ignore_index) {
-  check_input(logits, "logits", 2, logits, "logits");
-  check_float(logits, "logits");
-  check_input(labels_in, "labels", 1, logits, "logits");
-  TORCH_CHECK(labels_in.size(0) == logits.size(0), "labels must have shape [N] = [", logits.size(0),
-              "], got ", labels_in.sizes());
-  TORCH_CHECK(logits.size(1) > 0, "logits must have V > 0 columns");
-  TORCH_CHECK(logits.size(0) < (int64_t(1) << 31), "logits has too many rows for one launch");
+  checks::token_logprobs_fwd(logits, labels_in);
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor labels = labels_int64(labels_in);
   const auto cdt = compute_dtype(logits);
@@ -166,20 +162,10 @@ void launch_bwd(const Tensor& grad, const Tensor& logits, const Tensor& labels, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The arguments are checked (checks::token_logprobs_bwd) by the two callers, before `out` exists.
 void token_logprobs_bwd_into(const Tensor& grad_logp, const Tensor& logits, const Tensor& labels_in,
                              const Tensor& lse_in, int64_t ignore_index, Tensor& out) {
-  check_input(logits, "logits", 2, logits, "logits");
-  check_float(logits, "logits");
   const int64_t n = logits.size(0);
-  check_input(labels_in, "labels", 1, logits, "logits");
-  check_input(grad_logp, "grad_logp", 1, logits, "logits");
-  check_input(lse_in, "lse", 1, logits, "logits");
-  TORCH_CHECK(labels_in.size(0) == n && grad_logp.size(0) == n && lse_in.size(0) == n,
-              "labels, grad_logp and lse must have shape [N] = [", n, "], got ", labels_in.sizes(), ", ",
-              grad_logp.sizes(), ", ", lse_in.sizes());
-  check_float(grad_logp, "grad_logp");
-  check_float(lse_in, "lse");
-  TORCH_CHECK(n < (int64_t(1) << 31), "logits has too many rows for one launch");
   const c10::cuda::CUDAGuard guard(logits.device());
   if (n == 0) return;
   const auto cdt = compute_dtype(logits);
@@ -198,7 +184,7 @@ void token_logprobs_bwd_into(const Tensor& grad_logp, const Tensor& logits, cons
 
 Tensor token_logprobs_bwd_cuda(const Tensor& grad_logp, const Tensor& logits, const Tensor& labels,
                                const Tensor& lse, int64_t ignore_index) {
-  check_cuda(logits, "logits");
+  checks::token_logprobs_bwd(grad_logp, logits, labels, lse);
   Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
   token_logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, out);
   return out;
@@ -206,6 +192,7 @@ Tensor token_logprobs_bwd_cuda(const Tensor& grad_logp, const Tensor& logits, co
 
 void token_logprobs_bwd_inplace_cuda(const Tensor& grad_logp, const Tensor& logits, const Tensor& labels,
                                      const Tensor& lse, int64_t ignore_index) {
+  checks::token_logprobs_bwd(grad_logp, logits, labels, lse);
   Tensor out = logits;  // same storage: the gradient overwrites the logits
   token_logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, out);
 }
