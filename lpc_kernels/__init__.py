@@ -9,6 +9,10 @@ Public API (every op is a ``torch.library`` custom op in the ``lpc`` namespace, 
     preference_loss(pc, pr, rc, rr, ...)             # DPO / IPO / SimPO + KL(q || p)
     sequence_logprobs(hidden, weight, labels)        # per-sequence sums and token counts
     available_backends()
+
+Vocab-parallel (tensor-parallel LM head; ``torch.distributed``, eager, not a custom op; see docs/distributed.md)::
+
+    vocab_parallel_linear_token_logprobs(hidden, weight_shard, labels, vocab_start=...)
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from torch import Tensor
 
 from . import _ops
 from ._ops import available_backends, resolve_backend
+from .distributed import vocab_parallel_linear_token_logprobs
 from .reference import DEFAULT_CHUNK_SIZE
 
 __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
+    "vocab_parallel_linear_token_logprobs",
     "gumbel_softmax_codes",
     "preference_loss",
     "PreferenceLossOutput",
