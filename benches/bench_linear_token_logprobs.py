@@ -8,9 +8,14 @@ Implementations (all return fp32 log-probs ``[N]``; backward gets the same upstr
                   ``torch_compile`` on CPU (library defaults otherwise, e.g. ``filter_eps="high"``)
   ours_<backend>  ``lpc_kernels.linear_token_logprobs(backend=...)``, default chunk size
                   (``ours_reference``, the pure-PyTorch oracle, at the target shape only)
+  ours_triton_<v> the triton backend with backward variant ``v`` (``split``: deterministic, per V chunk a
+                  logits-gradient kernel and two gradient products; ``atomic``: one kernel with fp32
+                  atomics), set through ``LPC_TRITON_LINEAR_BWD`` around each backward
 No label is ignored (``ignore_index`` rows would be skipped by ours and by CCE, not by eager).
 """
 
+import contextlib
+import os
 import sys
 
 import pytest
@@ -35,8 +40,24 @@ SHAPES = C.shapes_for(
          _s(4096, 4096, 128256, "bfloat16", 10),
          _s(16384, 4096, 32000, "bfloat16", 10)],
 )
-IMPLS = (["eager"] + [f"ours_{b}" for b in C.OURS_BACKENDS[:-1]] + ["cce", "liger", "compile"]
-         + [f"ours_{C.OURS_BACKENDS[-1]}"])
+TRITON_BWD_VARIANTS = ("split", "atomic")  # lpc_kernels.triton.linear_token_logprobs.BWD_VARIANTS
+IMPLS = (["eager"]
+         + [impl for b in C.OURS_BACKENDS[:-1]
+            for impl in ([f"ours_triton_{v}" for v in TRITON_BWD_VARIANTS] if b == "triton" else [f"ours_{b}"])]
+         + ["cce", "liger", "compile"] + [f"ours_{C.OURS_BACKENDS[-1]}"])
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def make_inputs(shape: Shape) -> dict:
@@ -80,6 +101,18 @@ def build(impl: str, shape: Shape, x: dict) -> C.Case:
 
         info["backend"] = backend
         fwd = lambda: lk.linear_token_logprobs(hidden, weight, labels, backend=backend)  # noqa: E731
+        variant = impl.split("_", 2)[2] if impl.count("_") >= 2 else None
+        if variant is not None:
+            if variant not in TRITON_BWD_VARIANTS:
+                raise ValueError(impl)
+            info["bwd_variant"] = variant
+            plain = C.backward_with(x["grad"])
+
+            def bwd(out):
+                with _env("LPC_TRITON_LINEAR_BWD", variant):
+                    plain(out)
+
+            return C.Case(forward=fwd, backward=bwd, params=[hidden, weight], info=info)
     else:
         raise ValueError(impl)
     return C.Case(forward=fwd, backward=C.backward_with(x["grad"]), params=[hidden, weight], info=info)

@@ -172,18 +172,27 @@ def _linear_check(hidden, weight, bias, labels, need=(True, True, True), rtol=1e
     return ours
 
 
+@pytest.fixture(params=["split", "atomic"])
+def bwd_variant(request, monkeypatch):
+    """Both backward variants of the fused LM head, chosen the way users do (the environment)."""
+    monkeypatch.setenv("LPC_TRITON_LINEAR_BWD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_token_logprobs(dtype, bias):
+def test_linear_token_logprobs(dtype, bias, bwd_variant):
     # 40 rows = 3 row blocks of 16 (after compaction: 34), H = 80 = 2 H steps of 64 (masked tail),
-    # V = 1100 = 3 tiles of 512 over 2 V splits (the combine kernel merges them)
+    # V = 1100 = 3 tiles of 512 over 2 V splits (the combine kernel merges them); split backward: 3 V chunks
+    # of 512 (the last 76 wide: ragged in its 256-wide tiles and in the gradient products' K), the grad_h
+    # accumulator updated twice, the gather / scatter of the compacted rows
     hidden, weight, b, labels = _linear_inputs(40, 80, 1100, dtype, bias=bias, ignore_every=7)
     gh, gw, gb = _linear_check(hidden, weight, b, labels)
     assert torch.equal(gh[::7], torch.zeros_like(gh[::7]))  # ignored rows: no gradient
 
 
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
-def test_linear_token_logprobs_partial_grads(need):
+def test_linear_token_logprobs_partial_grads(need, bwd_variant):
     # H = 64: a multiple of the H blocks (the unmasked EVEN_H path)
     hidden, weight, b, labels = _linear_inputs(20, 64, 300, torch.float32)
     _linear_check(hidden, weight, b, labels, need=need)
@@ -215,17 +224,22 @@ def test_linear_token_logprobs_all_ignored():
         assert torch.equal(t, torch.zeros_like(t))
 
 
-def test_linear_token_logprobs_vocab_128256(monkeypatch):
+def test_linear_token_logprobs_vocab_128256(monkeypatch, bwd_variant):
     for cfg in (T_linear.INTERPRET_FWD, T_linear.INTERPRET_BWD):  # wide in V, H = 16 exactly
         monkeypatch.setitem(cfg, "BLOCK_V", 1024)
         monkeypatch.setitem(cfg, "BLOCK_H", 16)
     monkeypatch.setitem(T_linear.INTERPRET_BWD, "BLOCK_HB", 16)
+    # split backward: 2 chunks of 65536 (the last 62720 wide), each product in tiles shaped to it
+    monkeypatch.setattr(T_linear, "INTERPRET_CHUNK_V", 65536)
+    monkeypatch.setattr(T_linear, "INTERPRET_DLOGITS", {"BLOCK_N": 16, "BLOCK_V": 4096, "BLOCK_H": 16, "GROUP_N": 4})
+    monkeypatch.setattr(T_linear, "INTERPRET_MM_DW", {"BLOCK_M": 4096, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
+    monkeypatch.setattr(T_linear, "INTERPRET_MM_DH", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 4096, "GROUP_M": 4})
     hidden, weight, b, labels = _linear_inputs(3, 16, 128256, torch.bfloat16, ignore_every=3)
     labels[1] = 128255
     _linear_check(hidden, weight, b, labels, need=(True, True, False))
 
 
-def test_linear_gradient_filter_error_bound():
+def test_linear_gradient_filter_error_bound(bwd_variant):
     """filter_eps > 0 skips tiles whose softmax is below eps everywhere; the error obeys the bound in
     lpc_kernels/triton/linear_token_logprobs.py, and filter_eps = 0 is exact."""
     n, h, v = 16, 32, 2048
@@ -258,6 +272,147 @@ def test_linear_gradient_filter_error_bound():
     with pytest.raises(ValueError, match="filter_eps"):
         T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
                                     filter_eps=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_split_backward_one_chunk_no_ignored_rows(monkeypatch, dtype):
+    """Split backward with one V chunk (grad_h written straight in the hidden dtype, no accumulator) and
+    no ignored row (no gather / scatter); N = 37 and V = 700 are multiples of no block."""
+    monkeypatch.setattr(T_linear, "INTERPRET_CHUNK_V", 4096)
+    monkeypatch.setitem(T_linear.INTERPRET_MM_DW, "BLOCK_K", 32)  # K = 37 rows: a ragged K tail for grad_W
+    hidden, weight, b, labels = _linear_inputs(37, 48, 700, dtype)
+    _linear_check(hidden, weight, b, labels, need=(True, True, True))
+
+
+def test_linear_split_backward_many_chunks_matches_atomic():
+    """Chunks narrower than a tile row (V = 300 in 5 chunks of 64): the split and atomic variants agree
+    (both fp32, to rounding), the split one is bitwise reproducible, and ignored rows get exact zeros."""
+    hidden, weight, b, labels = _linear_inputs(21, 32, 300, torch.float32, ignore_every=4)
+    logp, lse = T.linear_token_logprobs_fwd(hidden, weight, b, labels, -100, 1024)
+    g = torch.randn(21, device=DEVICE)
+    args = (g, hidden, weight, b, labels, lse, -100, 1024, True, True, True)
+    atomic = T.linear_token_logprobs_bwd(*args, variant="atomic")
+    old = T_linear.INTERPRET_CHUNK_V
+    try:
+        T_linear.INTERPRET_CHUNK_V = 64
+        split = T.linear_token_logprobs_bwd(*args, variant="split")
+        again = T.linear_token_logprobs_bwd(*args, variant="split")
+    finally:
+        T_linear.INTERPRET_CHUNK_V = old
+    for a, s_, s2 in zip(atomic, split, again):
+        assert torch.equal(s_, s2)
+        torch.testing.assert_close(s_, a, rtol=1e-5, atol=1e-6)
+    assert torch.equal(split[0][::4], torch.zeros_like(split[0][::4]))
+    _linear_check(hidden, weight, b, labels)  # and against float64 (default chunking)
+
+
+def test_linear_bwd_variant_choice(monkeypatch):
+    monkeypatch.delenv("LPC_TRITON_LINEAR_BWD", raising=False)
+    assert T_linear.bwd_variant() == T_linear.DEFAULT_BWD_VARIANT == "split"
+    monkeypatch.setenv("LPC_TRITON_LINEAR_BWD", "Atomic")
+    assert T_linear.bwd_variant() == "atomic"
+    assert T_linear.bwd_variant("split") == "split"
+    monkeypatch.setenv("LPC_TRITON_LINEAR_BWD", "fast")
+    with pytest.raises(ValueError, match="LPC_TRITON_LINEAR_BWD"):
+        T_linear.bwd_variant()
+
+
+def test_linear_gpu_config_lists(monkeypatch):
+    """The GPU config lists (not run here): Hopper-sized, pruned by dtype family and shared memory; with
+    LPC_TRITON_AUTOTUNE=0, one config per dtype that fits (the quick lists)."""
+    from lpc_kernels.triton import _common as TC
+
+    monkeypatch.setattr(T_linear, "AUTOTUNE", False)
+    for configs, f64, smem, ptr in (
+            ([T_linear._FWD_CONFIGS[0], T_linear._FWD_CONFIGS[6], T_linear._FWD_CONFIGS_F64[0]],
+             T_linear._FWD_CONFIGS_F64, T_linear._recompute_smem, "h_ptr"),
+            ([T_linear._MM_CONFIGS[0], T_linear._MM_CONFIGS[-1], T_linear._MM_CONFIGS_F64[0]],
+             T_linear._MM_CONFIGS_F64, T_linear._mm_smem, "a_ptr")):
+        for dtype, want in ((torch.bfloat16, configs[0]), (torch.float32, configs[1]), (torch.float64, configs[2])):
+            kept = T_linear._prune(f64, smem, ptr)["early_config_prune"](configs, {ptr: torch.empty(1, dtype=dtype)})
+            assert kept == [want], (dtype, kept)
+    monkeypatch.setattr(T_linear, "AUTOTUNE", True)
+
+    def prune(configs, f64_configs, smem, dtype, ptr="h_ptr"):
+        t = torch.empty(1, dtype=dtype)
+        return T_linear._prune(f64_configs, smem, ptr)["early_config_prune"](configs, {ptr: t})
+
+    for configs, f64, smem, ptr in (
+            (T_linear._FWD_CONFIGS + T_linear._FWD_CONFIGS_F64, T_linear._FWD_CONFIGS_F64, T_linear._recompute_smem,
+             "h_ptr"),
+            (T_linear._DLOGITS_CONFIGS + T_linear._DLOGITS_CONFIGS_F64, T_linear._DLOGITS_CONFIGS_F64,
+             T_linear._recompute_smem, "h_ptr"),
+            (T_linear._MM_CONFIGS + T_linear._MM_CONFIGS_F64, T_linear._MM_CONFIGS_F64, T_linear._mm_smem, "a_ptr"),
+            (T_linear._BWD_CONFIGS + T_linear._BWD_CONFIGS_F64, T_linear._BWD_CONFIGS_F64, T_linear._recompute_smem,
+             "h_ptr")):
+        bf16 = prune(configs, f64, smem, torch.bfloat16, ptr)
+        fp32 = prune(configs, f64, smem, torch.float32, ptr)
+        fp64 = prune(configs, f64, smem, torch.float64, ptr)
+        assert 6 <= len(bf16) <= 10 and all(c not in f64 for c in bf16)
+        assert 1 <= len(fp32) <= len(bf16) and all(c not in f64 for c in fp32)
+        assert fp64 and all(c in f64 for c in fp64)
+        for c, elem in [(c, 2) for c in bf16] + [(c, 4) for c in fp32] + [(c, 8) for c in fp64]:
+            assert smem(c, elem) <= TC.smem_limit(), c
+            assert c.num_warps in (4, 8) or c in f64
+    assert TC.prune_smem(T_linear._mm_smem, limit=1)(T_linear._MM_CONFIGS, {}, 2)  # never empty
+    # the split backward's V chunks: <= 2**27 entries of D, on 256-column edges, never below 1024 columns
+    old = T_linear.INTERPRET
+    try:
+        T_linear.INTERPRET = False
+        assert T_linear._chunk_v(16384, 128256) == 8192
+        assert T_linear._chunk_v(4096, 128256) == 32768
+        assert T_linear._chunk_v(10**6, 128256) == 1024
+        assert T_linear._chunk_v(100, 32000) == 32000
+    finally:
+        T_linear.INTERPRET = old
+
+
+_AUTOTUNE_LOG_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from lpc_kernels import triton as T
+h = torch.randn(5, 16); w = torch.randn(40, 16); b = torch.randn(40); lab = torch.tensor([1, 2, -100, 39, 0])
+logp, lse = T.linear_token_logprobs_fwd(h, w, b, lab, -100, 1024)
+T.linear_token_logprobs_bwd(torch.ones(5), h, w, b, lab, lse, -100, 1024, True, True, True, variant="split")
+T.linear_token_logprobs_bwd(torch.ones(5), h, w, b, lab, lse, -100, 1024, True, True, True, variant="atomic")
+"""
+
+
+def test_autotune_log(tmp_path):
+    """LPC_TRITON_AUTOTUNE_LOG=<path>: at exit, {kernel: [{key, config}]} for every key each tuned kernel
+    ran with (under the interpreter: one config, the block sizes passed at launch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not INTERPRETED:
+        pytest.skip("the interpreter's one-config autotuners; on the GPU the benchmarks record the sweeps")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "sub" / "autotune.json"
+    env = dict(os.environ, LPC_TRITON_AUTOTUNE_LOG=str(path), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _AUTOTUNE_LOG_SCRIPT, root], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(path.read_text())
+    assert not list(path.parent.glob(".autotune-*"))  # the temporary file was renamed, not left behind
+    kernels = data["kernels"]
+    assert {"_lin_fwd_kernel", "_lin_dlogits_kernel", "_mm_kernel", "_lin_bwd_kernel"} <= set(kernels)
+    fwd = kernels["_lin_fwd_kernel"]
+    assert len(fwd) == 1 and fwd[0]["key"] == [40, 16, "torch.float32", "torch.float32", "torch.float32",
+                                                "torch.int64", "torch.int64", "torch.float32", "torch.float32"]
+    assert fwd[0]["config"]["kwargs"] == T_linear.INTERPRET_FWD
+    assert {"num_warps", "num_stages"} <= set(fwd[0]["config"])
+    mm_keys = {tuple(r["key"][:4]) for r in kernels["_mm_kernel"]}  # (M bucket, N, K bucket, ACCUM)
+    assert mm_keys == {(64, 16, 4, False), (4, 16, 64, False)}  # grad_W (one chunk) and grad_h
+    for recs in kernels.values():
+        for r in recs:
+            assert r["config"]["kwargs"] and all(k.isupper() for k in r["config"]["kwargs"])
+    # in process: the same records, written on demand (atomically)
+    from lpc_kernels.triton import _common as TC
+
+    out = TC.write_autotune_log(str(tmp_path / "now.json"))
+    assert json.loads((tmp_path / "now.json").read_text()) == json.loads(json.dumps(out))
 
 
 # ------------------------------------------------------------------------------------- gumbel_softmax

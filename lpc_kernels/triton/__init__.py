@@ -5,8 +5,9 @@ One file per op family:
 * ``token_logprobs``: online log-sum-exp over materialised logits; backward ``softmax - onehot`` in fp32,
   optionally in place into the logits buffer.
 * ``linear_token_logprobs``: Cut-Cross-Entropy-style fused LM head (``[N, V]`` logits never in global
-  memory), ignored rows compacted away, atomics backward with an opt-in gradient filter
-  (``filter_eps``, keyword-only, off by default).
+  memory), ignored rows compacted away; backward ``split`` (default: deterministic, per V chunk a
+  logits-gradient kernel and two gradient products) or ``atomic`` (``$LPC_TRITON_LINEAR_BWD``), with an
+  opt-in gradient filter (``filter_eps``, keyword-only, off by default).
 * ``gumbel_softmax``: Philox noise + softmax + ``z = w @ E`` in one launch; one-launch backward.
 * ``preference_loss``: DPO / IPO / SimPO + KL(q || p), one forward and one backward launch.
 

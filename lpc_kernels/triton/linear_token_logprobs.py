@@ -1,8 +1,7 @@
 """Triton ``linear_token_logprobs``: log p(label) straight from the LM head, Cut-Cross-Entropy style.
 
 With ``x = h @ W.T + b`` (``h [N, H]``, ``W [V, H]``, ``b [V]``) the op returns
-``logp_i = x[i, label_i] - lse_i``, ``lse_i = log sum_v exp x[i, v]``, and never writes ``x`` to global
-memory: it only exists as ``[BLOCK_N, BLOCK_V]`` tiles in registers.
+``logp_i = x[i, label_i] - lse_i``, ``lse_i = log sum_v exp x[i, v]``, and never holds all of ``x``.
 
 Forward (``_lin_fwd_kernel`` + ``_lin_combine_kernel``)
     Rows with ``label == ignore_index`` are compacted away on the host first (``rows = nonzero(valid)``),
@@ -16,89 +15,148 @@ Forward (``_lin_fwd_kernel`` + ``_lin_combine_kernel``)
     computes nothing for backward beyond ``lse``, which is an output anyway, so the reference model's
     forward-only call (``torch.no_grad``) does exactly the work of the log-probs.
 
-Backward (``_lin_bwd_kernel``)
+Backward
     ``d logp_i / d x[i, v] = onehot_iv - p_iv`` with ``p_iv = exp(x_iv - lse_i)``, so with upstream
     ``g_i`` the logits gradient is ``D_iv = g_i (onehot_iv - p_iv)`` and
 
         grad_h = D @ W,    grad_W = D.T @ h,    grad_b = D.sum(0).
 
-    Each program recomputes one ``[BLOCK_N, BLOCK_V]`` tile of ``x`` (same loop as the forward), forms
-    ``D`` in fp32, and scatters its two contributions ``D_tile @ W[tile_v, :]`` and
-    ``D_tile.T @ h[tile_n, :]`` over ``H`` with fp32 atomic adds into fp32 accumulators (one kernel with
-    atomics, as CCE does). Why not two atomic-free kernels: an atomic-free ``grad_h`` program must own
-    ``grad_h[tile_n, :]``, an ``[BLOCK_N, H]`` accumulator (1 MiB at ``H = 4096``), or recompute every
-    logits tile once per ``H`` block (``H / BLOCK_H`` times the forward FLOPs); the same holds for
-    ``grad_W``. The atomics make the result's last bits depend on the GPU's scheduling (run to run),
-    not its value beyond fp32 rounding. Under the interpreter the programs run in order, so it is tested
-    there like any other kernel.
+    Two variants, chosen per call by ``$LPC_TRITON_LINEAR_BWD`` (``split``, the default, or ``atomic``):
 
-    For 16-bit inputs on the GPU ``D`` is rounded to the input dtype before the two ``tl.dot`` calls
-    (tensor cores; the CCE / Liger choice): a relative error of ``2**-9`` (bf16) per term, the size of
-    the final rounding of the gradient to bf16. fp32 inputs use ``input_precision="ieee"`` dots
-    throughout (TF32 would break the 1e-5 contract).
+    ``split`` (deterministic, no atomics, no fp32 ``[V, H]`` buffer). ``V`` is cut into chunks of ``C``
+    columns (``C ~ 2**27 / N``, so a chunk of ``D`` is at most 256 MiB in bf16); for each chunk:
 
-Gradient filter (opt-in, ``filter_eps > 0``; CCE's idea)
-    A tile is skipped when it holds no row's label and every ``p_iv`` in it is below ``filter_eps``.
-    Each skipped entry satisfies ``|D_iv| = |g_i| p_iv < |g_i| filter_eps``, so the error is bounded by
-    the skipped softmax mass:
+    1. ``_lin_dlogits_kernel`` recomputes the logits tiles of the chunk (the forward's tile loop) and
+       writes ``D[:, chunk]`` in the input dtype (rounded once, as the tensor-core operand of the atomic
+       variant is), plus fp32 column sums per row block for ``grad_b`` (summed on the host in a fixed
+       order);
+    2. ``_mm_kernel``: ``grad_W[chunk] = D[:, chunk].T @ h``, written once, in the weight dtype;
+    3. ``_mm_kernel``: ``grad_h (+)= D[:, chunk] @ W[chunk]`` into an fp32 ``[N, H]`` accumulator
+       (read-add-write by the program that owns the tile, chunks in order; written straight in the
+       hidden dtype when there is one chunk).
+
+    Why not two kernels that each own their output and recompute ``x`` (as flash attention does): a
+    ``grad_h`` program would own ``grad_h[tile_n, :]``, a ``[BLOCK_N, H]`` fp32 accumulator (1 MiB at
+    ``H = 4096``, 4x the register file), or recompute every logits tile once per ``H`` block
+    (``H / BLOCK`` = 16 times the forward FLOPs); spilling that accumulator to global memory moves as
+    many bytes as the atomics do. Materialising ``D`` one chunk at a time costs ``6 N V`` bytes of
+    traffic in all (13 GB at ``N = 16k, V = 128k``: ~4 ms at 3 TB/s) and keeps the FLOPs at three
+    ``N x V x H`` products (one recompute, two gradients), the minimum.
+
+    ``atomic`` (``_lin_bwd_kernel``, CCE's scheme): each program recomputes one ``[BLOCK_N, BLOCK_V]``
+    tile of ``x``, forms ``D`` and scatters ``D_tile @ W[tile_v, :]`` and ``D_tile.T @ h[tile_n, :]``
+    over ``H`` with fp32 atomic adds into fp32 accumulators ``[N, H]`` and ``[V, H]`` (2 GiB at
+    ``V = 128256``, ``H = 4096``), cast to the input dtype at the end. The result's last bits depend on
+    the GPU's scheduling. Its cost is the atomic traffic: ``2 N V H * 4 / BLOCK`` bytes per accumulator
+    (~270 GB each at the benchmark shape with 128-wide tiles).
+
+    For 16-bit inputs ``D`` is rounded to the input dtype before the gradient products (tensor cores;
+    the CCE / Liger choice): a relative error of ``2**-9`` (bf16) per term, the size of the final
+    rounding of the gradient to bf16. fp32 inputs use ``input_precision="ieee"`` dots throughout (TF32
+    would break the 1e-5 contract); fp64 inputs compute in fp64.
+
+Gradient filter (opt-in, ``filter_eps > 0``; CCE's idea), both variants
+    A tile is skipped (its ``D`` taken as zero) when it holds no row's label and every ``p_iv`` in it is
+    below ``filter_eps``. Each skipped entry satisfies ``|D_iv| = |g_i| p_iv < |g_i| filter_eps``, so the
+    error is bounded by the skipped softmax mass:
 
         |err grad_h[i, :]| <= |g_i| * sum_{v: p_iv < eps} p_iv * max_v |W[v, :]|
         |err grad_W[v, :]| <= sum_{i: p_iv < eps} |g_i| p_iv * max_i |h[i, :]|
         |err grad_b[v]|    <= sum_{i: p_iv < eps} |g_i| p_iv
 
-    (``tests/test_triton.py`` checks exactly these bounds). In a trained model most tiles of a large
-    vocabulary sit below bf16's resolution (CCE filters at ``2**-12`` for bf16 by default), so the filter
-    removes most of the atomic traffic; how much at ``N=16k, V=128k`` is for the GPU benchmark to show.
+    (``tests/test_triton.py`` checks exactly these bounds). The atomic variant saves the skipped tiles'
+    atomics; the split variant writes zeros for them and still runs the two gradient products over
+    them (the saving there would need per-tile skip flags in ``_mm_kernel``; not done).
 
-Memory: the backward accumulates in fp32 buffers ``[N, H]`` and ``[V, H]`` (2 GiB at ``V = 128256``,
-``H = 4096``), cast to the input dtype at the end; nothing ``[N, V]``. fp16 caveat: ``D`` is rounded to
-fp16 for the tensor cores, so ``|g_i|`` above 65504 (an extreme loss scale) would overflow there, and
-probabilities below ``2**-24`` flush to zero (an error bounded like the filter's, with ``eps = 2**-24``).
+fp16 caveat: ``D`` is rounded to fp16 for the tensor cores, so ``|g_i|`` above 65504 (an extreme loss
+scale) would overflow there, and probabilities below ``2**-24`` flush to zero (an error bounded like the
+filter's, with ``eps = 2**-24``).
+
+Autotuning: every kernel here is autotuned on the GPU (configs below, pruned to the dtype family and to
+shared memory), keyed on sizes that do not change with the number of tokens (``V``, ``H``; the gradient
+products on power-of-two buckets of their sizes). ``LPC_TRITON_AUTOTUNE_LOG=<path>`` records the winners
+(see ``_common.write_autotune_log``).
 
 ``chunk_size`` (rows per materialised ``[chunk, V]`` block in the chunked backends) is accepted for the
-shared signature and ignored: nothing of size ``[rows, V]`` is ever materialised here.
+shared signature and ignored: the split backward sizes its own ``V`` chunks.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, device_guard, dot_precision, launch, next_pow2, sm_count, tuned
+from ._common import (AUTOTUNE, INTERPRET, cast_out, compute_dtype, device_guard, dot_precision, launch, next_pow2, prune_smem,
+                      sm_count, tuned)
 
 # Interpreter configs: wide in V (few loop steps), the minimum 16 rows tl.dot allows.
 INTERPRET_FWD = {"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_H": 64}
 INTERPRET_BWD = {"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_H": 64, "BLOCK_HB": 32, "GROUP_N": 4}
+INTERPRET_DLOGITS = {"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 4}
+INTERPRET_MM_DW = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}  # grad_W = D.T @ h (M = V chunk)
+INTERPRET_MM_DH = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}  # grad_h += D @ W (K = V chunk)
 INTERPRET_SPLITS = 2  # > 1 so that the split/combine path runs in every interpreter test with V > BLOCK_V
+INTERPRET_CHUNK_V = 512  # split backward: V = 1100 gives 3 chunks (the accumulate path) in the tests
+
+BWD_VARIANTS = ("split", "atomic")
+DEFAULT_BWD_VARIANT = "split"
+D_CHUNK_ELEMS = 1 << 27  # split backward: at most this many D entries per V chunk (256 MiB in bf16)
 
 _MAX_BLOCK_V = 256  # the largest BLOCK_V in the GPU configs: split boundaries are multiples of it
 
-# Hopper (H100/H200), bf16/fp16: 128x128 / 128x256 tiles with a 64-wide K step are the wgmma sweet spot;
-# fp32 ("ieee" dots, no tensor cores) prefers the smaller tiles of the same lists
+# Hopper (H100/H200), bf16/fp16: 128x128 / 128x256 tiles with a 64-wide K step are the wgmma sweet spot.
+# Lists pruned to what fits shared memory (``num_stages`` copies of both operand tiles), so fp32 inputs
+# ("ieee" dots, 4-byte tiles) keep the smaller ones. (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages):
+_RECOMPUTE_TILES = (
+    (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+    (64, 256, 64, 4, 4), (128, 128, 64, 4, 5), (64, 128, 64, 4, 4), (128, 256, 32, 8, 5),
+)
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=nw, num_stages=ns)
-    for bn, bv, bh, nw, ns in (
-        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
-        (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3),
+    for bn, bv, bh, nw, ns in _RECOMPUTE_TILES
+]
+# the split backward's logits-gradient kernel: the forward's tile loop plus an elementwise epilogue and a store
+_DLOGITS_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "GROUP_N": 8}, num_warps=nw, num_stages=ns)
+    for bn, bv, bh, nw, ns in _RECOMPUTE_TILES
+]
+# the split backward's gradient products: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_MM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns in (
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 5),
+        (64, 128, 32, 4, 4),  # the one that fits shared memory with fp32 operands too
     )
 ]
-# BLOCK_HB: the H step of the scatter phase (D_tile @ W, D_tile.T @ h, atomics), a divisor of BLOCK_H.
-# Narrower than the recompute's K step because each step holds an fp32 [BLOCK, BLOCK_HB] result and a
-# block of 64-bit atomic addresses in registers. Spills per thread in the sm_90 ptxas build (bf16,
+# BLOCK_HB: the H step of the atomic kernel's scatter phase (D_tile @ W, D_tile.T @ h, atomics), a divisor
+# of BLOCK_H. Narrower than the recompute's K step because each step holds an fp32 [BLOCK, BLOCK_HB] result
+# and a block of 64-bit atomic addresses in registers. Spills per thread in the sm_90 ptxas build (bf16,
 # cuobjdump): 0.5-1.7 KiB with BLOCK_HB = 64, 56-600 bytes with 32 or 16 (80 bytes for the first config).
 _BWD_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "BLOCK_HB": hb, "GROUP_N": 8}, num_warps=nw,
                   num_stages=ns)
     for bn, bv, bh, hb, nw, ns in (
         (128, 128, 64, 16, 8, 3), (128, 128, 64, 32, 8, 3), (64, 256, 64, 32, 8, 3), (128, 64, 64, 32, 4, 3),
-        (64, 128, 64, 32, 4, 3), (128, 256, 64, 16, 8, 3), (64, 64, 64, 32, 4, 4),
+        (64, 128, 64, 32, 4, 3), (128, 256, 64, 16, 8, 3), (64, 64, 64, 32, 4, 4), (128, 128, 64, 32, 8, 4),
     )
 ]
 # fp64: 8-byte tiles; the lists above exceed shared memory (and registers) in fp64
+_F64_TILES = ((32, 64, 32, 4, 2), (64, 64, 32, 4, 2), (32, 32, 32, 4, 2))
 _FWD_CONFIGS_F64 = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=nw, num_stages=ns)
-    for bn, bv, bh, nw, ns in ((32, 64, 32, 4, 2), (64, 64, 32, 4, 2), (32, 32, 32, 4, 2))
+    for bn, bv, bh, nw, ns in _F64_TILES
+]
+_DLOGITS_CONFIGS_F64 = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "GROUP_N": 8}, num_warps=nw, num_stages=ns)
+    for bn, bv, bh, nw, ns in _F64_TILES
+]
+_MM_CONFIGS_F64 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns in _F64_TILES
 ]
 _BWD_CONFIGS_F64 = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "BLOCK_HB": bh, "GROUP_N": 8}, num_warps=nw,
@@ -107,13 +165,29 @@ _BWD_CONFIGS_F64 = [
 ]
 
 
-def _by_dtype(f64_configs):
-    """``early_config_prune``: the fp64 list for fp64 inputs, the others otherwise."""
+def _recompute_smem(c, elem):  # the pipelined h and W.T tiles of the logits recompute
+    k = c.kwargs
+    return c.num_stages * (k["BLOCK_N"] + k["BLOCK_V"]) * k["BLOCK_H"] * elem
+
+
+def _mm_smem(c, elem):
+    k = c.kwargs
+    return c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem
+
+
+def _prune(f64_configs, smem_bytes, ptr="h_ptr"):
+    """``early_config_prune``: the fp64 list for fp64 inputs, the others otherwise; then what fits shared
+    memory for the operands' element size (never empty); with ``LPC_TRITON_AUTOTUNE=0`` only the first of
+    those (the ``quick`` lists hold one config per dtype family that fits, after the preferred one)."""
     f64 = set(f64_configs)
+    fits = prune_smem(smem_bytes)
 
     def prune(configs, nargs, **kwargs):
-        is_f64 = nargs["h_ptr"].dtype == torch.float64
-        return [c for c in configs if (c in f64) == is_f64]
+        t = nargs[ptr]
+        is_f64 = t.dtype == torch.float64
+        family = [c for c in configs if (c in f64) == is_f64] or list(configs)
+        kept = fits(family, nargs, t.element_size())
+        return kept if AUTOTUNE else kept[:1]
 
     return {"early_config_prune": prune}
 
@@ -153,8 +227,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, offs_v, V, H, stride_h, stride_w,
 _EVEN_H = triton.heuristics({"EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0})
 
 
-@tuned(_FWD_CONFIGS + _FWD_CONFIGS_F64, key=["V", "H"], quick=[_FWD_CONFIGS[0], _FWD_CONFIGS_F64[0]],
-       prune_configs_by=_by_dtype(_FWD_CONFIGS_F64))
+@tuned(_FWD_CONFIGS + _FWD_CONFIGS_F64, key=["V", "H"], quick=[_FWD_CONFIGS[0], _FWD_CONFIGS[6], _FWD_CONFIGS_F64[0]],
+       prune_configs_by=_prune(_FWD_CONFIGS_F64, _recompute_smem))
 @_EVEN_H
 @triton.jit
 def _lin_fwd_kernel(
@@ -215,7 +289,7 @@ def _lin_combine_kernel(
 
 
 @tuned(_BWD_CONFIGS + _BWD_CONFIGS_F64, key=["V", "H", "FILTER", "NEED_H", "NEED_W"],
-       quick=[_BWD_CONFIGS[0], _BWD_CONFIGS_F64[0]], prune_configs_by=_by_dtype(_BWD_CONFIGS_F64),
+       quick=[_BWD_CONFIGS[0], _BWD_CONFIGS_F64[0]], prune_configs_by=_prune(_BWD_CONFIGS_F64, _recompute_smem),
        reset_to_zero=["gh_ptr", "gw_ptr", "gb_ptr"])  # the atomics accumulate: zero them between trials
 @_EVEN_H
 @triton.jit
@@ -303,6 +377,136 @@ def _lin_bwd_kernel(
                                   mask=v_mask[:, None] & h_mask[None, :], sem="relaxed")
 
 
+
+@tuned(_DLOGITS_CONFIGS + _DLOGITS_CONFIGS_F64, key=["V", "H", "FILTER", "NEED_B", "STORE_D"],
+       quick=[_DLOGITS_CONFIGS[0], _DLOGITS_CONFIGS[6], _DLOGITS_CONFIGS_F64[0]],
+       prune_configs_by=_prune(_DLOGITS_CONFIGS_F64, _recompute_smem))
+@_EVEN_H
+@triton.jit
+def _lin_dlogits_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, grad_ptr, d_ptr, db_ptr,
+    NV, V, H, v0, VC, stride_h, stride_w, stride_d, stride_db, filter_eps,
+    HAS_BIAS: tl.constexpr, NEED_B: tl.constexpr, STORE_D: tl.constexpr, FILTER: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    EVEN_H: tl.constexpr,
+):
+    """Split backward, step 1: ``D[:, :VC] = g (onehot - exp(x - lse))`` for columns ``v0 .. v0 + VC``.
+
+    ``D`` rows are the compacted rows (``rows``), stored in ``d_ptr``'s dtype; ``db[pid_n, :]`` gets the
+    fp32 column sums of this program's rows (``grad_b``, summed over row blocks on the host).
+    """
+    CDT: tl.constexpr = db_ptr.dtype.element_ty  # fp32 (fp64 for fp64 inputs)
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(NV, BLOCK_N)
+    num_pid_v = tl.cdiv(VC, BLOCK_V)
+    num_pid_in_group = GROUP_N * num_pid_v
+    first_pid_n = (pid // num_pid_in_group) * GROUP_N
+    group_size_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % num_pid_in_group) % group_size_n
+    pid_v = (pid % num_pid_in_group) // group_size_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < NV
+    rows = tl.load(rows_ptr + tl.minimum(offs_n, NV - 1)).to(tl.int64)  # padded rows: the last valid row
+    labels = tl.load(labels_ptr + rows)
+    lse = tl.load(lse_ptr + rows).to(CDT)
+    g = tl.load(grad_ptr + rows).to(CDT)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    c_mask = offs_c < VC  # the host keeps v0 + VC <= V
+    offs_v = v0 + offs_c
+
+    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, offs_v, V, H, stride_h, stride_w,
+                     HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
+    mask = n_mask[:, None] & c_mask[None, :]
+    p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
+    is_label = offs_v[None, :] == labels[:, None]
+    d = g[:, None] * (tl.where(is_label, 1.0, 0.0) - p)  # fp32: the true-class 1 - p does not cancel
+    d = tl.where(mask, d, 0.0)
+    if FILTER:  # the whole tile becomes zeros (see the module docstring for the error bound)
+        holds_label = tl.max(tl.where(is_label & mask, 1, 0)) > 0
+        keep = holds_label | (tl.max(p) >= filter_eps)
+        d = tl.where(keep, d, 0.0)
+    if NEED_B:
+        tl.store(db_ptr + pid_n.to(tl.int64) * stride_db + offs_c, tl.sum(d, axis=0), mask=c_mask)
+    if STORE_D:
+        tl.store(d_ptr + offs_n.to(tl.int64)[:, None] * stride_d + offs_c[None, :],
+                 cast_out(d, d_ptr.dtype.element_ty), mask=mask)
+
+
+@tuned(_MM_CONFIGS + _MM_CONFIGS_F64, key=["MB", "N", "KB", "ACCUM"], quick=[_MM_CONFIGS[0], _MM_CONFIGS[-1], _MM_CONFIGS_F64[0]],
+       prune_configs_by=_prune(_MM_CONFIGS_F64, _mm_smem, ptr="a_ptr"),
+       restore_value=["c_ptr"])  # ACCUM reads C: every trial must start from the same accumulator
+@triton.heuristics({"EVEN_M": lambda args: args["M"] % args["BLOCK_M"] == 0,
+                    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+                    "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _mm_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K, MB, KB,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    ACCUM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """``C = A @ B`` (``C += A @ B`` with ``ACCUM``), any strides, fp32 accumulation (fp64 for fp64 A),
+    rounded once into ``C``'s dtype. Each output tile belongs to one program: deterministic.
+
+    ``MB``, ``KB``: power-of-two buckets of ``M``, ``K``, only part of the autotune key. Loads are masked
+    only along a ragged dimension (``EVEN_*``), never clamped: either operand may be contiguous along
+    ``M`` / ``N`` (``A = D.T`` for grad_W), and clamped offsets would lose the contiguity the vectorised,
+    pipelined loads need.
+    """
+    F64: tl.constexpr = a_ptr.dtype.element_ty == tl.float64
+    CDT: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = tl.max_contiguous(tl.multiple_of(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), BLOCK_M), BLOCK_M)
+    offs_n = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUM:  # start from C: loaded into the accumulator's registers (an epilogue load would spill)
+        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(CDT)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], CDT)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        if EVEN_M and EVEN_K:
+            a = tl.load(a_ptrs)
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        elif EVEN_M:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if EVEN_N and EVEN_K:
+            b = tl.load(b_ptrs)
+        elif EVEN_K:
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        elif EVEN_N:
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # interpreter: no 16-bit arithmetic there
+            a = a.to(CDT)
+            b = b.to(CDT)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=CDT)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=c_mask)
+
+
 def _splits(nv: int, v: int, device_sms: int) -> tuple[int, int]:
     """(number of V splits, columns per split) for the forward grid ``(cdiv(nv, BLOCK_N), splits)``."""
     if INTERPRET:
@@ -352,12 +556,126 @@ def linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index, chunk_
     return logp, lse
 
 
+def bwd_variant(variant: str | None = None) -> str:
+    """The backward variant: ``variant`` if given, else ``$LPC_TRITON_LINEAR_BWD`` (read at every call),
+    else :data:`DEFAULT_BWD_VARIANT`."""
+    v = variant if variant is not None else (os.environ.get("LPC_TRITON_LINEAR_BWD", "").strip().lower()
+                                            or DEFAULT_BWD_VARIANT)
+    if v not in BWD_VARIANTS:
+        raise ValueError(f"LPC_TRITON_LINEAR_BWD / variant must be one of {BWD_VARIANTS}, got {v!r}")
+    return v
+
+
+def _chunk_v(nv: int, v: int) -> int:
+    """Columns of ``V`` per chunk of the split backward: ``D_CHUNK_ELEMS / nv`` on tile edges, >= 1024."""
+    if INTERPRET:
+        return min(v, INTERPRET_CHUNK_V)
+    c = max(1024, (D_CHUNK_ELEMS // max(nv, 1)) // _MAX_BLOCK_V * _MAX_BLOCK_V)
+    return v if c >= v else c
+
+
+def _launched_meta(kernel, interpret_config: dict) -> dict:
+    """The block sizes of ``kernel``'s last launch: the interpreter's config, or the autotuner's choice."""
+    return interpret_config if INTERPRET else kernel.best_config.kwargs
+
+
+def _mm(a, b, c, m, n, k, strides_a, strides_b, strides_c, accum, prec, upcast, interpret_config):
+    """``c (+)= a @ b`` through ``_mm_kernel`` (``a [m, k]``, ``b [k, n]`` given by their strides)."""
+    launch(_mm_kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+           (a, b, c, m, n, k, next_pow2(m), next_pow2(k), *strides_a, *strides_b, *strides_c, bool(accum), prec,
+            upcast), interpret_config)
+
+
+def _bwd_split(g, hidden, weight, bias, rows, labels, lse, need_hidden, need_weight, need_bias, filter_eps):
+    """The split backward (module docstring): per V chunk, D, then grad_W[chunk], then grad_h += D @ W[chunk].
+
+    Returns (grad_h, grad_W, grad_b) in the input dtypes (None where not needed).
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    nv = rows.numel()
+    dev = hidden.device
+    cdt = compute_dtype(hidden)
+    prec, upcast = _flags(hidden)
+    # D in the input dtype: the tensor-core operand of the gradient products (fp32 / fp64 stay exact)
+    d_dtype = hidden.dtype
+    chunk = _chunk_v(nv, v)
+    n_chunks = triton.cdiv(v, chunk)
+    all_rows = nv == n  # no ignored row: rows == arange(n), no gather / scatter
+    store_d = need_hidden or need_weight
+    d_buf = torch.empty(nv, chunk, dtype=d_dtype, device=dev) if store_d else None
+    # per row block column sums of D for grad_b; 16 = the smallest BLOCK_N of any config
+    db_part = torch.empty(triton.cdiv(nv, 16), chunk, dtype=cdt, device=dev) if need_bias else None
+    h_rows = hidden if all_rows else hidden.index_select(0, rows)  # the B operand of grad_W = D.T @ h
+    gw = torch.empty(v, h, dtype=weight.dtype, device=dev) if need_weight else None
+    gb = torch.empty(v, dtype=cdt, device=dev) if need_bias else None
+    gh_acc = None
+    if need_hidden:  # fp32 accumulator over chunks; the output dtype directly when there is one chunk
+        gh_acc = torch.empty(nv, h, dtype=cdt if n_chunks > 1 else hidden.dtype, device=dev)
+    dummy = torch.zeros(1, dtype=cdt, device=dev)
+    for ci in range(n_chunks):
+        v0 = ci * chunk
+        vc = min(chunk, v - v0)
+        launch(_lin_dlogits_kernel,
+               lambda meta: (triton.cdiv(nv, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),),
+               (hidden, weight, bias if bias is not None else hidden, rows, labels, lse, g,
+                d_buf if store_d else dummy, db_part if need_bias else dummy,
+                nv, v, h, v0, vc, hidden.stride(0), weight.stride(0), chunk, chunk, filter_eps,
+                bias is not None, bool(need_bias), bool(store_d), filter_eps > 0.0, prec, upcast),
+               INTERPRET_DLOGITS)
+        if need_bias:  # the row blocks of the config that ran (tuning trials may have written more rows)
+            blocks = triton.cdiv(nv, _launched_meta(_lin_dlogits_kernel, INTERPRET_DLOGITS)["BLOCK_N"])
+            gb[v0:v0 + vc] = db_part[:blocks, :vc].sum(0)  # fixed order: deterministic
+        if need_weight:  # grad_W[chunk] = D[:, chunk].T @ h: [vc, nv] @ [nv, h]
+            _mm(d_buf, h_rows, gw[v0:v0 + vc], vc, h, nv, (1, chunk), (h_rows.stride(0), h_rows.stride(1)),
+                (gw.stride(0), gw.stride(1)), False, prec, upcast, INTERPRET_MM_DW)
+        if need_hidden:  # grad_h (+)= D[:, chunk] @ W[chunk]: [nv, vc] @ [vc, h]
+            w_c = weight[v0:v0 + vc]
+            _mm(d_buf, w_c, gh_acc, nv, h, vc, (chunk, 1), (w_c.stride(0), w_c.stride(1)),
+                (gh_acc.stride(0), gh_acc.stride(1)), ci > 0, prec, upcast, INTERPRET_MM_DH)
+    gh = None
+    if need_hidden:
+        if all_rows:
+            gh = gh_acc.to(hidden.dtype)
+        else:
+            gh = torch.zeros(n, h, dtype=hidden.dtype, device=dev)
+            gh.index_copy_(0, rows, gh_acc.to(hidden.dtype))
+    return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+
+
+def _bwd_atomic(g, hidden, weight, bias, rows, labels, lse, need_hidden, need_weight, need_bias, filter_eps):
+    """The atomic backward (module docstring): one kernel, fp32 atomics into fp32 [N, H] and [V, H]."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    nv = rows.numel()
+    cdt = compute_dtype(hidden)
+    dev = hidden.device
+    gh = torch.zeros(n, h, dtype=cdt, device=dev) if need_hidden else None
+    gw = torch.zeros(v, h, dtype=cdt, device=dev) if need_weight else None
+    gb = torch.zeros(v, dtype=cdt, device=dev) if need_bias else None
+    dummy = torch.zeros(1, dtype=cdt, device=dev)  # stands for an accumulator not asked for
+    prec, upcast = _flags(hidden)
+    g_h, g_w, g_b = (gh if gh is not None else dummy, gw if gw is not None else dummy,
+                     gb if gb is not None else dummy)
+    launch(_lin_bwd_kernel,
+           lambda meta: (triton.cdiv(nv, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),),
+           (hidden, weight, bias if bias is not None else hidden, rows, labels, lse, g,
+            g_h, g_w, g_b, nv, v, h, hidden.stride(0), weight.stride(0), h, h, filter_eps,
+            bias is not None, bool(need_hidden), bool(need_weight), bool(need_bias), filter_eps > 0.0, prec,
+            upcast), INTERPRET_BWD)
+    return (gh.to(hidden.dtype) if gh is not None else None,
+            gw.to(weight.dtype) if gw is not None else None,
+            gb.to(bias.dtype) if gb is not None else None)
+
+
 def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
-                              need_hidden, need_weight, need_bias, *, filter_eps: float = 0.0):
+                              need_hidden, need_weight, need_bias, *, filter_eps: float = 0.0,
+                              variant: str | None = None):
     """Gradients for hidden, weight, bias (None where not needed).
 
     ``filter_eps`` (keyword-only, default 0 = exact): skip logits tiles whose softmax entries are all
-    below it and that hold no label; see the module docstring for the error bound.
+    below it and that hold no label; see the module docstring for the error bound. ``variant``:
+    ``"split"`` or ``"atomic"`` (default: ``$LPC_TRITON_LINEAR_BWD``, else ``"split"``).
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -365,25 +683,17 @@ def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, igno
     filter_eps = float(filter_eps)
     if not filter_eps >= 0.0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+    variant = bwd_variant(variant)
+    need_hidden, need_weight = bool(need_hidden), bool(need_weight)
     need_bias = bool(need_bias and bias is not None)
-    dev = hidden.device
-    gh = torch.zeros(n, h, dtype=cdt, device=dev) if need_hidden else None
-    gw = torch.zeros(v, h, dtype=cdt, device=dev) if need_weight else None
-    gb = torch.zeros(v, dtype=cdt, device=dev) if need_bias else None
     rows = _valid_rows(labels, ignore_index)
     nv = rows.numel()
-    if nv > 0 and (need_hidden or need_weight or need_bias):
-        dummy = torch.zeros(1, dtype=cdt, device=dev)  # stands for an accumulator not asked for
-        prec, upcast = _flags(hidden)
-        g_h, g_w, g_b = (gh if gh is not None else dummy, gw if gw is not None else dummy,
-                         gb if gb is not None else dummy)
-        with device_guard(hidden):
-            launch(_lin_bwd_kernel,
-                   lambda meta: (triton.cdiv(nv, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),),
-                   (hidden, weight, bias if bias is not None else hidden, rows, labels, lse, grad_logp.contiguous(),
-                    g_h, g_w, g_b, nv, v, h, hidden.stride(0), weight.stride(0), h, h, filter_eps,
-                    bias is not None, bool(need_hidden), bool(need_weight), need_bias, filter_eps > 0.0, prec,
-                    upcast), INTERPRET_BWD)
-    return (gh.to(hidden.dtype) if gh is not None else None,
-            gw.to(weight.dtype) if gw is not None else None,
-            gb.to(bias.dtype) if gb is not None else None)
+    dev = hidden.device
+    if nv == 0 or not (need_hidden or need_weight or need_bias):  # nothing to compute: zeros
+        return (torch.zeros(n, h, dtype=hidden.dtype, device=dev) if need_hidden else None,
+                torch.zeros(v, h, dtype=weight.dtype, device=dev) if need_weight else None,
+                torch.zeros(v, dtype=bias.dtype, device=dev) if need_bias else None)
+    args = (grad_logp.contiguous().to(cdt), hidden, weight, bias, rows, labels, lse, need_hidden, need_weight,
+            need_bias, filter_eps)
+    with device_guard(hidden):
+        return _bwd_split(*args) if variant == "split" else _bwd_atomic(*args)
