@@ -251,9 +251,12 @@ def test_linear_gradient_filter_error_bound(bwd_variant):
     logp, lse = T.linear_token_logprobs_fwd(hidden, weight, b, labels, -100, 1024)
     g = torch.randn(n, device=DEVICE)
     exact = T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True)
-    assert all(torch.equal(a, c) for a, c in zip(
-        exact, T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
-                                           filter_eps=0.0)))
+    unfiltered = T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
+                                             filter_eps=0.0)
+    if bwd_variant == "atomic" and DEVICE.type == "cuda":  # fp32 atomics: the summation order varies per run
+        assert all(torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(exact, unfiltered))
+    else:
+        assert all(torch.equal(a, c) for a, c in zip(exact, unfiltered))
     eps = 2e-2
     filt = T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
                                        filter_eps=eps)

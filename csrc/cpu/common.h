@@ -9,6 +9,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../format.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -33,20 +35,20 @@ inline bool is_float_dtype(at::ScalarType t) {
 
 // device, rank and layout: what the Python checks cannot see when an op is called directly.
 inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (got strides ", t.strides(), ")");
+  LPC_CHECK(t.defined(), name, " must be a defined tensor");
+  LPC_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  LPC_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  LPC_CHECK(t.is_contiguous(), name, " must be contiguous (got strides ", t.strides(), ")");
 }
 
 inline void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   check_tensor(t, name, dim);
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), name,
+  LPC_CHECK(is_float_dtype(t.scalar_type()), name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
 }
 
 inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t size, const char* what) {
-  TORCH_CHECK(t.size(dim) == size, name, ".size(", dim, ") must be ", size, " (", what, "), got shape ",
+  LPC_CHECK(t.size(dim) == size, name, ".size(", dim, ") must be ", size, " (", what, "), got shape ",
               t.sizes());
 }
 
@@ -54,14 +56,14 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
 // A bad label would index out of bounds in the kernels, so it is checked here too, not only in Python.
 inline int64_t check_labels(const at::Tensor& labels, int64_t n, int64_t vocab, int64_t ignore_index) {
   check_tensor(labels, "labels", 1);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  LPC_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
   check_size(labels, "labels", 0, n, "one label per row");
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   int64_t valid = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t y = lab[i];
     if (y == ignore_index) continue;
-    TORCH_CHECK(y >= 0 && y < vocab, "labels must be in [0, ", vocab, ") or equal ignore_index=", ignore_index,
+    LPC_CHECK(y >= 0 && y < vocab, "labels must be in [0, ", vocab, ") or equal ignore_index=", ignore_index,
                 ", got ", y, " at row ", i);
     ++valid;
   }

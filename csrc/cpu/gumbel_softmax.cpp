@@ -77,7 +77,7 @@ void softmax_bwd_kernel(const acc* g, const acc* soft, int64_t b, int64_t k, dou
 }
 
 void check_tau(double tau) {
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, "tau must be finite and > 0, got ", tau);
+  LPC_CHECK(std::isfinite(tau) && tau > 0, "tau must be finite and > 0, got ", tau);
 }
 
 }  // namespace
@@ -88,11 +88,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_fwd(const at::Tens
   check_float(logits, "logits", 2);
   check_float(codebook, "codebook", 2);
   const int64_t b = logits.size(0), k = logits.size(1);
-  TORCH_CHECK(b > 0 && k > 0, "logits must have shape [B, K] with B, K > 0, got ", logits.sizes());
+  LPC_CHECK(b > 0 && k > 0, "logits must have shape [B, K] with B, K > 0, got ", logits.sizes());
   check_size(codebook, "codebook", 0, k, "K = logits.size(1)");
   check_tau(tau);
-  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
-  TORCH_CHECK(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - b * k,
+  LPC_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  LPC_CHECK(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - b * k,
               "offset must be >= 0 with offset + B*K < 2**63, got offset=", offset);
   const at::ScalarType cdt = acc_dtype(logits.scalar_type());
   const at::Tensor noise = gumbel_noise(b, k, seed, offset, logits.options());
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_bwd(const at::Tensor& grad_wei
                                                       bool need_codebook) {
   check_float(weights, "weights", 2);
   const at::ScalarType cdt = weights.scalar_type();
-  TORCH_CHECK(cdt == at::kFloat || cdt == at::kDouble, "weights must be float32 or float64, got ", cdt);
+  LPC_CHECK(cdt == at::kFloat || cdt == at::kDouble, "weights must be float32 or float64, got ", cdt);
   const int64_t b = weights.size(0), k = weights.size(1);
   check_float(codebook, "codebook", 2);
   check_size(codebook, "codebook", 0, k, "K = weights.size(1)");
@@ -129,11 +129,11 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_bwd(const at::Tensor& grad_wei
   check_float(grad_z, "grad_z", 2);
   check_size(grad_z, "grad_z", 0, b, "B");
   check_size(grad_z, "grad_z", 1, d, "D = codebook.size(1)");
-  TORCH_CHECK(soft.numel() == 0 || soft.sizes() == weights.sizes(), "soft must have shape [0] (soft samples) or ",
+  LPC_CHECK(soft.numel() == 0 || soft.sizes() == weights.sizes(), "soft must have shape [0] (soft samples) or ",
               weights.sizes(), " like weights, got ", soft.sizes());
   if (soft.numel() != 0) {
     check_float(soft, "soft", 2);
-    TORCH_CHECK(soft.scalar_type() == cdt, "soft must have weights' dtype ", cdt, ", got ", soft.scalar_type());
+    LPC_CHECK(soft.scalar_type() == cdt, "soft must have weights' dtype ", cdt, ", got ", soft.scalar_type());
   }
   check_tau(tau);
   const at::Tensor s = soft.numel() != 0 ? soft : weights;

@@ -31,18 +31,18 @@ Args check_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::o
                 int64_t chunk_size) {
   check_float(hidden, "hidden", 2);
   check_float(weight, "weight", 2);
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden (", hidden.scalar_type(), ") and weight (",
+  LPC_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden (", hidden.scalar_type(), ") and weight (",
               weight.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(weight.size(0) > 0 && weight.size(1) > 0, "weight must have shape [V, H] with V, H > 0, got ",
+  LPC_CHECK(weight.size(0) > 0 && weight.size(1) > 0, "weight must have shape [V, H] with V, H > 0, got ",
               weight.sizes());
   check_size(hidden, "hidden", 1, weight.size(1), "H = weight.size(1)");
   if (bias.has_value() && bias->defined()) {
     check_float(*bias, "bias", 1);
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "bias must have weight's dtype ",
+    LPC_CHECK(bias->scalar_type() == weight.scalar_type(), "bias must have weight's dtype ",
                 weight.scalar_type(), ", got ", bias->scalar_type());
     check_size(*bias, "bias", 0, weight.size(0), "V = weight.size(0)");
   }
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  LPC_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   return {hidden.size(0), hidden.size(1), weight.size(0), acc_dtype(hidden.scalar_type())};
 }
 
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const Args a = check_args(hidden, weight, bias, chunk_size);
   const int64_t count = check_labels(labels, a.n, a.v, ignore_index);
   const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!need_bias || has_bias, "need_bias=True needs bias, got None");
+  LPC_CHECK(!need_bias || has_bias, "need_bias=True needs bias, got None");
   const at::Tensor g = row_vector(grad_logp, "grad_logp", a.n, a.cdt);
   const at::Tensor l = row_vector(lse, "lse", a.n, a.cdt);
   const auto opts = hidden.options().dtype(a.cdt);

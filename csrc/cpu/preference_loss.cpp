@@ -26,7 +26,7 @@ enum class LossType { kDpo, kIpo, kSimpo };
 LossType parse_loss_type(c10::string_view s) {
   if (s == "dpo") return LossType::kDpo;
   if (s == "ipo") return LossType::kIpo;
-  TORCH_CHECK(s == "simpo", "loss_type must be one of 'dpo', 'ipo', 'simpo', got '", std::string(s), "'");
+  LPC_CHECK(s == "simpo", "loss_type must be one of 'dpo', 'ipo', 'simpo', got '", std::string(s), "'");
   return LossType::kSimpo;
 }
 
@@ -48,7 +48,7 @@ bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->de
 at::Tensor vec_input(const at::Tensor& t, const char* name, int64_t b, at::ScalarType cdt, bool allow_int) {
   check_tensor(t, name, 1);
   const auto dt = t.scalar_type();
-  TORCH_CHECK(is_float_dtype(dt) || (allow_int && (dt == at::kLong || dt == at::kInt)), name,
+  LPC_CHECK(is_float_dtype(dt) || (allow_int && (dt == at::kLong || dt == at::kInt)), name,
               allow_int ? " must be a float or int32/int64 tensor, got " : " must be a float tensor, got ", dt);
   check_size(t, name, 0, b, "B = policy_chosen_logps.size(0)");
   return dt == cdt ? t : t.to(cdt);
@@ -61,36 +61,36 @@ Inputs check_inputs(const at::Tensor& pc, const at::Tensor& pr, const c10::optio
   Inputs in;
   check_float(pc, "pc", 1);
   in.b = pc.size(0);
-  TORCH_CHECK(in.b > 0, "pc must hold at least one pair, got shape ", pc.sizes());
+  LPC_CHECK(in.b > 0, "pc must hold at least one pair, got shape ", pc.sizes());
   in.cdt = acc_dtype(pc.scalar_type());
   in.pc = vec_input(pc, "pc", in.b, in.cdt, false);
   in.pr = vec_input(pr, "pr", in.b, in.cdt, false);
-  TORCH_CHECK(present(rc) == present(rr), "rc and rr must be given together");
+  LPC_CHECK(present(rc) == present(rr), "rc and rr must be given together");
   if (present(rc)) {
     in.rc = vec_input(*rc, "rc", in.b, in.cdt, false);
     in.rr = vec_input(*rr, "rr", in.b, in.cdt, false);
   }
-  TORCH_CHECK(o.type == LossType::kSimpo || present(rc), "loss_type dpo/ipo needs rc and rr");
-  TORCH_CHECK(o.type != LossType::kSimpo || !present(rc), "loss_type simpo is reference-free: rc/rr must be None");
+  LPC_CHECK(o.type == LossType::kSimpo || present(rc), "loss_type dpo/ipo needs rc and rr");
+  LPC_CHECK(o.type != LossType::kSimpo || !present(rc), "loss_type simpo is reference-free: rc/rr must be None");
   const bool need_lengths = o.type == LossType::kSimpo || (o.type == LossType::kIpo && o.ipo_average);
   if (present(cl)) in.cl = vec_input(*cl, "cl", in.b, in.cdt, true);
   if (present(rl)) in.rl = vec_input(*rl, "rl", in.b, in.cdt, true);
-  TORCH_CHECK(!need_lengths || (in.cl.defined() && in.rl.defined()),
+  LPC_CHECK(!need_lengths || (in.cl.defined() && in.rl.defined()),
               "cl and rl (response lengths) are required for simpo and for ipo with ipo_average");
-  TORCH_CHECK(present(prior) == present(post), "prior and post must be given together");
+  LPC_CHECK(present(prior) == present(post), "prior and post must be given together");
   if (present(prior)) {
     check_float(*prior, "prior", 2);
     check_float(*post, "post", 2);
     check_size(*prior, "prior", 0, in.b, "B");
-    TORCH_CHECK(prior->sizes() == post->sizes(), "prior and post must have the same shape, got ", prior->sizes(),
+    LPC_CHECK(prior->sizes() == post->sizes(), "prior and post must have the same shape, got ", prior->sizes(),
                 " and ", post->sizes());
     in.k = prior->size(1);
-    TORCH_CHECK(in.k > 0, "prior must have K > 0 columns, got shape ", prior->sizes());
+    LPC_CHECK(in.k > 0, "prior must have K > 0 columns, got shape ", prior->sizes());
     in.prior = prior->scalar_type() == in.cdt ? *prior : prior->to(in.cdt);
     in.post = post->scalar_type() == in.cdt ? *post : post->to(in.cdt);
   }
-  TORCH_CHECK(o.kl_weight == 0.0 || in.prior.defined(), "kl_weight > 0 needs prior and post");
-  TORCH_CHECK(std::isfinite(o.beta) && o.beta > 0, "beta must be finite and > 0, got ", o.beta);
+  LPC_CHECK(o.kl_weight == 0.0 || in.prior.defined(), "kl_weight > 0 needs prior and post");
+  LPC_CHECK(std::isfinite(o.beta) && o.beta > 0, "beta must be finite and > 0, got ", o.beta);
   return in;
 }
 
@@ -280,8 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double beta, double gamma, double label_smoothing, double kl_weight, bool ipo_average) {
   const Options o = make_options(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average);
   const Inputs in = check_inputs(pc, pr, rc, rr, cl, rl, prior, post, o);
-  TORCH_CHECK(g_loss.numel() == 1 && g_loss.dim() == 0, "g_loss must be a 0-d tensor, got shape ", g_loss.sizes());
-  TORCH_CHECK(is_float_dtype(g_loss.scalar_type()), "g_loss must be a float tensor, got ", g_loss.scalar_type());
+  LPC_CHECK(g_loss.numel() == 1 && g_loss.dim() == 0, "g_loss must be a 0-d tensor, got shape ", g_loss.sizes());
+  LPC_CHECK(is_float_dtype(g_loss.scalar_type()), "g_loss must be a float tensor, got ", g_loss.scalar_type());
   const at::Tensor gl = grad_vector(g_losses, "g_losses", in.b, in.cdt);
   const at::Tensor gc = grad_vector(g_cr, "g_cr", in.b, in.cdt);
   const at::Tensor gr = grad_vector(g_rr, "g_rr", in.b, in.cdt);

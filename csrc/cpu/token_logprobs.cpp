@@ -91,7 +91,7 @@ void bwd_kernel(const acc_t<scalar_t>* grad, const scalar_t* x, const int64_t* l
 
 void check_bwd_args(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
   check_float(logits, "logits", 2);
-  TORCH_CHECK(logits.size(1) > 0, "logits must have V > 0 columns, got shape ", logits.sizes());
+  LPC_CHECK(logits.size(1) > 0, "logits must have V > 0 columns, got shape ", logits.sizes());
   check_labels(labels, logits.size(0), logits.size(1), ignore_index);
 }
 
@@ -113,7 +113,7 @@ void run_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Te
 std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels,
                                                       int64_t ignore_index) {
   check_float(logits, "logits", 2);
-  TORCH_CHECK(logits.size(1) > 0, "logits must have V > 0 columns, got shape ", logits.sizes());
+  LPC_CHECK(logits.size(1) > 0, "logits must have V > 0 columns, got shape ", logits.sizes());
   check_labels(labels, logits.size(0), logits.size(1), ignore_index);
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor logp = at::empty({logits.size(0)}, opts);

@@ -5,6 +5,8 @@
 // The messages are those the .cu files raised before they moved here; each names the argument.
 #include "checks.h"
 
+#include "../format.h"
+
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -21,24 +23,24 @@ namespace {
 constexpr int64_t kMaxLaunch = int64_t(1) << 31;
 
 void dim_is(const Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  LPC_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
 void contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the Python wrappers call .contiguous())");
+  LPC_CHECK(t.is_contiguous(), name, " must be contiguous (the Python wrappers call .contiguous())");
 }
 
 void same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+  LPC_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
 }
 
 // A [B] vector of preference_loss (absent: nothing to check).
 void pref_vec(const Tensor& t, const char* name, const Tensor& pc, bool allow_int) {
   if (!t.defined()) return;
   input(t, name, 1, pc, "pc");
-  TORCH_CHECK(t.size(0) == pc.size(0), name, " must have shape [B] = [", pc.size(0), "], got ", t.sizes());
+  LPC_CHECK(t.size(0) == pc.size(0), name, " must have shape [B] = [", pc.size(0), "], got ", t.sizes());
   if (allow_int) {
-    TORCH_CHECK(t.is_floating_point() || t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
+    LPC_CHECK(t.is_floating_point() || t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
                 " must be a float or int32/int64 tensor, got ", t.scalar_type());
   } else {
     floating(t, name);
@@ -49,7 +51,7 @@ int parse_loss_type(std::string_view v) {
   if (v == "dpo") return kDpo;
   if (v == "ipo") return kIpo;
   if (v == "simpo") return kSimpo;
-  TORCH_CHECK(false, "loss_type must be one of ['dpo', 'ipo', 'simpo'], got '", std::string(v), "'");
+  LPC_CHECK(false, "loss_type must be one of ['dpo', 'ipo', 'simpo'], got '", std::string(v), "'");
   return kDpo;
 }
 
@@ -57,8 +59,8 @@ int parse_loss_type(std::string_view v) {
 
 // ------------------------------------------------------------------------------------- primitives
 void cuda_tensor(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
+  LPC_CHECK(t.defined(), name, " must be a defined tensor");
+  LPC_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
 }
 
 void input(const Tensor& t, const char* name, int64_t dim, const Tensor& ref, const char* ref_name) {
@@ -70,17 +72,17 @@ void input(const Tensor& t, const char* name, int64_t dim, const Tensor& ref, co
 
 void floating(const Tensor& t, const char* name) {
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+  LPC_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
               " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
 void label_dtype(const Tensor& labels) {
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+  LPC_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
               "labels must be int64 or int32, got ", labels.scalar_type());
 }
 
 int vec_code(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
+  LPC_CHECK(t.defined(), name, " must be a defined tensor");
   switch (t.scalar_type()) {
     case at::kFloat: return kF32;
     case at::kDouble: return kF64;
@@ -88,13 +90,13 @@ int vec_code(const Tensor& t, const char* name) {
     case at::kBFloat16: return kBF16;
     case at::kLong: return kI64;
     case at::kInt: return kI32;
-    default: TORCH_CHECK(false, name, " has an unsupported dtype ", t.scalar_type());
+    default: LPC_CHECK(false, name, " has an unsupported dtype ", t.scalar_type());
   }
   return kAbsent;
 }
 
 void fits_launch(int64_t count, const char* what) {
-  TORCH_CHECK(count < kMaxLaunch, what, " is too large for one launch (", count, " blocks or rows, limit ",
+  LPC_CHECK(count < kMaxLaunch, what, " is too large for one launch (", count, " blocks or rows, limit ",
               kMaxLaunch - 1, ")");
 }
 
@@ -104,9 +106,9 @@ void token_logprobs_fwd(const Tensor& logits, const Tensor& labels) {
   floating(logits, "logits");
   input(labels, "labels", 1, logits, "logits");
   label_dtype(labels);
-  TORCH_CHECK(labels.size(0) == logits.size(0), "labels must have shape [N] = [", logits.size(0), "], got ",
+  LPC_CHECK(labels.size(0) == logits.size(0), "labels must have shape [N] = [", logits.size(0), "], got ",
               labels.sizes());
-  TORCH_CHECK(logits.size(1) > 0, "logits must have V > 0 columns, got shape ", logits.sizes());
+  LPC_CHECK(logits.size(1) > 0, "logits must have V > 0 columns, got shape ", logits.sizes());
   fits_launch(logits.size(0), "logits (rows)");
 }
 
@@ -118,9 +120,9 @@ void token_logprobs_bwd(const Tensor& grad_logp, const Tensor& logits, const Ten
   label_dtype(labels);
   input(grad_logp, "grad_logp", 1, logits, "logits");
   input(lse, "lse", 1, logits, "logits");
-  TORCH_CHECK(labels.size(0) == n, "labels must have shape [N] = [", n, "], got ", labels.sizes());
-  TORCH_CHECK(grad_logp.size(0) == n, "grad_logp must have shape [N] = [", n, "], got ", grad_logp.sizes());
-  TORCH_CHECK(lse.size(0) == n, "lse must have shape [N] = [", n, "], got ", lse.sizes());
+  LPC_CHECK(labels.size(0) == n, "labels must have shape [N] = [", n, "], got ", labels.sizes());
+  LPC_CHECK(grad_logp.size(0) == n, "grad_logp must have shape [N] = [", n, "], got ", grad_logp.sizes());
+  LPC_CHECK(lse.size(0) == n, "lse must have shape [N] = [", n, "], got ", lse.sizes());
   floating(grad_logp, "grad_logp");
   floating(lse, "lse");
   fits_launch(n, "logits (rows)");
@@ -132,22 +134,22 @@ void linear_token_logprobs(const Tensor& hidden, const Tensor& weight, const Ten
   input(hidden, "hidden", 2, hidden, "hidden");
   floating(hidden, "hidden");
   input(weight, "weight", 2, hidden, "hidden");
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "hidden (", hidden.scalar_type(), ") and weight (",
+  LPC_CHECK(weight.scalar_type() == hidden.scalar_type(), "hidden (", hidden.scalar_type(), ") and weight (",
               weight.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape [V, H] with H = hidden.shape[1] = ",
+  LPC_CHECK(weight.size(1) == hidden.size(1), "weight must have shape [V, H] with H = hidden.shape[1] = ",
               hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0 && weight.size(1) > 0, "weight must have shape [V, H] with V, H > 0, got ",
+  LPC_CHECK(weight.size(0) > 0 && weight.size(1) > 0, "weight must have shape [V, H] with V, H > 0, got ",
               weight.sizes());
   input(labels, "labels", 1, hidden, "hidden");
   label_dtype(labels);
-  TORCH_CHECK(labels.size(0) == hidden.size(0), "labels must have shape [N] = [", hidden.size(0), "], got ",
+  LPC_CHECK(labels.size(0) == hidden.size(0), "labels must have shape [N] = [", hidden.size(0), "], got ",
               labels.sizes());
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  LPC_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   if (bias.defined()) {
     input(bias, "bias", 1, hidden, "hidden");
-    TORCH_CHECK(bias.scalar_type() == weight.scalar_type(), "bias must have the dtype of weight (",
+    LPC_CHECK(bias.scalar_type() == weight.scalar_type(), "bias must have the dtype of weight (",
                 weight.scalar_type(), "), got ", bias.scalar_type());
-    TORCH_CHECK(bias.size(0) == weight.size(0), "bias must have shape [V] = [", weight.size(0), "], got ",
+    LPC_CHECK(bias.size(0) == weight.size(0), "bias must have shape [V] = [", weight.size(0), "], got ",
                 bias.sizes());
   }
   // The launch sizes depend on the valid rows (known after a device sync): the .cu checks them with
@@ -161,9 +163,9 @@ void linear_token_logprobs_bwd(const Tensor& grad_logp, const Tensor& lse, const
   input(lse, "lse", 1, hidden, "hidden");
   floating(grad_logp, "grad_logp");
   floating(lse, "lse");
-  TORCH_CHECK(grad_logp.size(0) == n, "grad_logp must have shape [N] = [", n, "], got ", grad_logp.sizes());
-  TORCH_CHECK(lse.size(0) == n, "lse must have shape [N] = [", n, "], got ", lse.sizes());
-  TORCH_CHECK(!need_bias || has_bias, "need_bias is true but bias is None");
+  LPC_CHECK(grad_logp.size(0) == n, "grad_logp must have shape [N] = [", n, "], got ", grad_logp.sizes());
+  LPC_CHECK(lse.size(0) == n, "lse must have shape [N] = [", n, "], got ", lse.sizes());
+  LPC_CHECK(!need_bias || has_bias, "need_bias is true but bias is None");
 }
 
 // ------------------------------------------------------------------------- gumbel_softmax_codes
@@ -174,11 +176,11 @@ void gumbel_softmax_fwd(const Tensor& logits, const Tensor& codebook, double tau
   input(codebook, "codebook", 2, logits, "logits");
   floating(codebook, "codebook");
   const int64_t B = logits.size(0), K = logits.size(1);
-  TORCH_CHECK(K > 0 && codebook.size(0) == K, "codebook must have shape [K, D] with K = logits.shape[1] = ", K,
+  LPC_CHECK(K > 0 && codebook.size(0) == K, "codebook must have shape [K, D] with K = logits.shape[1] = ", K,
               " > 0, got ", codebook.sizes());
-  TORCH_CHECK(tau > 0, "tau must be > 0, got ", tau);
-  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
-  TORCH_CHECK(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - B * K,
+  LPC_CHECK(tau > 0, "tau must be > 0, got ", tau);
+  LPC_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  LPC_CHECK(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - B * K,
               "offset must be >= 0 with offset + B*K < 2**63, got offset=", offset, " and B*K=", B * K);
   fits_launch((B + rows_per_block - 1) / rows_per_block, "logits (rows)");
 }
@@ -186,30 +188,30 @@ void gumbel_softmax_fwd(const Tensor& logits, const Tensor& codebook, double tau
 bool gumbel_softmax_bwd(const Tensor& grad_weights, const Tensor& grad_z, const Tensor& weights, const Tensor& soft,
                         const Tensor& codebook, double tau, int64_t rows_per_block) {
   input(weights, "weights", 2, weights, "weights");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble,
+  LPC_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble,
               "weights must be float32 or float64 (the forward's output), got ", weights.scalar_type());
   const int64_t B = weights.size(0), K = weights.size(1);
   input(codebook, "codebook", 2, weights, "weights");
   floating(codebook, "codebook");
-  TORCH_CHECK(codebook.size(0) == K, "codebook must have shape [K, D] with K = ", K, ", got ", codebook.sizes());
+  LPC_CHECK(codebook.size(0) == K, "codebook must have shape [K, D] with K = ", K, ", got ", codebook.sizes());
   const int64_t D = codebook.size(1);
   input(grad_weights, "grad_weights", 2, weights, "weights");
   floating(grad_weights, "grad_weights");
-  TORCH_CHECK(grad_weights.sizes() == weights.sizes(), "grad_weights must have shape ", weights.sizes(), ", got ",
+  LPC_CHECK(grad_weights.sizes() == weights.sizes(), "grad_weights must have shape ", weights.sizes(), ", got ",
               grad_weights.sizes());
   input(grad_z, "grad_z", 2, weights, "weights");
   floating(grad_z, "grad_z");
-  TORCH_CHECK(grad_z.size(0) == B && grad_z.size(1) == D, "grad_z must have shape [", B, ", ", D, "], got ",
+  LPC_CHECK(grad_z.size(0) == B && grad_z.size(1) == D, "grad_z must have shape [", B, ", ", D, "], got ",
               grad_z.sizes());
   cuda_tensor(soft, "soft");
   const bool has_soft = soft.numel() > 0;
   if (has_soft) {
     input(soft, "soft", 2, weights, "weights");
-    TORCH_CHECK(soft.sizes() == weights.sizes() && soft.scalar_type() == weights.scalar_type(),
+    LPC_CHECK(soft.sizes() == weights.sizes() && soft.scalar_type() == weights.scalar_type(),
                 "soft must be [0]-shaped or match weights (", weights.sizes(), ", ", weights.scalar_type(),
                 "), got ", soft.sizes(), ", ", soft.scalar_type());
   }
-  TORCH_CHECK(tau > 0, "tau must be > 0, got ", tau);
+  LPC_CHECK(tau > 0, "tau must be > 0, got ", tau);
   fits_launch((B + rows_per_block - 1) / rows_per_block, "weights (rows)");
   return has_soft;
 }
@@ -221,7 +223,7 @@ PrefShape preference_loss(const Tensor& pc, const Tensor& pr, const Tensor& rc, 
                           int64_t pairs_per_block) {
   input(pc, "pc", 1, pc, "pc");
   floating(pc, "pc");
-  TORCH_CHECK(pr.defined(), "pr must be a defined tensor");
+  LPC_CHECK(pr.defined(), "pr must be a defined tensor");
   pref_vec(pr, "pr", pc, false);
   pref_vec(rc, "rc", pc, false);
   pref_vec(rr, "rr", pc, false);
@@ -231,27 +233,27 @@ PrefShape preference_loss(const Tensor& pc, const Tensor& pr, const Tensor& rc, 
   s.loss_type = parse_loss_type(loss_type);
   s.B = pc.size(0);
   if (s.loss_type != kSimpo) {
-    TORCH_CHECK(rc.defined() && rr.defined(), "loss_type dpo/ipo needs rc and rr (reference log-probs)");
+    LPC_CHECK(rc.defined() && rr.defined(), "loss_type dpo/ipo needs rc and rr (reference log-probs)");
   }
   const bool need_lengths = s.loss_type == kSimpo || (s.loss_type == kIpo && ipo_average);
-  if (need_lengths) TORCH_CHECK(cl.defined() && rl.defined(), "this loss_type needs cl and rl (lengths)");
-  TORCH_CHECK(prior.defined() == post.defined(), "prior and post must be given together");
+  if (need_lengths) LPC_CHECK(cl.defined() && rl.defined(), "this loss_type needs cl and rl (lengths)");
+  LPC_CHECK(prior.defined() == post.defined(), "prior and post must be given together");
   if (prior.defined()) {
     input(prior, "prior", 2, pc, "pc");
     input(post, "post", 2, pc, "pc");
     floating(prior, "prior");
     floating(post, "post");
-    TORCH_CHECK(prior.sizes() == post.sizes() && prior.size(0) == s.B && prior.size(1) > 0,
+    LPC_CHECK(prior.sizes() == post.sizes() && prior.size(0) == s.B && prior.size(1) > 0,
                 "prior and post must both have shape [B, K] with B = ", s.B, ", K > 0; got ", prior.sizes(),
                 " and ", post.sizes());
     s.K = prior.size(1);
   }
-  TORCH_CHECK(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 0.5, "label_smoothing must be in [0, 0.5], got ",
+  LPC_CHECK(beta > 0, "beta must be > 0, got ", beta);
+  LPC_CHECK(label_smoothing >= 0 && label_smoothing <= 0.5, "label_smoothing must be in [0, 0.5], got ",
               label_smoothing);
-  TORCH_CHECK(kl_weight >= 0, "kl_weight must be >= 0, got ", kl_weight);
-  TORCH_CHECK(kl_weight == 0 || prior.defined(), "kl_weight=", kl_weight, " > 0 needs prior and post");
-  TORCH_CHECK(s.B > 0, "preference_loss needs at least one pair (pc is empty)");
+  LPC_CHECK(kl_weight >= 0, "kl_weight must be >= 0, got ", kl_weight);
+  LPC_CHECK(kl_weight == 0 || prior.defined(), "kl_weight=", kl_weight, " > 0 needs prior and post");
+  LPC_CHECK(s.B > 0, "preference_loss needs at least one pair (pc is empty)");
   fits_launch((s.B + pairs_per_block - 1) / pairs_per_block, "pc (pairs)");
   return s;
 }
@@ -260,7 +262,7 @@ void preference_loss_grads(const Tensor& g_loss, const Tensor& g_losses, const T
                            const Tensor& g_kl, const Tensor& pc) {
   cuda_tensor(g_loss, "g_loss");
   same_device(g_loss, pc, "g_loss", "pc");
-  TORCH_CHECK(g_loss.numel() == 1, "g_loss must be a scalar, got shape ", g_loss.sizes());
+  LPC_CHECK(g_loss.numel() == 1, "g_loss must be a scalar, got shape ", g_loss.sizes());
   floating(g_loss, "g_loss");
   const int64_t B = pc.size(0);
   const char* names[4] = {"g_losses", "g_cr", "g_rr", "g_kl"};
@@ -268,7 +270,7 @@ void preference_loss_grads(const Tensor& g_loss, const Tensor& g_losses, const T
   for (int j = 0; j < 4; ++j) {
     input(*gs[j], names[j], 1, pc, "pc");
     floating(*gs[j], names[j]);
-    TORCH_CHECK(gs[j]->size(0) == B, names[j], " must have shape [B] = [", B, "], got ", gs[j]->sizes());
+    LPC_CHECK(gs[j]->size(0) == B, names[j], " must have shape [B] = [", B, "], got ", gs[j]->sizes());
   }
 }
 

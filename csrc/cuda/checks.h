@@ -1,12 +1,9 @@
 // Host-side argument checks of the CUDA ops, declared for csrc/cuda/*.cu and defined in checks.cpp.
 //
-// Why a separate, g++-compiled file: on the H100 build (torch 2.11, its nvcc) a TORCH_CHECK in a .cu file
-// that streamed a non-string value (`t.sizes()`, an int64) into its message segfaulted the process
-// instead of raising, while one with string literals only raised fine. Whatever the exact cause (nvcc's
-// host pass instantiating c10::str / operator<< differently from the g++ TUs that define the same inline
-// templates, or a -std mismatch between them), every message that formats a value is built here, in
-// code compiled by the host compiler alone, and the .cu files pass only Tensors, int64s, doubles, bools
-// and const char* across. The .cu files keep no TORCH_CHECK that streams a value.
+// Why a separate, g++-compiled file: keeping all message formatting out of nvcc's host pass, in code the
+// host compiler alone builds, and formatting it without std::ostream (LPC_CHECK, csrc/format.h: the GPU
+// machines' builds segfaulted inside std::ostream::_M_insert<long> when a message streamed a number). The
+// .cu files pass only Tensors, int64s, doubles, bools and const char* across and format nothing.
 //
 // Every message names the argument (tests/test_cuda.py matches on the name) and what was expected.
 // This header is plain C++: no CUDA types, so both compilers read the same declarations.
