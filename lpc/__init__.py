@@ -2,9 +2,12 @@
 
 Modules: ``config`` (dataclasses), ``model`` (HF causal LM + codebook + prior/posterior heads, z added
 before the LM head), ``losses`` (DPO / IPO / SimPO + KL through ``lk.preference_loss``), ``data``
-(loading, tokenising, collation), ``synthetic`` (preference data with known ground truth),
-``tokenizer`` (the locally trained synthetic tokenizer), ``evaluate`` (held-out accuracy), ``train``
-(``python -m lpc.train``).
+(loading JSONL/JSON/Parquet/``datasets``, validation, tokenising, collation, resumable order),
+``synthetic`` (preference data with known ground truth), ``tokenizer`` (the locally trained synthetic
+tokenizer), ``reference`` (live / adapter-disabled / cached reference log-probs), ``checkpoint``
+(safetensors checkpoints and resume), ``evaluate`` (held-out evaluation, ``python -m lpc.evaluate``),
+``generate`` (``python -m lpc.generate``), ``tiny_model`` (tiny HF model directories for smoke tests),
+``io`` (atomic writes), ``train`` (``python -m lpc.train``).
 """
 
 from .config import LPCConfig, SyntheticConfig, TrainConfig

@@ -21,11 +21,10 @@ The reference model is a frozen copy of the initial policy, scored the same way 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,10 +43,21 @@ HEADS_FILE = "lpc_heads.safetensors"
 LPC_CONFIG_FILE = "lpc_config.json"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Writing model shards" progress bar per save: it would break the trainer's own progress bar."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------ policy helpers
@@ -107,6 +117,12 @@ def response_logps(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optiona
     h = hidden[:, :-1][keep]  # [N, D]: compacting here means prompt/pad rows never reach the op
     if z is not None:
         h = h + z.to(h.dtype)[rows]
+    # the op needs one dtype: under autocast (--dtype bfloat16) it runs in the autocast dtype (fp32 master
+    # weights are cast per step, as autocast does for nn.Linear); otherwise in the head's dtype
+    dev = h.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    h, weight = h.to(dt), weight.to(dt)
+    bias = None if bias is None else bias.to(dt)
     logp = lk.linear_token_logprobs(h, weight, target[keep], bias=bias, backend=backend)
     return logp.new_zeros(hidden.shape[0]).index_add(0, rows, logp)
 
@@ -226,11 +242,13 @@ class LPCModel(nn.Module):
         return w, w @ self.codebook
 
     def latent(self, prior_logits: Tensor, posterior_logits: Tensor, *, mix: float, seed: int,
-               offset: int) -> tuple[Tensor, Tensor]:
+               offset: int, prior_offset: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """Training latent ``z = g * z_prior + (1 - g) * z_post``; returns ``(posterior weights, z)``.
 
-        The posterior sample uses Gumbel counters ``offset .. offset + B*K``; a Gumbel prior sample
-        (``prior_sample="gumbel"``) the next ``B*K``, so the two noises are independent.
+        The posterior sample of row ``b`` uses Gumbel counters ``offset + b*K .. offset + b*K + K``; a
+        Gumbel prior sample (``prior_sample="gumbel"``) uses ``prior_offset + b*K + k`` (default
+        ``offset + B*K``, the next ``B*K`` counters), so the two noises are independent.
+        ``gumbel_offsets`` gives offsets that make each example's noise independent of the batch split.
         """
         cfg = self.lpc
         w, z = lk.gumbel_softmax_codes(posterior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard, seed=seed,
@@ -238,7 +256,8 @@ class LPCModel(nn.Module):
         if mix > 0.0:
             if cfg.prior_sample == "gumbel":
                 _, z_prior = lk.gumbel_softmax_codes(prior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard,
-                                                     seed=seed, offset=offset + prior_logits.numel(),
+                                                     seed=seed, offset=(offset + prior_logits.numel()
+                                                                        if prior_offset is None else prior_offset),
                                                      backend=self.backend)
             else:
                 z_prior = self.prior_z(prior_logits, "expected")[1]
@@ -249,27 +268,49 @@ class LPCModel(nn.Module):
         """Gumbel counters one training step consumes (advance ``offset`` by this between steps)."""
         return 0 if self.lpc is None else 2 * batch_size * self.lpc.num_codes
 
+    def gumbel_offsets(self, step: int, global_batch: int, first_index: int) -> tuple[int, int]:
+        """``(offset, prior_offset)`` for a micro-batch whose first example is ``first_index`` in the
+        global batch of ``global_batch`` examples at optimizer step ``step``.
+
+        Step ``s`` owns counters ``[s * 2GK, (s + 1) * 2GK)``: the posterior noise of example ``i`` is
+        ``s*2GK + i*K + k`` and its prior noise ``s*2GK + G*K + i*K + k``. Every example's noise is thus a
+        pure function of ``(seed, step, i)``, whatever the micro-batching, data-parallel split or resume
+        point. For one micro-batch holding the whole batch this is the plain layout of ``latent``
+        (``offset = s * gumbel_numel(G)``, prior noise in the next ``G*K`` counters).
+        """
+        if self.lpc is None:
+            return 0, 0
+        k = self.lpc.num_codes
+        base = step * 2 * global_batch * k
+        return base + first_index * k, base + global_batch * k + first_index * k
+
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, *, mix: float = 0.0, seed: int = 0, offset: int = 0,
-                use_prior: bool = False) -> LPCOutput:
+                prior_offset: Optional[int] = None, use_prior: bool = False) -> LPCOutput:
         """One policy pass over a collated batch (see ``lpc.data``).
 
         Args:
-            mix: prior-mix weight ``g`` in [0, 1] (training). seed / offset: Gumbel noise counters.
+            mix: prior-mix weight ``g`` in [0, 1] (training). seed / offset / prior_offset: Gumbel noise
+                counters (see ``latent`` and ``gumbel_offsets``).
             use_prior: inference mode: ``z`` from the prior (``lpc.inference``), no sampling.
+
+        The codebook and heads always run in fp32 (autocast off): they are tiny, and the KL term and the
+        Gumbel sample are sensitive to bf16 rounding of the code logits.
         """
         ids, mask, labels = concat_pair(batch)
         hidden = final_hidden_states(self.policy, ids, mask)
         weight, bias = lm_head_of(self.policy)
         prior_logits = posterior_logits = w = z = None
         if self.lpc is not None:
-            h_x, h_w, h_l = self.features(hidden, batch)
-            prior_logits = self.prior(h_x)
-            posterior_logits = self.posterior(torch.cat([h_w, h_l], dim=-1))
-            if use_prior:
-                w, z = self.prior_z(prior_logits)
-            else:
-                w, z = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset)
+            with torch.autocast(hidden.device.type, enabled=False):
+                h_x, h_w, h_l = self.features(hidden, batch)
+                prior_logits = self.prior(h_x)
+                posterior_logits = self.posterior(torch.cat([h_w, h_l], dim=-1))
+                if use_prior:
+                    w, z = self.prior_z(prior_logits)
+                else:
+                    w, z = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset,
+                                       prior_offset=prior_offset)
         logps = response_logps(hidden, labels, weight, bias, None if z is None else torch.cat([z, z]),
                                backend=self.backend)
         chosen, rejected = logps.chunk(2)
@@ -277,6 +318,27 @@ class LPCModel(nn.Module):
                          posterior_logits, w, z, int(mask.sum()))
 
     # ------------------------------------------------------------------------------------ saving
+    def write_files(self, directory: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None) -> None:
+        """Write the policy (HF layout, safetensors; a ``peft`` policy writes its adapter files),
+        ``lpc_heads.safetensors`` and ``lpc_config.json``, the tokenizer and ``extra_files`` (name ->
+        JSON-able object) into the existing ``directory``. Not atomic: see ``save_pretrained``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with _quiet_transformers():
+            self.policy.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        meta = {"lpc": self.lpc.to_dict() if self.lpc is not None else None}
+        with open(directory / LPC_CONFIG_FILE, "w") as f:
+            json.dump(meta, f, indent=2)
+        if self.lpc is not None:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
+            save_file(tensors, str(directory / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
+        for name, obj in (extra_files or {}).items():
+            with open(directory / name, "w") as f:
+                json.dump(obj, f, indent=2)
+
     def save_pretrained(self, path: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
         """Write ``path/`` atomically: the policy (HF layout, safetensors), ``lpc_heads.safetensors`` and
         ``lpc_config.json`` beside it, the tokenizer, and ``extra_files`` (name -> JSON-able object).
@@ -284,35 +346,11 @@ class LPCModel(nn.Module):
         Everything goes into a temp directory next to ``path`` which then replaces ``path`` by rename,
         so a crash never leaves a half-written checkpoint under the final name.
         """
-        from safetensors.torch import save_file
+        from .io import atomic_directory
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint should look like any other dir
-        try:
-            self.policy.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            meta = {"lpc": self.lpc.to_dict() if self.lpc is not None else None}
-            with open(tmp / LPC_CONFIG_FILE, "w") as f:
-                json.dump(meta, f, indent=2)
-            if self.lpc is not None:
-                tensors = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
-                save_file(tensors, str(tmp / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
-            for name, obj in (extra_files or {}).items():
-                with open(tmp / name, "w") as f:
-                    json.dump(obj, f, indent=2)
-            old = None
-            if path.exists():  # rename cannot replace a non-empty directory: move the old one aside first
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / "ckpt")
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_directory(path) as tmp:
+            self.write_files(tmp, tokenizer, extra_files)
         return path
 
     @classmethod
@@ -322,7 +360,8 @@ class LPCModel(nn.Module):
         from transformers import AutoModelForCausalLM
 
         path = Path(path)
-        policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
+        with _quiet_transformers():
+            policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
         with open(path / LPC_CONFIG_FILE) as f:
             meta = json.load(f)
         lpc = LPCConfig(**meta["lpc"]) if meta.get("lpc") else None

@@ -81,7 +81,9 @@ def test_dataset_adds_bos_eos_and_truncates(tokenizer):
     assert tokenizer.unk_token_id not in p.prompt + p.chosen + p.rejected
     short = PreferenceDataset([row], tokenizer, max_length=8)[0]
     assert len(short.prompt) + max(len(short.chosen), len(short.rejected)) <= 8
-    assert short.prompt == p.prompt[-len(short.prompt):]  # prompt loses tokens from the left
+    # the prompt (9 tokens) keeps BOS + its last 3 (max_length // 2 = 4), the answers their first 4
+    assert short.prompt == [p.prompt[0]] + p.prompt[-3:]
+    assert short.chosen == p.chosen[:4] and short.rejected == p.rejected[:4]
 
 
 def test_dataset_chat_template_renders_prompt(tokenizer):
@@ -339,3 +341,31 @@ def test_tokenizer_is_cached_and_covers_the_lexicon(tmp_path):
     ids = tok.convert_tokens_to_ids(synthetic.lexicon())
     assert tok.unk_token_id not in ids and len(set(ids)) == len(ids)
     assert {tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token} == set(synthetic.SPECIAL_TOKENS)
+
+
+# ------------------------------------------------------------------- Gumbel noise per training example
+def test_gumbel_offsets_make_each_examples_noise_independent_of_micro_batching():
+    """The posterior sample of example i at step s must not depend on how the global batch is split
+    (gradient accumulation, data parallelism): compare a whole batch against two halves."""
+    torch.manual_seed(0)
+    k, g, step = 5, 6, 3
+    cfg = LPCConfig(num_codes=k, prior_sample="gumbel")
+    model = LPCModel.__new__(LPCModel)
+    torch.nn.Module.__init__(model)
+    model.lpc, model.backend = cfg, "reference"
+    model.codebook = torch.nn.Parameter(torch.randn(k, 4))
+    post, prior = torch.randn(g, k), torch.randn(g, k)
+    off, poff = model.gumbel_offsets(step, g, 0)
+    # the documented layout: step s owns [s*2GK, (s+1)*2GK), posterior first, then the prior block
+    assert (off, poff) == (step * 2 * g * k, step * 2 * g * k + g * k)
+    w_full, z_full = model.latent(prior, post, mix=0.5, seed=7, offset=off, prior_offset=poff)
+    parts = []
+    for lo, hi in ((0, 2), (2, 6)):
+        o, p = model.gumbel_offsets(step, g, lo)
+        parts.append(model.latent(prior[lo:hi], post[lo:hi], mix=0.5, seed=7, offset=o, prior_offset=p))
+    torch.testing.assert_close(torch.cat([w for w, _ in parts]), w_full, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([z for _, z in parts]), z_full, rtol=1e-6, atol=1e-7)
+    # the whole-batch layout is the plain one the first trainer used: offset advanced by gumbel_numel
+    assert off == step * model.gumbel_numel(g)
+    w_plain, _ = model.latent(prior, post, mix=0.5, seed=7, offset=off)
+    torch.testing.assert_close(w_plain, w_full, rtol=0, atol=0)

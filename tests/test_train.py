@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -130,3 +131,148 @@ def test_same_seed_gives_the_same_run(tmp_path, cache_dir):
                                                                                         "metrics.jsonl")]
 
     assert run("a") == run("b")
+
+
+# ------------------------------------------------------------------------------ trainer features (issue 6)
+def _metrics_wo_time(path):
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _read_jsonl(path)]
+
+
+def _close(a, b, tol):
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=tol, abs=tol), (x["step"], k, x[k], y[k])
+
+
+def test_lr_schedules_by_hand():
+    from lpc.train import lr_factor
+
+    assert [lr_factor(s, 2, 10) for s in (0, 1)] == [0.5, 1.0]  # linear warmup
+    assert lr_factor(2, 2, 10) == pytest.approx(1.0) and lr_factor(9, 2, 10) == pytest.approx(0.1)
+    # cosine halfway between the end of warmup (step 2) and the last step (9): 0.1 + 0.9 * 0.5
+    assert lr_factor(5.5, 2, 10) == pytest.approx(0.55)
+    assert lr_factor(5.5, 2, 10, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(9, 2, 10, "linear", 0.2) == pytest.approx(0.2)
+    assert lr_factor(7, 2, 10, "constant") == 1.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache_dir):
+    def run(name, accum):
+        train(TrainConfig(steps=3, batch_size=8, gradient_accumulation_steps=accum, num_train=32, eval_size=4,
+                          num_codes=4, output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
+        return _metrics_wo_time(tmp_path / name / "metrics.jsonl")
+
+    _close(run("one", 1), run("four", 4), 2e-5)  # same pairs, same Gumbel noise per pair, same update
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, cache_dir):
+    def run(name, gc):
+        train(TrainConfig(steps=2, batch_size=4, num_train=16, eval_size=4, num_codes=4, gradient_checkpointing=gc,
+                          output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
+        return _metrics_wo_time(tmp_path / name / "metrics.jsonl")
+
+    _close(run("plain", False), run("ckpt", True), 1e-5)
+
+
+def test_reference_logp_cache_equals_live_reference(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    from lpc.data import PreferenceCollator
+    from lpc.model import make_reference, reference_logps
+    from lpc.train import build_data, build_policy
+
+    base = dict(steps=3, batch_size=4, num_train=16, eval_size=8, num_codes=4, seed=2, cache_dir=cache_dir, **TINY)
+    train(TrainConfig(output_dir=str(tmp_path / "live"), **base))
+    train(TrainConfig(output_dir=str(tmp_path / "cached"), precompute_ref_logps=True, **base))
+    cache = load_file(str(tmp_path / "cached" / "ref_logps.safetensors"))
+    assert cache["train.chosen"].shape == (16,) and cache["eval.rejected"].shape == (8,)
+    # independently: the initial policy scored one unpadded pair at a time
+    cfg = TrainConfig(**base)
+    policy, tok = build_policy(cfg)
+    ref = make_reference(policy)
+    train_set, eval_set, _, _ = build_data(cfg, tok)
+    collate = PreferenceCollator(tok.pad_token_id)
+    for split, ds in (("train", train_set), ("eval", eval_set)):
+        for i in range(len(ds)):
+            c, r = reference_logps(ref, collate([ds[i]]))
+            assert float(cache[f"{split}.chosen"][i]) == pytest.approx(float(c[0]), abs=1e-5)
+            assert float(cache[f"{split}.rejected"][i]) == pytest.approx(float(r[0]), abs=1e-5)
+    _close(_metrics_wo_time(tmp_path / "live" / "metrics.jsonl"),
+           _metrics_wo_time(tmp_path / "cached" / "metrics.jsonl"), 1e-5)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, cache_dir):
+    summary = train(TrainConfig(steps=3, batch_size=4, num_train=16, eval_size=4, num_codes=4, dtype="bfloat16",
+                                output_dir=str(tmp_path), cache_dir=cache_dir, **TINY))
+    metrics = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=0.03)  # policy == reference at step 1, bf16 rounding
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert summary["eval"]["num_pairs"] == 4
+
+
+def test_lora_run_trains_adapters_and_saves_a_merged_model(tmp_path, cache_dir):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from lpc.train import build_policy
+
+    cfg = TrainConfig(steps=3, batch_size=4, num_train=16, eval_size=4, num_codes=4, lora_r=4, lr=1e-2,
+                      save_every=3, output_dir=str(tmp_path), cache_dir=cache_dir, **TINY)
+    train(cfg)
+    ck = tmp_path / "checkpoints" / "step-00000003"
+    assert (ck / "adapter_model.safetensors").is_file() and not (ck / "model.safetensors").exists()
+    adapter = load_file(str(ck / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    merged = load_file(str(tmp_path / "final" / "model.safetensors"))
+    initial = build_policy(cfg)[0].state_dict()
+    assert set(merged) <= set(initial)  # a plain HF model, no adapter keys
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], initial[q])  # the trained adapter was merged in
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(merged[emb], initial[emb])  # LoRA leaves non-adapted weights alone
+    assert LPCModel.from_pretrained(tmp_path / "final").lpc.num_codes == 4
+
+
+def test_lora_without_peft_is_a_clear_error(tmp_path, cache_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match="--lora-r needs the optional `peft` package: pip install peft"):
+        train(TrainConfig(steps=1, batch_size=4, num_train=8, eval_size=0, lora_r=4, num_codes=4,
+                          output_dir=str(tmp_path), cache_dir=cache_dir, **TINY))
+
+
+def test_flip_marker_reaches_the_synthetic_config(monkeypatch, cache_dir):
+    from lpc import synthetic
+    from lpc.tokenizer import load_synthetic_tokenizer
+    from lpc.train import build_data
+
+    seen = []
+    real = synthetic.make_splits
+    monkeypatch.setattr(synthetic, "make_splits", lambda cfg: seen.append(cfg) or real(cfg))
+    tok = load_synthetic_tokenizer(cache_dir)
+    for marker in (True, False):
+        build_data(TrainConfig(num_train=8, eval_size=4, flip_fraction=0.5, flip_marker=marker, **TINY), tok)
+    assert [c.flip_marker for c in seen] == [True, False] and all(c.flip_fraction == 0.5 for c in seen)
+
+
+def test_hf_model_dir_with_chat_template_and_ultrafeedback_sample(tmp_path, cache_dir):
+    from pathlib import Path
+
+    from lpc.tiny_model import dataset_texts, make_tiny_model
+
+    sample = str(Path(__file__).parent / "data" / "ultrafeedback_sample.jsonl")
+    model_dir = make_tiny_model(tmp_path / "model", dataset_texts(sample), vocab_size=400)
+    summary = train(TrainConfig(model=str(model_dir), dataset=sample, steps=2, batch_size=4, eval_size=8,
+                                num_codes=4, max_length=64, output_dir=str(tmp_path / "run"), threads=1,
+                                progress=False))
+    ev = summary["eval"]
+    assert ev["num_pairs"] == 8 and set(ev["accuracy_by_source"]) <= {"evol_instruct", "false_qa", "sharegpt",
+                                                                     "ultrachat"}
+    assert (tmp_path / "run" / "final" / "chat_template.jinja").exists() or \
+        "chat_template" in (tmp_path / "run" / "final" / "tokenizer_config.json").read_text()

@@ -1,0 +1,272 @@
+"""Training checkpoints: save, find and load, with safetensors and JSON only (nothing is unpickled).
+
+Layout of ``<run>/checkpoints/step-00000050/``:
+
+* the policy in HF layout (``config.json`` + ``model.safetensors``, sharded with an index for big models;
+  with LoRA the ``peft`` adapter files ``adapter_config.json`` + ``adapter_model.safetensors``), the
+  tokenizer, ``lpc_heads.safetensors`` + ``lpc_config.json`` (codebook and heads), ``train_config.json``;
+* ``optimizer.safetensors``: every optimizer state tensor, with the param groups and scalar state as
+  JSON in the safetensors metadata;
+* ``rng_state.safetensors``: torch CPU (and CUDA) generator states, NumPy's state vector;
+* ``trainer_state.json``: step, LR-scheduler state, data position (epoch, position), Gumbel seed,
+  Python/NumPy RNG scalars, the config.
+
+Each checkpoint is written into a temp directory beside its final name and renamed into place
+(``lpc.io.atomic_directory``): a run killed mid-save leaves the previous checkpoint intact and only a
+``.step-*.tmp-*`` directory, which the next save removes. Loading uses ``safetensors`` and ``json``
+only, so a checkpoint from an untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .io import atomic_directory, remove_stale_temps, write_json_atomic
+from .model import HEADS_FILE
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+OPTIM_FILE = "optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+FORMAT = "lpc-checkpoint-v1"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    """``step-00000050``: zero-padded so names sort by step."""
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of the complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: os.PathLike) -> Optional[Path]:
+    """The newest checkpoint of a run, or ``None``."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(spec: str, output_dir: Optional[os.PathLike]) -> Optional[Path]:
+    """The checkpoint directory ``--resume`` names.
+
+    ``"latest"``: the newest checkpoint under ``output_dir`` (``None`` when there is none yet, so a job
+    script can always pass ``--resume latest``). A checkpoint directory: itself. A run directory: its
+    newest checkpoint.
+
+    Raises:
+        ValueError: ``latest`` without ``output_dir``; a path that is neither a checkpoint nor a run with one.
+    """
+    if spec == "latest":
+        if output_dir is None:
+            raise ValueError("--resume latest needs --output-dir (the run directory to look in)")
+        return latest_checkpoint(output_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ValueError(f"--resume {spec!r}: no such directory (pass a checkpoint directory, a run directory, "
+                         "or 'latest' with --output-dir)")
+    if (path / STATE_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ValueError(f"--resume {spec!r}: not a checkpoint (no {STATE_FILE}) and no checkpoints under "
+                         f"{path / CHECKPOINTS_DIR}")
+    return found
+
+
+def run_dir_of(checkpoint: os.PathLike) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step-N`` -> ``<run>``)."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+def optimizer_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (``state/<param>/<name>``) and a JSON-able rest."""
+    tensors, scalars = {}, {}
+    for pid, st in state_dict["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{pid}/{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of ``optimizer_to_tensors``: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split("/", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, st in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every global RNG the training step could draw from (dropout, any library code)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = st
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py = random.getstate()
+    info = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                             float(np_state[4])]}
+    return tensors, info
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """Inverse of ``capture_rng``."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    py = info["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------------------- save / load
+def is_peft(policy) -> bool:
+    return hasattr(policy, "peft_config") and hasattr(policy, "disable_adapter")
+
+
+def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimizer, scheduler, sampler_state: dict,
+                    extra_state: dict, config: dict, keep: int = 0) -> Path:
+    """Write ``<run>/checkpoints/step-N`` atomically, then delete all but the newest ``keep`` (0: keep all).
+
+    Returns the checkpoint path.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)  # leftovers of a save that was killed
+    path = root / checkpoint_name(step)
+    with atomic_directory(path) as tmp:
+        model.write_files(tmp, tokenizer, extra_files={"train_config.json": config})
+        tensors, meta = optimizer_to_tensors(optimizer.state_dict())
+        save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT, "meta": json.dumps(meta)})
+        rng_tensors, rng_info = capture_rng()
+        save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": FORMAT})
+        state = {"format": FORMAT, "step": step, "scheduler": scheduler.state_dict(), "data": sampler_state,
+                 "rng": rng_info, "peft": is_peft(model.policy), "config": config, **extra_state}
+        write_json_atomic(tmp / STATE_FILE, state)
+    if keep > 0:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_state(path: os.PathLike) -> dict:
+    """``trainer_state.json`` of a checkpoint."""
+    with open(Path(path) / STATE_FILE) as f:
+        state = json.load(f)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT})")
+    return state
+
+
+def _load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for shard in shards:
+            out.update(load_file(str(directory / shard)))
+        return out
+    raise FileNotFoundError(f"{directory}: no model.safetensors (or model.safetensors.index.json)")
+
+
+def load_policy_weights(policy, directory: os.PathLike) -> None:
+    """Load the policy weights of a checkpoint into ``policy`` (in place, any dtype/device).
+
+    Full models: every tensor of the HF-layout safetensors; keys missing from the file must be tied to a
+    loaded one (``save_pretrained`` drops tied duplicates such as a tied LM head). LoRA: the adapter.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if is_peft(policy):
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(policy, load_file(str(directory / "adapter_model.safetensors")))
+        unexpected = list(getattr(res, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"{directory}: adapter has keys this model lacks: {unexpected[:5]}")
+        return
+    sd = _load_hf_state_dict(directory)
+    missing, unexpected = policy.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise ValueError(f"{directory}: checkpoint has weights this model lacks: {unexpected[:5]}")
+    params = dict(policy.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in sd if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    untied = [k for k in untied if k in params]  # buffers (e.g. rotary inv_freq) are rebuilt by the model
+    if untied:
+        raise ValueError(f"{directory}: checkpoint lacks weights {untied[:5]}")
+
+
+def load_checkpoint(path: os.PathLike, *, model, optimizer, scheduler) -> dict:
+    """Restore model, heads, optimizer and scheduler from ``path``; returns its ``trainer_state.json``.
+
+    The caller restores the data position from ``state["data"]`` and the RNG with ``load_rng``
+    (right before the first resumed step, after all setup that draws random numbers).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = read_state(path)
+    if state.get("peft", False) != is_peft(model.policy):
+        raise ValueError(f"{path}: checkpoint {'has' if state.get('peft') else 'has no'} LoRA adapter, this run "
+                         f"{'uses' if is_peft(model.policy) else 'does not use'} LoRA (--lora-r)")
+    load_policy_weights(model.policy, path)
+    if model.lpc is not None:
+        heads = load_file(str(path / HEADS_FILE))
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+        missing = [k for k in missing if not k.startswith("policy.")]
+        if missing or unexpected:
+            raise ValueError(f"{path / HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+    with safe_open(str(path / OPTIM_FILE), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def load_rng(path: os.PathLike, state: dict) -> None:
+    """Restore the global RNG states saved with the checkpoint at ``path``."""
+    from safetensors.torch import load_file
+
+    restore_rng(load_file(str(Path(path) / RNG_FILE)), state["rng"])
