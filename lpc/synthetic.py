@@ -146,11 +146,24 @@ def _sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + np.exp(-x)))
 
 
+def _flip_marker(cfg: SyntheticConfig) -> bool:
+    """``cfg.flip_marker`` (default True: the paper's protocol marks flipped prompts).
+
+    Read with ``getattr`` so configs that predate the field keep the old behaviour (always marked).
+    """
+    return bool(getattr(cfg, "flip_marker", True))
+
+
 def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
     """``n`` preference pairs of ``split`` (``"train"`` or ``"eval"``), a pure function of ``cfg.seed``.
 
     Each row: ``prompt``, ``chosen``, ``rejected`` (strings), ``source`` (int), ``source_name``,
     ``chosen_utility``, ``rejected_utility`` (under the row's source), ``flipped`` (bool).
+
+    Label noise: each *training* pair is flipped (chosen and rejected swapped) with probability
+    ``cfg.flip_fraction``; with ``cfg.flip_marker`` (default True, the paper's protocol) its prompt also gets
+    ``" [flip]"`` (the paper writes ``[FLIP]``; the word-level tokenizer's lexicon has the lower-case form).
+    Without the marker the flip is invisible: plain label noise. Held-out pairs are never flipped.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -178,8 +191,11 @@ def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
         row = {"prompt": prompt, "chosen": render_answer(win, topic, rng), "rejected": render_answer(lose, topic, rng),
                "source": source, "source_name": SOURCES[source], "chosen_utility": u_win,
                "rejected_utility": u_lose, "flipped": False}
+        # the flip coin is drawn from the same stream as before the marker became optional, so a marked
+        # and an unmarked run with the same seed and flip_fraction flip exactly the same pairs
         if split == "train" and cfg.flip_fraction > 0 and rng.random() < cfg.flip_fraction:
-            row.update(prompt=f"{prompt} {FLIP_MARKER}", chosen=row["rejected"], rejected=row["chosen"],
+            marked = f"{prompt} {FLIP_MARKER}" if _flip_marker(cfg) else prompt
+            row.update(prompt=marked, chosen=row["rejected"], rejected=row["chosen"],
                        chosen_utility=u_lose, rejected_utility=u_win, flipped=True)
         rows.append(row)
     return rows
@@ -263,6 +279,6 @@ def source_agreement(rows: Sequence[dict]) -> float:
     return agree / max(len(rows), 1)
 
 
-__all__ = ["ATTRIBUTES", "SOURCES", "SOURCE_WEIGHTS", "Answer", "render_answer", "parse_attributes", "utility",
-           "generate_pairs", "make_splits", "corpus", "lexicon", "source_agreement", "source_posterior",
+__all__ = ["ATTRIBUTES", "SOURCES", "SOURCE_WEIGHTS", "FLIP_MARKER", "Answer", "render_answer", "parse_attributes",
+           "utility", "generate_pairs", "make_splits", "corpus", "lexicon", "source_agreement", "source_posterior",
            "bayes_accuracy", "SPECIAL_TOKENS"]

@@ -1,0 +1,514 @@
+"""Analysis helpers for LPC runs: code/source statistics, label-noise injection, latents, plots.
+
+Pure-numpy metrics (no scikit-learn needed):
+
+* ``normalized_mutual_information(a, b)``: NMI with arithmetic-mean normalisation (scikit-learn's default),
+  ``I(a; b) / ((H(a) + H(b)) / 2)``, in [0, 1].
+* ``code_histogram(codes, num_codes)``: how often each code is used (int counts).
+* ``perplexity(p)``: ``exp(H(p))``, the effective number of codes a distribution uses (K for uniform).
+
+Label noise (the paper's protocol and unmarked variants): ``flip_pairs`` swaps chosen/rejected on a
+seeded subset of rows, optionally appending a marker to the flipped prompts; ``flip_mask`` is the subset.
+
+Latents: ``collect_latents(model, dataset, collator, batch_size)`` runs a trained ``LPCModel`` over
+held-out pairs and returns, per pair, prior and posterior probabilities, the latents ``z`` from both, the
+argmax codes and the true source.
+
+Plots (matplotlib's object API, no pyplot state, so it is safe in worker processes and without a
+display): ``plot_code_usage``, ``plot_projection`` with ``project_2d`` (t-SNE when scikit-learn is
+installed, PCA otherwise). Every plot is written to a temp file beside its target and renamed, so a
+killed process never leaves a truncated image; without matplotlib they warn and return ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["normalized_mutual_information", "code_histogram", "perplexity", "entropy", "flip_mask",
+           "flip_pairs", "project_2d", "collect_pairs", "collect_latents", "plot_code_usage", "plot_projection",
+           "plot_bars", "plot_lines", "mean_std"]
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _as_labels(x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of labels, got shape {arr.shape}")
+    return arr
+
+
+def entropy(p) -> float:
+    """Shannon entropy in nats of a probability vector (``0 log 0 = 0``)."""
+    p = _probability_vector(p, "p")
+    nz = p > 0
+    return float(-(p[nz] * np.log(p[nz])).sum())
+
+
+def normalized_mutual_information(a, b) -> float:
+    """NMI between two labelings of the same items, ``I(a; b) / ((H(a) + H(b)) / 2)``, in [0, 1].
+
+    Labels can be any hashable values (ints, strings); only the partition they induce matters, so NMI is
+    invariant to renaming labels. The arithmetic-mean normalisation is scikit-learn's default
+    (``normalized_mutual_info_score(..., average_method="arithmetic")``) and the degenerate cases follow it:
+
+    * both labelings constant (one cluster each): ``1.0``, the partitions are identical;
+    * exactly one labeling constant: ``0.0``, it carries no information about the other;
+    * fewer than one item: ``ValueError`` (NMI is undefined for no items).
+
+    Raises:
+        ValueError: ``a`` or ``b`` is not 1-D, they differ in length, or they are empty.
+    """
+    a, b = _as_labels(a, "a"), _as_labels(b, "b")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must label the same items: got lengths {a.shape[0]} and {b.shape[0]}")
+    if a.shape[0] == 0:
+        raise ValueError("a and b must not be empty: NMI of zero items is undefined")
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    ai, bi = ai.reshape(-1), bi.reshape(-1)  # numpy 2 keeps the input shape on return_inverse
+    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(joint, (ai, bi), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    ha, hb = entropy(pa), entropy(pb)
+    if ha == 0.0 and hb == 0.0:
+        return 1.0
+    if ha == 0.0 or hb == 0.0:
+        return 0.0
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    # MI <= min(H) <= mean(H) in exact arithmetic; clip the last-ulp excess of identical labelings
+    return float(min(max(mi / (0.5 * (ha + hb)), 0.0), 1.0))
+
+
+def code_histogram(codes, num_codes: int) -> np.ndarray:
+    """``[num_codes]`` int64 counts of each code in ``codes`` (ints in ``[0, num_codes)``).
+
+    Raises:
+        ValueError: ``num_codes`` < 1, ``codes`` not 1-D integers, or a code outside ``[0, num_codes)``.
+    """
+    if isinstance(num_codes, bool) or not isinstance(num_codes, (int, np.integer)) or num_codes < 1:
+        raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
+    arr = _as_labels(codes, "codes")
+    if arr.size == 0:
+        return np.zeros(int(num_codes), dtype=np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= num_codes:
+        raise ValueError(f"codes must lie in [0, num_codes={num_codes}), got values in [{lo}, {hi}]")
+    return np.bincount(arr.astype(np.int64), minlength=int(num_codes)).astype(np.int64)
+
+
+def _probability_vector(p, name: str) -> np.ndarray:
+    arr = np.asarray(p, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D probability vector, got shape {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative")
+    total = float(arr.sum())
+    if abs(total - 1.0) > 1e-6 * max(arr.size, 1) + 1e-9:
+        raise ValueError(f"{name} must sum to 1 (got {total:.6g}); normalise counts with p = h / h.sum()")
+    return arr
+
+
+def perplexity(p) -> float:
+    """``exp(H(p))`` of a probability vector: the effective number of codes used, 1..K (K for uniform).
+
+    Raises:
+        ValueError: ``p`` is not a finite, non-negative 1-D vector summing to 1 (within 1e-6 per entry).
+    """
+    return float(np.exp(entropy(p)))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean, sample std)`` of ``values``; std is 0.0 for a single value and NaN for none."""
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+# ------------------------------------------------------------------------------------------ label noise
+def flip_mask(n: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """``[n]`` bool: exactly ``round(fraction * n)`` rows chosen uniformly at random (seeded).
+
+    An exact count (not one coin per row) makes the realised flip rate equal the requested one, so the
+    noise levels of a sweep differ by what they say.
+
+    Raises:
+        ValueError: ``n`` < 0 or ``fraction`` outside [0, 1].
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    k = int(round(float(fraction) * n))
+    mask = np.zeros(int(n), dtype=bool)
+    mask[np.random.default_rng(seed).permutation(int(n))[:k]] = True
+    return mask
+
+
+def flip_pairs(rows: Sequence[Mapping], fraction: float, *, marker: Optional[str] = None,
+               seed: int = 0) -> list[dict]:
+    """Copies of ``rows`` with chosen/rejected swapped on a ``flip_mask(len(rows), fraction, seed)`` subset.
+
+    Flipped rows get ``flipped=True`` and, when ``marker`` is given, ``prompt + " " + marker`` (the paper's
+    protocol appends ``[FLIP]`` to flipped prompts; our synthetic tokenizer knows ``[flip]``). Per-row
+    ``chosen_utility``/``rejected_utility`` are swapped with their answers when present. The input rows are
+    not modified.
+
+    Raises:
+        ValueError: a row lacks ``prompt``, ``chosen`` or ``rejected``; ``fraction`` outside [0, 1];
+            ``marker`` empty.
+    """
+    if marker is not None and not str(marker).strip():
+        raise ValueError("marker must be a non-empty string or None")
+    mask = flip_mask(len(rows), fraction, seed)
+    out = []
+    for i, (row, flip) in enumerate(zip(rows, mask)):
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise ValueError(f"rows[{i}] lacks {missing}")
+        new = dict(row)
+        new["flipped"] = bool(flip) or bool(row.get("flipped", False))
+        if flip:
+            new["chosen"], new["rejected"] = row["rejected"], row["chosen"]
+            if "chosen_utility" in row and "rejected_utility" in row:
+                new["chosen_utility"], new["rejected_utility"] = row["rejected_utility"], row["chosen_utility"]
+            if marker is not None:
+                new["prompt"] = f"{row['prompt']} {marker}"
+        out.append(new)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ projection
+def _pca_2d(x: np.ndarray) -> np.ndarray:
+    centered = x - x.mean(0, keepdims=True)
+    # SVD of the centred data: the right singular vectors are the principal axes
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    xy = centered @ vt[:2].T
+    if xy.shape[1] < 2:  # one feature: pad a zero second coordinate
+        xy = np.concatenate([xy, np.zeros((xy.shape[0], 2 - xy.shape[1]))], axis=1)
+    return xy
+
+
+def project_2d(x, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """``[N, D] -> ([N, 2], method_used)``: t-SNE (scikit-learn) or PCA (numpy SVD).
+
+    ``method="auto"`` uses t-SNE when scikit-learn is importable and there are enough points for its
+    perplexity (N > 5), else PCA; ``"tsne"`` requires scikit-learn; ``"pca"`` always works.
+
+    Raises:
+        ValueError: ``x`` not 2-D with at least 2 rows and 1 column, not finite, or unknown ``method``.
+        ImportError: ``method="tsne"`` without scikit-learn.
+    """
+    if method not in ("auto", "tsne", "pca"):
+        raise ValueError(f"method must be 'auto', 'tsne' or 'pca', got {method!r}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"x must be [N >= 2, D >= 1], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite")
+    use_tsne = method == "tsne"
+    if method == "auto":
+        import importlib.util
+
+        use_tsne = importlib.util.find_spec("sklearn") is not None and x.shape[0] > 5
+    if use_tsne:
+        from sklearn.manifold import TSNE
+
+        # sklearn requires perplexity < N; 30 is its default, smaller for tiny sets
+        perp = float(min(30.0, max(1.0, (x.shape[0] - 1) / 3)))
+        xy = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
+        return np.asarray(xy, dtype=np.float64), "tsne"
+    return _pca_2d(x), "pca"
+
+
+# ---------------------------------------------------------------------------------------------- latents
+_INT_KEYS = ("prior_code", "posterior_code", "source", "correct")
+
+
+def collect_pairs(model, dataset, collator, batch_size: int = 128, *, ref_model=None, loss_cfg=None) -> dict:
+    """One inference pass (``z`` from the prior, as at test time) over ``dataset``, kept per pair.
+
+    Always ``source`` ``[N]`` (-1 when unknown). With ``loss_cfg`` (``lpc.losses.LossConfig``; DPO and IPO
+    also need ``ref_model``: the frozen reference module, or a scorer ``batch -> (chosen [B], rejected [B])``
+    as in ``lpc.reference``): ``margin`` ``[N]`` (implicit-reward margin ``r_w - r_l`` of ``lk.preference_loss``,
+    the quantity ``lpc.evaluate`` thresholds at 0) and ``correct`` ``[N]`` (margin > 0). With an LPC model:
+    the keys of ``collect_latents``. All numpy; the model is in eval mode for the pass and restored after.
+
+    Raises:
+        ValueError: ``batch_size`` < 1, or a loss that needs the reference model without ``ref_model``.
+    """
+    import torch
+
+    from .data import batches, to_device
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if loss_cfg is not None and loss_cfg.needs_reference and ref_model is None:
+        raise ValueError(f"loss_type={loss_cfg.loss_type!r} needs ref_model (the frozen reference policy)")
+    lpc = getattr(model, "lpc", None) is not None
+    parts: dict[str, list] = {}
+
+    def add(key, t):
+        parts.setdefault(key, []).append(t.detach().cpu())
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in batches(dataset, batch_size, collator):
+                batch = to_device(batch, device)
+                out = model(batch, use_prior=True)  # prior latent; posterior logits come from the same pass
+                add("source", batch["source"])
+                if loss_cfg is not None:
+                    from .losses import preference_objective
+                    from .model import reference_logps
+
+                    if not loss_cfg.needs_reference:
+                        ref = (None, None)
+                    elif isinstance(ref_model, torch.nn.Module):
+                        ref = reference_logps(ref_model, batch, backend=model.backend)
+                    else:
+                        ref = ref_model(batch)
+                    res = preference_objective(out, ref[0], ref[1], loss_cfg)
+                    margin = (res.chosen_rewards - res.rejected_rewards).float()
+                    add("margin", margin)
+                    add("correct", margin > 0)
+                if lpc:
+                    post = torch.softmax(out.posterior_logits.float(), dim=-1)
+                    add("prior_probs", torch.softmax(out.prior_logits.float(), dim=-1))
+                    add("posterior_probs", post)
+                    add("z_prior", out.z.float())
+                    add("z_posterior", (post.to(model.codebook.dtype) @ model.codebook).float())
+                    add("prior_code", out.prior_logits.argmax(-1))
+                    add("posterior_code", out.posterior_logits.argmax(-1))
+    finally:
+        model.train(was_training)
+    return {k: torch.cat(v).numpy().astype(np.int64 if k in _INT_KEYS else np.float32) for k, v in parts.items()}
+
+
+def collect_latents(model, dataset, collator, batch_size: int = 128) -> dict:
+    """Run ``model`` (an ``lpc.model.LPCModel`` with LPC) over ``dataset``; per held-out pair:
+
+    * ``prior_probs`` / ``posterior_probs``: ``[N, K]`` softmax of the prior / posterior logits;
+    * ``z_prior``: ``[N, D]`` the inference latent (``model.prior_z``: the model's ``lpc.inference`` mode);
+    * ``z_posterior``: ``[N, D]`` the posterior's expected embedding ``posterior_probs @ E`` (deterministic:
+      training draws a Gumbel sample around it, which would only add noise to a picture of what it learnt);
+    * ``prior_code`` / ``posterior_code``: ``[N]`` argmax codes; ``source``: ``[N]`` (-1 when unknown).
+
+    All numpy (float32 / int64); empty arrays for an empty dataset. The model is put in eval mode for the
+    pass and restored afterwards.
+
+    Raises:
+        ValueError: the model has no latent (``model.lpc is None``) or ``batch_size`` < 1.
+    """
+    if getattr(model, "lpc", None) is None:
+        raise ValueError("collect_latents needs an LPC model (model.lpc is None: a plain DPO/IPO/SimPO policy)")
+    out = collect_pairs(model, dataset, collator, batch_size)
+    if not out:  # empty dataset
+        k, d = model.lpc.num_codes, model.hidden_size
+        out = {"prior_probs": np.zeros((0, k), np.float32), "posterior_probs": np.zeros((0, k), np.float32),
+               "z_prior": np.zeros((0, d), np.float32), "z_posterior": np.zeros((0, d), np.float32),
+               "prior_code": np.zeros(0, np.int64), "posterior_code": np.zeros(0, np.int64),
+               "source": np.zeros(0, np.int64)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _figure_module():
+    """``matplotlib.figure`` or None (with a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib.figure
+        return matplotlib.figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: plot skipped", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _save_atomic(fig, path) -> Path:
+    """``fig.savefig`` into a temp file beside ``path`` (same suffix, so the format is inferred), then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"), dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plot should be as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plot_code_usage(histograms: Mapping[str, np.ndarray], path) -> Optional[Path]:
+    """Bar plots of code-usage histograms, one panel per entry (title: name and perplexity).
+
+    Returns the written path, or ``None`` with a ``RuntimeWarning`` when matplotlib is missing.
+
+    Raises:
+        ValueError: ``histograms`` is empty or an entry is not a 1-D non-negative count vector.
+    """
+    if not histograms:
+        raise ValueError("histograms must contain at least one entry")
+    hists = {}
+    for name, h in histograms.items():
+        arr = np.asarray(h, dtype=np.float64)
+        if arr.ndim != 1 or arr.size == 0 or (arr < 0).any() or not np.isfinite(arr).all():
+            raise ValueError(f"histograms[{name!r}] must be a non-empty 1-D non-negative count vector")
+        hists[str(name)] = arr
+    figure = _figure_module()
+    if figure is None:
+        return None
+    n = len(hists)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig = figure.Figure(figsize=(4.2 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (name, h) in zip(axes.flat, hists.items()):
+        total = h.sum()
+        ppl = perplexity(h / total) if total > 0 else float("nan")
+        ax.bar(np.arange(h.size), h, width=0.9, color="tab:blue")
+        ax.set_title(f"{name}\nperplexity {ppl:.2f} of K={h.size}", fontsize=9)
+        ax.set_xlabel("code")
+        ax.set_ylabel("count")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _save_atomic(fig, path)
+
+
+def plot_projection(panels: Mapping[str, np.ndarray], labels, path, *, label_names: Optional[Sequence[str]] = None,
+                    title: Optional[str] = None) -> Optional[Path]:
+    """Scatter plots of 2-D points coloured by label, one panel per entry of ``panels`` (``[N, 2]`` each).
+
+    ``labels`` (``[N]`` ints, shared by every panel) index ``label_names`` when given. Returns the path, or
+    ``None`` with a warning when matplotlib is missing.
+
+    Raises:
+        ValueError: ``panels`` empty, a panel not ``[N, 2]``, or ``labels`` not ``[N]``.
+    """
+    if not panels:
+        raise ValueError("panels must contain at least one entry")
+    labels = _as_labels(labels, "labels")
+    pts = {}
+    for name, xy in panels.items():
+        arr = np.asarray(xy, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] != labels.shape[0]:
+            raise ValueError(f"panels[{name!r}] must be [N={labels.shape[0]}, 2], got shape {arr.shape}")
+        pts[str(name)] = arr
+    figure = _figure_module()
+    if figure is None:
+        return None
+    n = len(pts)
+    fig = figure.Figure(figsize=(4.6 * n, 4.2))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    uniq = sorted(set(labels.tolist()))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+              "tab:gray", "tab:olive", "tab:cyan"]
+    for ax, (name, xy) in zip(axes, pts.items()):
+        for j, lab in enumerate(uniq):
+            sel = labels == lab
+            if label_names is not None and isinstance(lab, (int, np.integer)) and 0 <= lab < len(label_names):
+                text = label_names[lab]
+            else:
+                text = str(lab)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=7, alpha=0.7, color=colors[j % len(colors)], label=text)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7, markerscale=2, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save_atomic(fig, path)
+
+
+def plot_bars(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
+              ylabel: str, title: Optional[str] = None, ylim: Optional[tuple[float, float]] = None,
+              hlines: Optional[Mapping[str, float]] = None) -> Optional[Path]:
+    """Grouped bar chart with error bars: ``series[name] = (means per group, stds per group)``.
+
+    Raises:
+        ValueError: empty ``groups``/``series`` or a series whose lengths differ from ``groups``.
+    """
+    if not groups or not series:
+        raise ValueError("groups and series must be non-empty")
+    for name, (m, s) in series.items():
+        if len(m) != len(groups) or len(s) != len(groups):
+            raise ValueError(f"series[{name!r}] must have {len(groups)} means and stds")
+    figure = _figure_module()
+    if figure is None:
+        return None
+    fig = figure.Figure(figsize=(max(5.0, 1.1 * len(groups) * max(1, len(series)) * 0.6 + 2), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for j, (name, (m, s)) in enumerate(series.items()):
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, m, width, yerr=s, capsize=3, label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, color="k", linestyle="--", linewidth=0.8)
+        ax.text(len(groups) - 0.5, y, f" {name}", va="bottom", ha="right", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_atomic(fig, path)
+
+
+def plot_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
+               xlabel: str, ylabel: str, title: Optional[str] = None, logx: bool = False,
+               xticklabels: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Lines with error bands: ``series[name] = (means at x, stds at x)``.
+
+    Raises:
+        ValueError: empty ``x``/``series`` or a series whose lengths differ from ``x``.
+    """
+    if len(x) == 0 or not series:
+        raise ValueError("x and series must be non-empty")
+    for name, (m, s) in series.items():
+        if len(m) != len(x) or len(s) != len(x):
+            raise ValueError(f"series[{name!r}] must have {len(x)} means and stds")
+    figure = _figure_module()
+    if figure is None:
+        return None
+    fig = figure.Figure(figsize=(5.2, 3.6))
+    ax = fig.subplots()
+    xs = np.asarray(x, dtype=np.float64)
+    for name, (m, s) in series.items():
+        m, s = np.asarray(m, dtype=np.float64), np.asarray(s, dtype=np.float64)
+        ax.errorbar(xs, m, yerr=s, marker="o", capsize=3, label=name)
+    if logx:
+        ax.set_xscale("log")
+    if xticklabels is not None:
+        ax.set_xticks(xs)
+        ax.set_xticklabels(xticklabels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_atomic(fig, path)
