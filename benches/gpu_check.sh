@@ -6,7 +6,7 @@
 # within GPU_CHECK_BUDGET_S (default 400 s). summary.txt is printed last: it is what survives when only
 # the tail of the output comes back.
 #   env       nvidia-smi, versions -> OUTDIR/env.json (GPU, driver, CUDA runtime, torch, triton, python,
-#             nvcc, git commit: `git rev-parse HEAD` when the tree has .git, else $LPC_GIT_COMMIT)
+#             nvcc, git commit: $LPC_GIT_COMMIT when set, else `git rev-parse HEAD`)
 #   wheels    installs Liger-Kernel and Cut Cross-Entropy from the wheels carried in .whl/ (pure Python,
 #             --no-deps, into $GPU_CHECK_SITE, default /tmp/lpc_site, put on PYTHONPATH) when not importable
 #   build     python3 setup.py build_ext --inplace with the machine's torch (CUDA extension), then
@@ -36,7 +36,7 @@
 #   GPU_CHECK_BENCH_FILES=...   bench files / pytest node ids to run (default: benches)
 #   GPU_CHECK_BENCH_ARGS=...    extra pytest args for every bench run (e.g. "--quick" or "-k 'not compile'")
 #   GPU_CHECK_PYTEST_ARGS=...   extra args for the test step
-#   LPC_GIT_COMMIT=...          the commit of the tree, for env.json when the copy has no .git
+#   LPC_GIT_COMMIT=...          the commit of the tree, for env.json (a copied tree's .git can be stale)
 #   GPU_CHECK_DRY_RUN=1         test this script's logic without a GPU: build for CPU, probe the controls
 #                               (--dry-run), collect (not run) the GPU tests, print the sanitizer and dist
 #                               commands, run a tiny CPU bench subset.
@@ -156,9 +156,11 @@ step_env() {
   command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -n 2 || echo "compute-sanitizer: not found"
   # env.json: what the results were measured on (benches/results/ records it beside the numbers)
   local commit src
+  # LPC_GIT_COMMIT first: the device machine's copy of the tree can carry a stale .git (seen: HEAD two
+  # commits behind the files it held)
   commit=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null)
-  if [[ "$commit" =~ ^[0-9a-f]{40}$ ]]; then src="git rev-parse HEAD"
-  elif [ -n "${LPC_GIT_COMMIT:-}" ]; then commit=$LPC_GIT_COMMIT; src="LPC_GIT_COMMIT"
+  if [ -n "${LPC_GIT_COMMIT:-}" ]; then commit=$LPC_GIT_COMMIT; src="LPC_GIT_COMMIT"
+  elif [[ "$commit" =~ ^[0-9a-f]{40}$ ]]; then src="git rev-parse HEAD (may be stale on a copied tree)"
   else commit="unknown"; src="no .git in this tree and LPC_GIT_COMMIT unset"; fi
   echo "git: $commit ($src)"
   GIT_COMMIT=$commit GIT_COMMIT_SOURCE=$src "$PY" scripts/gpu_env.py "$OUTDIR/env.json"
