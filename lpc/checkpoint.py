@@ -155,11 +155,44 @@ def is_peft(policy) -> bool:
     return hasattr(policy, "peft_config") and hasattr(policy, "disable_adapter")
 
 
+def write_model_files(model, directory: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None,
+                      state_dict: Optional[dict] = None) -> None:
+    """``model.write_files`` (policy in HF layout, ``lpc_heads.safetensors``, ``lpc_config.json``, tokenizer,
+    ``extra_files``), from ``state_dict`` when given: the full state dict of an FSDP2-sharded model gathered to
+    rank 0 (``lpc.distributed.full_state_dict``; keys ``policy.*`` and the heads'), whose own parameters are
+    shards. The files are the same either way, so any world size (or ``lpc.evaluate``) reads them."""
+    if state_dict is None:
+        model.write_files(directory, tokenizer, extra_files)
+        return
+    from safetensors.torch import save_file
+
+    from .model import LPC_CONFIG_FILE, _quiet_transformers
+
+    directory = Path(directory)
+    policy_sd = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+    with _quiet_transformers():
+        model.policy.save_pretrained(directory, state_dict=policy_sd, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    meta = {"lpc": model.lpc.to_dict() if model.lpc is not None else None}
+    with open(directory / LPC_CONFIG_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+    if model.lpc is not None:
+        heads = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith("policy.")}
+        save_file(heads, str(directory / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
+    for name, obj in (extra_files or {}).items():
+        with open(directory / name, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
 def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimizer, scheduler, sampler_state: dict,
-                    extra_state: dict, config: dict, keep: int = 0) -> Path:
+                    extra_state: dict, config: dict, keep: int = 0, model_state_dict: Optional[dict] = None,
+                    optimizer_state_dict: Optional[dict] = None) -> Path:
     """Write ``<run>/checkpoints/step-N`` atomically, then delete all but the newest ``keep`` (0: keep all).
 
-    Returns the checkpoint path.
+    ``model_state_dict`` / ``optimizer_state_dict``: full states gathered from an FSDP2-sharded run
+    (``lpc.distributed.full_state_dict`` / ``full_optimizer_state_dict``), written instead of the model's and
+    optimizer's own (shards); called on rank 0 only. Returns the checkpoint path.
     """
     from safetensors.torch import save_file
 
@@ -168,8 +201,8 @@ def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimi
     remove_stale_temps(root)  # leftovers of a save that was killed
     path = root / checkpoint_name(step)
     with atomic_directory(path) as tmp:
-        model.write_files(tmp, tokenizer, extra_files={"train_config.json": config})
-        tensors, meta = optimizer_to_tensors(optimizer.state_dict())
+        write_model_files(model, tmp, tokenizer, {"train_config.json": config}, model_state_dict)
+        tensors, meta = optimizer_to_tensors(optimizer_state_dict or optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT, "meta": json.dumps(meta)})
         rng_tensors, rng_info = capture_rng()
         save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": FORMAT})
@@ -236,13 +269,9 @@ def load_policy_weights(policy, directory: os.PathLike) -> None:
         raise ValueError(f"{directory}: checkpoint lacks weights {untied[:5]}")
 
 
-def load_checkpoint(path: os.PathLike, *, model, optimizer, scheduler) -> dict:
-    """Restore model, heads, optimizer and scheduler from ``path``; returns its ``trainer_state.json``.
-
-    The caller restores the data position from ``state["data"]`` and the RNG with ``load_rng``
-    (right before the first resumed step, after all setup that draws random numbers).
-    """
-    from safetensors import safe_open
+def load_model_state(path: os.PathLike, model) -> dict:
+    """Restore the policy weights and the codebook / heads of ``model`` from ``path``; returns its
+    ``trainer_state.json``. (Data-parallel runs load these before wrapping the model: FSDP2 then shards them.)"""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -257,12 +286,36 @@ def load_checkpoint(path: os.PathLike, *, model, optimizer, scheduler) -> dict:
         missing = [k for k in missing if not k.startswith("policy.")]
         if missing or unexpected:
             raise ValueError(f"{path / HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+    return state
+
+
+def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_optimizer_state=None) -> dict:
+    """Restore optimizer and scheduler from ``path``; returns its ``trainer_state.json``.
+
+    ``prepare_optimizer_state``: maps the saved state dict (the 1-process layout, full tensors) before
+    ``optimizer.load_state_dict``; FSDP2 runs cut each tensor to their parameter's shard with it.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    state = read_state(path)
     with safe_open(str(path / OPTIM_FILE), framework="pt") as f:
         meta = json.loads(f.metadata()["meta"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    optimizer.load_state_dict(optimizer_from_tensors(tensors, meta))
+    sd = optimizer_from_tensors(tensors, meta)
+    optimizer.load_state_dict(prepare_optimizer_state(sd) if prepare_optimizer_state is not None else sd)
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def load_checkpoint(path: os.PathLike, *, model, optimizer, scheduler) -> dict:
+    """Restore model, heads, optimizer and scheduler from ``path``; returns its ``trainer_state.json``.
+
+    The caller restores the data position from ``state["data"]`` and the RNG with ``load_rng``
+    (right before the first resumed step, after all setup that draws random numbers).
+    """
+    load_model_state(path, model)
+    return load_training_state(path, optimizer=optimizer, scheduler=scheduler)
 
 
 def load_rng(path: os.PathLike, state: dict) -> None:

@@ -18,6 +18,7 @@ LOSS_TYPES = ("dpo", "ipo", "simpo")
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,7 @@ class TrainConfig:
     output_dir: Optional[str] = None
     backend: str = "auto"
     device: str = "auto"
+    strategy: str = "none"
     eval_size: int = 512
     eval_every: int = 0
     eval_batch_size: int = 128
@@ -212,7 +214,7 @@ class TrainConfig:
 
         for name, allowed in (("loss", LOSS_TYPES), ("prior_mix", PRIOR_MIX), ("prior_sample", PRIOR_SAMPLE),
                               ("inference", INFERENCE_CODE), ("dtype", DTYPES), ("lr_scheduler", LR_SCHEDULERS),
-                              ("backend", BACKENDS)):
+                              ("backend", BACKENDS), ("strategy", STRATEGIES)):
             need(getattr(self, name) in allowed, name, f"one of {list(allowed)}")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "num_codes", "eval_batch_size",
                      "hidden_size", "num_layers", "num_heads"):
@@ -251,6 +253,11 @@ class TrainConfig:
             except (RuntimeError, ValueError) as exc:
                 raise ConfigError("device", f"must be 'auto' or a torch device such as cpu, cuda, cuda:1; "
                                             f"got {self.device!r} ({exc})") from None
+        if self.strategy == "fsdp2" and self.lora_r:
+            # the LoRA reference is the policy with its adapters switched off, called outside the sharded
+            # model's forward (so FSDP2 would not gather its LM head); and LoRA's trainable state is small
+            raise ConfigError("strategy", "fsdp2 with LoRA (--lora-r) is not supported: use --strategy ddp, which "
+                                          "replicates the frozen base once and all-reduces only the adapters")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "must name the modules LoRA adapts (e.g. all-linear)")
         for name in ("model", "ref_model", "dataset", "eval_dataset", "output_dir", "resume", "cache_dir"):

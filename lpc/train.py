@@ -43,9 +43,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import checkpoint as ckpt_lib
+from . import distributed as dist_lib
 from . import synthetic
 from .config import (BACKENDS, DTYPES, INFERENCE_CODE, LOSS_TYPES, LR_SCHEDULERS, PRIOR_MIX, PRIOR_SAMPLE,
-                     ConfigError, SyntheticConfig, TrainConfig)
+                     STRATEGIES, ConfigError, SyntheticConfig, TrainConfig)
 from .data import (DataError, EpochSampler, _looks_local, PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows,
                    to_device)
 from .evaluate import evaluate
@@ -58,7 +59,11 @@ from .reference import (CACHE_FILE, AdapterDisabledReference, CachedReference, L
 # fields that may differ between a checkpoint and the run resuming it (they do not change the numbers,
 # or, for steps, the user asked to extend / shorten the run: the schedule then differs from the original)
 RESUME_FREE = {"output_dir", "resume", "progress", "threads", "eval_every", "eval_batch_size", "save_every",
-               "keep_checkpoints", "cache_dir", "device", "backend", "steps", "precompute_ref_logps", "strict"}
+               "keep_checkpoints", "cache_dir", "device", "backend", "steps", "precompute_ref_logps", "strict",
+               "strategy"}
+# fields a resumed run does not take from the checkpoint's config: how THIS invocation is launched (a
+# checkpoint saved under torchrun --strategy fsdp2 resumes in one plain process, and the reverse)
+LAUNCH_FIELDS = ("resume", "strategy")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -181,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
            "--output-dir; starts fresh when there is none). Settings come from the checkpoint unless given "
            "(default: none)")
     g("--backend", choices=BACKENDS, default=d.backend, help="lpc_kernels backend")
-    g("--device", default=d.device, help="torch device (auto: cuda when available, else cpu)")
+    g("--device", default=d.device, help="torch device (auto: cuda when available, else cpu; under torchrun "
+                                         "each rank takes cuda:LOCAL_RANK)")
+    g("--strategy", choices=STRATEGIES, default=d.strategy,
+      help="data parallelism under torchrun (torchrun --nproc-per-node N -m lpc.train ...): ddp replicates the "
+           "model, fsdp2 shards it (fully_shard per decoder layer); each rank takes its slice of the same global "
+           "--batch-size, so the run matches a 1-process run. NCCL on GPU, gloo on CPU; none: one process")
     g("--threads", type=int, default=d.threads,
       help="torch CPU threads (default: 1 for the tiny model, else min(cores, 8))")
     g("--cache-dir", default=d.cache_dir, help="tokenizer cache (default: $LPC_CACHE_DIR or ~/.cache/lpc-kernels)")
@@ -285,7 +295,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             if found is not None:
                 saved = ckpt_lib.read_state(found)["config"]
                 actions = _actions_by_dest(parser)
-                layered.update({k: v for k, v in saved.items() if k in actions and k not in ("resume",)})
+                layered.update({k: v for k, v in saved.items() if k in actions and k not in LAUNCH_FIELDS})
                 layered["output_dir"] = out_dir or str(ckpt_lib.run_dir_of(found))
     except ConfigError as exc:
         parser.error(f"{exc.flag}: {exc.message}")
@@ -329,7 +339,9 @@ def default_threads(cfg: TrainConfig) -> int:
     """
     if cfg.model is None and cfg.hidden_size <= 256:
         return 1
-    return max(1, min(os.cpu_count() or 1, 8))
+    # under torchrun the node's cores are shared by its LOCAL_WORLD_SIZE processes
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min((os.cpu_count() or 1) // local_world, 8))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -480,6 +492,10 @@ class Trainer:
     resumed_from: Optional[Path] = None
     resume_state: Optional[dict] = None
     notes: list = field(default_factory=list)
+    # data parallelism (lpc.distributed): this rank's place, and the module training forwards go through
+    # (the DDP wrapper; under FSDP2 and without a strategy ``model`` itself)
+    dist: dist_lib.DistContext = field(default_factory=dist_lib.DistContext)
+    train_model: Optional[torch.nn.Module] = None
 
     def autocast(self):
         """The forward-pass autocast context (``--dtype bfloat16``), or a no-op."""
@@ -531,9 +547,14 @@ def reference_fingerprint(cfg: TrainConfig, train_set: PreferenceDataset, eval_s
 
 
 def _setup_reference(tr_cfg: TrainConfig, policy, model: LPCModel, train_set, eval_set, collator, device,
-                     autocast_dtype, out_dir: Path, notes: list):
-    """``(train_ref, eval_ref)`` scorers for DPO/IPO (``(None, None)`` for SimPO)."""
+                     autocast_dtype, out_dir: Path, notes: list, ctx: Optional[dist_lib.DistContext] = None):
+    """``(train_ref, eval_ref)`` scorers for DPO/IPO (``(None, None)`` for SimPO).
+
+    Data-parallel (``ctx``): the live reference is replicated (DDP) or sharded like the policy (FSDP2);
+    ``--precompute-ref-logps`` scores each rank's share of the pairs and gathers them, rank 0 writes the cache.
+    """
     cfg = tr_cfg
+    ctx = ctx or dist_lib.DistContext()
     if cfg.loss == "simpo":
         return None, None
     if cfg.ref_model is not None:
@@ -548,17 +569,32 @@ def _setup_reference(tr_cfg: TrainConfig, policy, model: LPCModel, train_set, ev
             ref_model.to(autocast_dtype)
         live = LiveReference(ref_model, backend=cfg.backend, autocast_dtype=autocast_dtype)
     if not cfg.precompute_ref_logps:
+        if ctx.strategy == "fsdp2" and ref_model is not None:  # (fsdp2 with LoRA is refused by TrainConfig)
+            live = dist_lib.wrap_reference(ref_model, ctx, backend=cfg.backend, autocast_dtype=autocast_dtype)
         return live, live
     fp = reference_fingerprint(cfg, train_set, eval_set)
     cache_path = out_dir / CACHE_FILE
     cached = load_cache(cache_path, fp)
+    # rank 0 decides, so that every rank takes the same branch (computing has collectives)
+    hit = dist_lib.broadcast_object(cached is not None, ctx)
+    if hit and cached is None:
+        raise FileNotFoundError(f"rank {ctx.rank} cannot read {cache_path}, which rank 0 read: the run directory "
+                                "must be on a filesystem every rank sees")
+    if not hit:
+        cached = None
     if cached is None:
         t0 = time.perf_counter()
         tensors = {}
         for split, ds in (("train", train_set), ("eval", eval_set)):
-            c, r = compute_reference_logps(live, ds, collator, batch_size=cfg.eval_batch_size, device=device)
-            tensors[f"{split}.chosen"], tensors[f"{split}.rejected"] = c, r
-        save_cache(cache_path, tensors, fp)
+            # each rank scores its contiguous share (the unsharded reference: no collective per batch), then
+            # the shares are gathered in rank order = dataset order
+            share = dist_lib.IndexView(ds, dist_lib.split_evenly(len(ds), ctx.rank, ctx.world_size))
+            c, r = compute_reference_logps(live, share, collator, batch_size=cfg.eval_batch_size, device=device)
+            tensors[f"{split}.chosen"], tensors[f"{split}.rejected"] = (dist_lib.gather_rows(c, ctx),
+                                                                        dist_lib.gather_rows(r, ctx))
+        if ctx.is_main:
+            save_cache(cache_path, tensors, fp)
+        dist_lib.barrier(ctx)
         notes.append(f"reference log-probs of {len(train_set) + len(eval_set)} pairs cached in {cache_path} "
                      f"({time.perf_counter() - t0:.1f}s)")
         cached = tensors
@@ -569,12 +605,14 @@ def _setup_reference(tr_cfg: TrainConfig, policy, model: LPCModel, train_set, ev
             CachedReference(cached["eval.chosen"], cached["eval.rejected"]))
 
 
-def setup(cfg: TrainConfig) -> Trainer:
+def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Trainer:
     """Build model, reference, optimizer, scheduler, data order, and restore a checkpoint (``cfg.resume``).
 
-    The global RNG of a resumed run is restored by ``train`` right before the first step.
+    The global RNG of a resumed run is restored by ``train`` right before the first step. ``ctx``: this
+    rank's place in a data-parallel job (``lpc.distributed``; default: one process on ``--device``).
     """
-    device = _resolve_device(cfg.device)
+    ctx = ctx or dist_lib.DistContext(device=_resolve_device(cfg.device))
+    device = ctx.device
     for name in ("model", "ref_model"):
         if getattr(cfg, name) is not None:
             _check_model_spec(getattr(cfg, name), name)
@@ -598,8 +636,14 @@ def setup(cfg: TrainConfig) -> Trainer:
     if out_dir is None:
         tag = f"{cfg.loss}-{'lpc' if cfg.lpc else 'nolpc'}-{time.strftime('%Y%m%d-%H%M%S')}"
         out_dir = Path("runs") / tag
+    out_dir = Path(dist_lib.broadcast_object(str(out_dir), ctx))  # rank 0's: the timestamps may differ
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "train_config.json", {**cfg.to_dict(), "output_dir": str(out_dir)})
+    if ctx.is_main:
+        write_json_atomic(out_dir / "train_config.json", {**cfg.to_dict(), "output_dir": str(out_dir)})
+    if cfg.batch_size % (ctx.world_size * cfg.gradient_accumulation_steps):
+        raise ConfigError("batch_size", f"{cfg.batch_size} pairs cannot be split into {ctx.world_size} processes x "
+                                        f"{cfg.gradient_accumulation_steps} micro-batches of equal size: use a "
+                                        f"multiple of {ctx.world_size * cfg.gradient_accumulation_steps}")
 
     torch.manual_seed(cfg.seed)
     autocast_dtype = _autocast_dtype(cfg)
@@ -625,8 +669,14 @@ def setup(cfg: TrainConfig) -> Trainer:
     loss_cfg = LossConfig(loss_type=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
                           kl_weight=cfg.kl_weight, ipo_average=cfg.ipo_average, backend=cfg.backend)
     train_ref, eval_ref = _setup_reference(cfg, base_policy if cfg.lora_r == 0 else None, model, train_set,
-                                           eval_set, collator, device, autocast_dtype, out_dir, notes)
+                                           eval_set, collator, device, autocast_dtype, out_dir, notes, ctx)
     model.train()
+    if ckpt_path is not None:  # the weights before wrapping: FSDP2 shards what the model holds
+        ckpt_lib.load_model_state(ckpt_path, model)
+    # DDP: a wrapper for the training forwards; FSDP2: model sharded in place (optimizer built after it).
+    # A parameter can miss a gradient only through the prior head, when nothing but the mix uses it
+    train_model = dist_lib.wrap_model(model, ctx, mixed_precision=autocast_dtype,
+                                      find_unused_parameters=cfg.lpc and cfg.kl_weight == 0)
 
     policy_params = [p for p in model.policy.parameters() if p.requires_grad]
     head_params = [p for n, p in model.named_parameters() if not n.startswith("policy.")]
@@ -643,9 +693,14 @@ def setup(cfg: TrainConfig) -> Trainer:
     tr = Trainer(cfg=cfg, device=device, out_dir=out_dir, model=model, tokenizer=tokenizer, collator=collator,
                  train_set=train_set, eval_set=eval_set, source_names=source_names, syn=syn, loss_cfg=loss_cfg,
                  train_ref=train_ref, eval_ref=eval_ref, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
-                 gumbel_seed=gumbel_seed, autocast_dtype=autocast_dtype, notes=notes)
+                 gumbel_seed=gumbel_seed, autocast_dtype=autocast_dtype, notes=notes, dist=ctx,
+                 train_model=train_model)
     if ckpt_path is not None:
-        state = ckpt_lib.load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler)
+        # saved in the 1-process layout at any world size; FSDP2 takes each parameter's shard of it
+        shard = ((lambda sd: dist_lib.shard_optimizer_state_dict(sd, optimizer)) if ctx.strategy == "fsdp2"
+                 else None)
+        state = ckpt_lib.load_training_state(ckpt_path, optimizer=optimizer, scheduler=scheduler,
+                                             prepare_optimizer_state=shard)
         sampler.load_state_dict(state["data"])
         if state.get("gumbel_seed", gumbel_seed) != gumbel_seed:
             raise ValueError(f"{ckpt_path}: Gumbel seed differs from this run's (different --seed?)")
@@ -653,7 +708,8 @@ def setup(cfg: TrainConfig) -> Trainer:
         if tr.step > cfg.steps:
             raise ConfigError("steps", f"the checkpoint is at step {tr.step}, past --steps {cfg.steps}")
         for name in ("metrics.jsonl", "eval.jsonl"):
-            _truncate_jsonl(out_dir / name, tr.step)
+            if ctx.is_main:
+                _truncate_jsonl(out_dir / name, tr.step)
         notes.append(f"resumed from {ckpt_path} at step {tr.step}")
     return tr
 
@@ -686,35 +742,45 @@ def train_step(tr: Trainer, step: int) -> dict:
 
     The batch is cut into ``gradient_accumulation_steps`` micro-batches; each backpropagates
     ``loss / accum`` (equal micro-batch sizes make the sum the global-batch mean). Gradients are clipped
-    to ``max_grad_norm`` (the pre-clip norm is logged as ``grad_norm``).
+    to ``max_grad_norm`` (the pre-clip norm is logged as ``grad_norm``). Data-parallel (``tr.dist``): each
+    rank runs its contiguous slice of the same global batch, and the metrics are computed on the global
+    batch gathered from all ranks, so they are the 1-process run's.
     """
-    cfg = tr.cfg
+    cfg, ctx = tr.cfg, tr.dist
     t0 = time.perf_counter()
-    indices = tr.sampler.next_indices()
+    indices = tr.sampler.next_indices()  # the global batch: the same on every rank
+    # data-parallel: this rank's contiguous slice; examples keep their global index for the Gumbel noise
+    local = dist_lib.rank_slice(len(indices), ctx.rank, ctx.world_size)
     mix = prior_mix_weight(step, cfg.steps, cfg.prior_mix) if cfg.lpc else 0.0
     lr = tr.optimizer.param_groups[0]["lr"]
-    accum, mb = cfg.gradient_accumulation_steps, cfg.micro_batch_size
+    accum = cfg.gradient_accumulation_steps
+    mb = (local.stop - local.start) // accum
+    forward = tr.train_model if tr.train_model is not None else tr.model
     tr.optimizer.zero_grad(set_to_none=True)
     outs, results = [], []
     for j in range(accum):
-        batch = to_device(tr.collator([tr.train_set[i] for i in indices[j * mb:(j + 1) * mb]]), tr.device)
-        offset, prior_offset = tr.model.gumbel_offsets(step, cfg.batch_size, j * mb)
+        first = local.start + j * mb
+        batch = to_device(tr.collator([tr.train_set[i] for i in indices[first:first + mb]]), tr.device)
+        offset, prior_offset = tr.model.gumbel_offsets(step, cfg.batch_size, first)
         with tr.autocast():
             ref = tr.train_ref(batch) if tr.train_ref is not None else (None, None)
-            out = tr.model(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset)
+            out = forward(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset)
         res = preference_objective(out, ref[0], ref[1], tr.loss_cfg)
-        (res.loss / accum if accum > 1 else res.loss).backward()
+        with dist_lib.set_gradient_sync(forward, j == accum - 1):  # DDP: all-reduce once, after the last
+            (res.loss / accum if accum > 1 else res.loss).backward()
         outs.append(_detach_output(out))
         results.append(SimpleNamespace(loss=res.loss.detach(), losses=res.losses.detach(),
                                        chosen_rewards=res.chosen_rewards.detach(),
                                        rejected_rewards=res.rejected_rewards.detach(),
                                        kl=None if res.kl is None else res.kl.detach()))
     out, res = _merge_outputs(outs, results, accum)
+    # the global batch's per-pair values, in global order, on every rank: the metrics are the 1-process ones
+    out, res = dist_lib.gather_fields(out, ctx), dist_lib.gather_fields(res, ctx)
     loss_value = float(res.loss)
     if not math.isfinite(loss_value):  # before the update: the last checkpoint stays a good one
         raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; lower --lr or check the data")
     params = [p for g in tr.optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    grad_norm = dist_lib.clip_grad_norm(params, cfg.max_grad_norm)  # global over FSDP2 shards
     tr.optimizer.step()
     tr.scheduler.step()
     dt = time.perf_counter() - t0
@@ -729,17 +795,31 @@ def run_evaluation(tr: Trainer) -> dict:
     """Held-out metrics of the current model (z from the prior)."""
     if not len(tr.eval_set):
         return {"num_pairs": 0}
-    with tr.autocast():
-        return evaluate(tr.model, tr.eval_ref, tr.eval_set, tr.collator, tr.loss_cfg,
-                        batch_size=tr.cfg.eval_batch_size, source_names=tr.source_names)
+    with tr.autocast():  # data-parallel: each rank evaluates its share, the metrics are reduced over ranks
+        return dist_lib.evaluate_sharded(evaluate, tr.model, tr.eval_ref, tr.eval_set, tr.collator, tr.loss_cfg,
+                                         tr.dist, batch_size=tr.cfg.eval_batch_size, source_names=tr.source_names)
 
 
-def save_checkpoint(tr: Trainer, step: int) -> Path:
-    """Write ``<run>/checkpoints/step-<step>`` (``step`` = optimizer steps done)."""
-    return ckpt_lib.save_checkpoint(
-        tr.out_dir, step, model=tr.model, tokenizer=tr.tokenizer, optimizer=tr.optimizer, scheduler=tr.scheduler,
-        sampler_state=tr.sampler.state_dict(), extra_state={"gumbel_seed": tr.gumbel_seed},
-        config={**tr.cfg.to_dict(), "output_dir": str(tr.out_dir)}, keep=tr.cfg.keep_checkpoints)
+def save_checkpoint(tr: Trainer, step: int) -> Optional[Path]:
+    """Write ``<run>/checkpoints/step-<step>`` (``step`` = optimizer steps done); the path on rank 0.
+
+    Data-parallel: every rank calls it; rank 0 writes the 1-process layout (FSDP2: full states gathered to
+    rank 0 first), so the checkpoint resumes at any world size. The ranks leave together.
+    """
+    ctx = tr.dist
+    model_sd = optim_sd = None
+    if ctx.strategy == "fsdp2":  # collectives: every rank
+        model_sd = dist_lib.full_state_dict(tr.model, ctx)
+        optim_sd = dist_lib.full_optimizer_state_dict(tr.optimizer, ctx)
+    path = None
+    if ctx.is_main:
+        path = ckpt_lib.save_checkpoint(
+            tr.out_dir, step, model=tr.model, tokenizer=tr.tokenizer, optimizer=tr.optimizer,
+            scheduler=tr.scheduler, sampler_state=tr.sampler.state_dict(), extra_state={"gumbel_seed": tr.gumbel_seed},
+            config={**tr.cfg.to_dict(), "output_dir": str(tr.out_dir)}, keep=tr.cfg.keep_checkpoints,
+            model_state_dict=model_sd, optimizer_state_dict=optim_sd)
+    dist_lib.barrier(ctx)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -752,22 +832,33 @@ def train(cfg: TrainConfig) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or default_threads(cfg))
     try:
-        return _train(cfg)
+        # --strategy ddp|fsdp2: a process group (torchrun's environment; NCCL on GPU, gloo on CPU), destroyed
+        # on the way out; a rank that raises aborts it and exits non-zero (torchrun then stops the others)
+        with dist_lib.process_group(cfg.strategy, cfg.device) as ctx:
+            if ctx.strategy == "none":  # the device as before: --device cuda stays "cuda"
+                ctx.device = _resolve_device(cfg.device)
+            return _train(cfg, ctx)
     finally:  # callers in the same process (tests, notebooks) keep their own thread setting
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig) -> dict:
+def _train(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> dict:
     t_start = time.perf_counter()
-    tr = setup(cfg)
+    tr = setup(cfg, ctx)
+    ctx = tr.dist
+    main_rank = ctx.is_main  # rank 0 prints and writes every file
+    log = _log if main_rank else (lambda msg: None)
     for st in getattr(tr.train_set, "load_stats", []):
-        _log(st.summary())
+        log(st.summary())
     if tr.train_set.num_truncated or tr.eval_set.num_truncated:
-        _log(f"data: {tr.train_set.num_truncated} training and {tr.eval_set.num_truncated} held-out pairs "
-             f"truncated to --max-length {cfg.max_length}"
-             + (f" / --max-prompt-length {cfg.max_prompt_length}" if cfg.max_prompt_length else ""))
+        log(f"data: {tr.train_set.num_truncated} training and {tr.eval_set.num_truncated} held-out pairs "
+            f"truncated to --max-length {cfg.max_length}"
+            + (f" / --max-prompt-length {cfg.max_prompt_length}" if cfg.max_prompt_length else ""))
+    if ctx.strategy != "none":
+        log(f"{ctx.strategy}: {ctx.world_size} process(es), {ctx.backend} on {ctx.device.type}; "
+            f"{cfg.batch_size // ctx.world_size} of the {cfg.batch_size} pairs of each step per rank")
     for note in tr.notes:
-        _log(note)
+        log(note)
     if tr.resumed_from is not None:
         ckpt_lib.load_rng(tr.resumed_from, tr.resume_state)
 
@@ -775,28 +866,30 @@ def _train(cfg: TrainConfig) -> dict:
 
     metrics_path = tr.out_dir / "metrics.jsonl"
     eval_log = tr.out_dir / "eval.jsonl"
-    if tr.step == 0:
+    if tr.step == 0 and main_rank:
         for p in (metrics_path, eval_log):
             p.unlink(missing_ok=True)
     bar = tqdm(total=cfg.steps, initial=tr.step, desc=f"{'lpc-' if cfg.lpc else ''}{cfg.loss}",
-               disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, unit="step")
+               disable=not (cfg.progress and main_rank), dynamic_ncols=True, file=sys.stderr, unit="step")
     recent: list[dict] = []
-    with open(metrics_path, "a") as mf:
+    with (open(metrics_path, "a") if main_rank else contextlib.nullcontext()) as mf:
         for step in range(tr.step, cfg.steps):
             m = train_step(tr, step)
             tr.step = step + 1
-            mf.write(json.dumps(m) + "\n")
-            mf.flush()
+            if main_rank:
+                mf.write(json.dumps(m) + "\n")
+                mf.flush()
             recent = (recent + [m])[-20:]
             bar.update(1)
             bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / len(recent):.4f}",
                             acc=f"{sum(r['rewards/accuracies'] for r in recent) / len(recent):.3f}",
                             tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
             if cfg.eval_every > 0 and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps and len(tr.eval_set):
-                ev = run_evaluation(tr)
-                with open(eval_log, "a") as ef:
-                    ef.write(json.dumps({"step": tr.step, **ev}) + "\n")
-                bar.write(f"step {tr.step}: held-out accuracy {ev['accuracy']:.3f}")
+                ev = run_evaluation(tr)  # every rank: the held-out pairs are split across them
+                if main_rank:
+                    with open(eval_log, "a") as ef:
+                        ef.write(json.dumps({"step": tr.step, **ev}) + "\n")
+                    bar.write(f"step {tr.step}: held-out accuracy {ev['accuracy']:.3f}")
             if cfg.save_every > 0 and tr.step % cfg.save_every == 0:
                 save_checkpoint(tr, tr.step)
     bar.close()
@@ -806,16 +899,26 @@ def _train(cfg: TrainConfig) -> dict:
     if tr.syn is not None and len(tr.eval_set):  # the ceiling: a predictor that knows the generator's sources
         final_eval["bayes_accuracy"] = synthetic.bayes_accuracy(tr.eval_set.rows, tr.syn)
     final_eval.update(step=cfg.steps, train_wall_s=train_s)
-    write_json_atomic(tr.out_dir / "eval.json", final_eval)
-    if ckpt_lib.is_peft(tr.model.policy):  # final/ is a plain HF model: merge the adapters into the weights
-        tr.model.policy = tr.model.policy.merge_and_unload()
-    ckpt = tr.model.save_pretrained(tr.out_dir / "final", tokenizer=tr.tokenizer,
-                                    extra_files={"train_config.json": {**cfg.to_dict(),
-                                                                       "output_dir": str(tr.out_dir)}})
+    final_dir = tr.out_dir / "final"
+    extra = {"train_config.json": {**cfg.to_dict(), "output_dir": str(tr.out_dir)}}
+    full_sd = dist_lib.full_state_dict(tr.model, ctx) if ctx.strategy == "fsdp2" else None  # every rank
+    if main_rank:
+        write_json_atomic(tr.out_dir / "eval.json", final_eval)
+        if ckpt_lib.is_peft(tr.model.policy):  # final/ is a plain HF model: merge the adapters into the weights
+            tr.model.policy = tr.model.policy.merge_and_unload()
+        if full_sd is None:
+            tr.model.save_pretrained(final_dir, tokenizer=tr.tokenizer, extra_files=extra)
+        else:  # FSDP2: the full weights gathered to this rank, same files
+            from .io import atomic_directory
+
+            with atomic_directory(final_dir) as tmp:
+                ckpt_lib.write_model_files(tr.model, tmp, tr.tokenizer, extra, full_sd)
+    dist_lib.barrier(ctx)  # the job ends when rank 0's files are written
     wall = time.perf_counter() - t_start
-    return {"output_dir": str(tr.out_dir), "checkpoint": str(ckpt), "metrics": str(metrics_path),
+    return {"output_dir": str(tr.out_dir), "checkpoint": str(final_dir), "metrics": str(metrics_path),
             "eval_json": str(tr.out_dir / "eval.json"), "eval": final_eval, "wall_s": wall,
-            "train_summary": _train_summary(metrics_path), "resumed_from": str(tr.resumed_from or "") or None}
+            "train_summary": _train_summary(metrics_path) if main_rank else {},
+            "resumed_from": str(tr.resumed_from or "") or None, "rank": ctx.rank}
 
 
 def _train_summary(metrics_path: Path) -> dict:
@@ -868,6 +971,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(f"{exc.flag}: {exc.message}")
     except (FileNotFoundError, ImportError, DataError) as exc:
         parser.error(str(exc))
+    if summary.get("rank", 0) != 0:  # under torchrun rank 0 prints the results
+        return summary
     ev = summary["eval"]
     if ev.get("num_pairs"):  # the first version's one-line result, kept for scripts that grep it
         print(f"held-out preference accuracy: {ev['accuracy']:.3f} on {ev['num_pairs']} pairs "
@@ -879,5 +984,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return summary
 
 
+def _cli() -> None:
+    """``python -m lpc.train``. Under torchrun, ``record`` writes a failing rank's traceback to the error file
+    torchrun reads, so its summary names the rank and the error that stopped the job first."""
+    if dist_lib.launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(main)()
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    _cli()

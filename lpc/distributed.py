@@ -1,0 +1,759 @@
+"""Data-parallel training for ``python -m lpc.train`` under ``torchrun``: DDP and FSDP2 (``fully_shard``).
+
+Everything the trainer needs to run on several processes, on PyTorch's own distributed engine:
+
+* **Process group** (``init_distributed`` / ``process_group``): rank, world size and local rank from the
+  environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...), NCCL on
+  GPU (device ``cuda:LOCAL_RANK``) and gloo on CPU. ``process_group`` destroys the group on exit; on an
+  error it names the failing rank on stderr, tears the group down without waiting for the other ranks
+  (NCCL: abort) and re-raises, so the process exits non-zero with its traceback and ``torchrun`` stops
+  the rest of the job. Without ``torchrun`` a ``--strategy ddp|fsdp2`` run is a 1-process group.
+* **Strategies** (``wrap_model``, ``wrap_reference``): DDP replicates the ``LPCModel`` (policy, LM head,
+  codebook and heads) and all-reduces gradients; FSDP2 shards each decoder layer, the transformer body
+  (embeddings, final norm; unless the embeddings are tied to the LM head) and the root ``LPCModel`` (LM
+  head, codebook, prior/posterior heads) over all ranks, with a ``MixedPrecisionPolicy`` under
+  ``--dtype bfloat16`` (bf16 compute in the transformer, fp32 gradient reduction; the root unit keeps
+  fp32 parameters: the heads and the KL always run in fp32, and the LM head is cast by autocast exactly
+  as in a 1-process run). The frozen reference model is replicated under DDP and sharded the same way
+  under FSDP2.
+* **Same global batch as one process** (``rank_slice``, ``shard_batch``): every rank draws the same
+  global batch from the seeded sampler and takes its contiguous slice, so the optimizer sees the same
+  gradient (the mean over the global batch) as the 1-process run and the loss curve matches. Each
+  example keeps its GLOBAL index for its Gumbel ``(seed, offset)`` (``LPCModel.gumbel_offsets``), so a
+  2-process run draws the same codes as the 1-process run.
+* **Metrics** (``gather_rows``, ``gather_fields``, ``all_reduce_scalar``, ``reduce_eval_results``,
+  ``evaluate_sharded``): per-example tensors are gathered in rank order (= global batch order) so the
+  step metrics are computed on the global batch exactly as in one process; held-out evaluation is split
+  across ranks and its metrics are recombined with each rank weighted by its number of pairs.
+* **Rank 0 only** (``is_main``, ``main_first``, ``barrier``, ``broadcast_object``): files are written by
+  rank 0; work that fills a shared cache runs on rank 0 first.
+* **Checkpoints** (``full_state_dict``, ``full_optimizer_state_dict``, ``shard_state_dict``,
+  ``shard_optimizer_state_dict``): full (unsharded) state dicts gathered to rank 0, written in the
+  trainer's own checkpoint layout, so a checkpoint saved at world size N resumes at any world size
+  (including 1, with no process group) and ``lpc.evaluate`` / ``lpc.generate`` read it unchanged.
+  Why not ``torch.distributed.checkpoint`` (DCP): DCP writes its own sharded layout whose metadata file
+  is a pickle, while the trainer's checkpoints are safetensors + JSON that can be loaded without
+  unpickling anything, in HF layout. The price: rank 0 holds one full copy of the model and optimizer
+  state in CPU memory while saving (gathered one tensor at a time, so each GPU holds at most one extra
+  full tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from .config import STRATEGIES, ConfigError
+
+# torchrun sets these for every worker (torch.distributed.elastic)
+_ENV_RANK, _ENV_WORLD, _ENV_LOCAL = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+
+
+# ---------------------------------------------------------------------------------------- context
+@dataclass
+class DistContext:
+    """Where this process stands in the job.
+
+    Attributes:
+        strategy: ``"none"`` (one process, no process group), ``"ddp"`` or ``"fsdp2"``.
+        rank / world_size / local_rank: from torchrun's environment (0 / 1 / 0 without torchrun).
+        device: this rank's device (``cuda:LOCAL_RANK`` on GPU).
+        backend: ``"nccl"`` or ``"gloo"``; ``None`` when there is no process group.
+    """
+
+    strategy: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    backend: Optional[str] = None
+    _store_dir: Optional[str] = None  # FileStore directory of a 1-process group started without torchrun
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """A process group is up (``--strategy ddp|fsdp2``, any world size)."""
+        return self.backend is not None and dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    """``RANK`` and ``WORLD_SIZE`` are set: this process is a worker of torchrun (or a similar launcher)."""
+    return _ENV_RANK in os.environ and _ENV_WORLD in os.environ
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError("strategy", f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """This rank's device for ``--device name``: ``auto`` / ``cuda`` -> ``cuda:LOCAL_RANK`` when CUDA is
+    available; an explicit ``cuda:N`` is accepted for one process only (each rank needs its own GPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("device", f"{name!r} is not a torch device") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ConfigError("device", f"{name!r} requested but torch sees no CUDA device")
+    if dev.index is not None:
+        if world_size > 1:
+            raise ConfigError("device", f"{name!r} names one GPU but {world_size} processes run: pass --device "
+                                        "cuda (or auto) and each rank takes cuda:LOCAL_RANK")
+        return dev
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError("device", f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: start at "
+                                    f"most {count} processes per node (--nproc-per-node)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(strategy: str = "none", device: str = "auto", *,
+                     timeout: Optional[timedelta] = None) -> DistContext:
+    """Start the process group for ``strategy`` and pick this rank's device.
+
+    ``"none"``: no process group; refused when torchrun started more than one process (each would train
+    its own copy of the model and write the same files). ``"ddp"`` / ``"fsdp2"``: NCCL for a CUDA device,
+    gloo otherwise, rendezvous through torchrun's environment; started by hand (no ``RANK`` /
+    ``WORLD_SIZE``), a 1-process group over a FileStore in a temp directory (no port needed).
+
+    Raises:
+        ConfigError: an unknown strategy, ``--strategy none`` with ``WORLD_SIZE > 1``, a device that does
+            not fit the job (see ``resolve_device``).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError("strategy", f"must be one of {list(STRATEGIES)}, got {strategy!r}")
+    world = _env_int(_ENV_WORLD, 1)
+    rank = _env_int(_ENV_RANK, 0)
+    local_rank = _env_int(_ENV_LOCAL, 0)
+    if strategy == "none":
+        if world > 1:
+            raise ConfigError("strategy", f"torchrun started {world} processes but --strategy is none: each would "
+                                          "train its own copy of the model; pass --strategy ddp or fsdp2")
+        return DistContext(device=resolve_device(device))
+    if not dist.is_available():
+        raise ConfigError("strategy", f"--strategy {strategy} needs torch.distributed, which this torch build lacks")
+    dev = resolve_device(device, local_rank, world)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before any collective: NCCL binds each rank's communicator to its GPU
+    ctx = DistContext(strategy=strategy, rank=rank, world_size=world, local_rank=local_rank, device=dev,
+                      backend=backend)
+    if dist.is_initialized():  # a caller (test, notebook) set the group up already: use it as it is
+        ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
+        ctx.backend = dist.get_backend()
+        return ctx
+    kwargs: dict[str, Any] = {}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    if dev.type == "cuda":
+        kwargs["device_id"] = dev  # eager NCCL init on the right GPU
+    if launched_by_torchrun():
+        dist.init_process_group(backend, **kwargs)
+    else:
+        ctx._store_dir = tempfile.mkdtemp(prefix="lpc-dist-")
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(ctx._store_dir, 'store')}", rank=0,
+                                world_size=1, **kwargs)
+    return ctx
+
+
+def destroy_distributed(ctx: DistContext, *, error: bool = False) -> None:
+    """Tear the process group down. After an error the other ranks may sit in a collective this rank will
+    never join: NCCL's orderly destroy could then block, so the group is aborted instead (gloo's destroy is
+    local and never waits)."""
+    if ctx.backend is None or not dist.is_initialized():
+        return
+    # free what still holds the group (FSDP2 states, DDP reducers: reference cycles) while it exists,
+    # rather than during interpreter shutdown, where native destructors run in an arbitrary order
+    import gc
+
+    gc.collect()
+    try:
+        if error and ctx.backend == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception as exc:  # tearing down must not hide the error that brought us here
+        print(f"[rank {ctx.rank}] destroying the process group failed: {exc}", file=sys.stderr, flush=True)
+    finally:
+        if ctx._store_dir is not None:
+            import shutil
+
+            shutil.rmtree(ctx._store_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def process_group(strategy: str = "none", device: str = "auto", *,
+                  timeout: Optional[timedelta] = None) -> Iterator[DistContext]:
+    """``with process_group(strategy, device) as ctx:`` run the job; the group is destroyed on the way out.
+
+    An exception inside names the failing rank on stderr, aborts the group (so this rank does not wait for
+    the others) and propagates: the process then exits non-zero with its traceback, and torchrun stops
+    the other ranks. A ``SystemExit`` with status 0 is a normal exit.
+    """
+    ctx = init_distributed(strategy, device, timeout=timeout)
+    try:
+        yield ctx
+    except BaseException as exc:
+        failed = not (isinstance(exc, SystemExit) and exc.code in (0, None))
+        if failed and ctx.world_size > 1:
+            print(f"lpc.train: rank {ctx.rank} of {ctx.world_size} failed with {type(exc).__name__}: {exc} "
+                  "(traceback below); stopping the job", file=sys.stderr, flush=True)
+        destroy_distributed(ctx, error=failed)
+        raise
+    destroy_distributed(ctx)
+
+
+# ----------------------------------------------------------------------------------- rank-0 helpers
+def is_main(ctx: Optional[DistContext] = None) -> bool:
+    """True on rank 0 (and in a process without a group)."""
+    if ctx is not None:
+        return ctx.is_main
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return
+    if ctx.backend == "nccl":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(ctx: DistContext) -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it (e.g. the tokenizer trained and cached on
+    first use: rank 0 writes the cache, the others then read it instead of racing to write it)."""
+    if not ctx.is_main:
+        barrier(ctx)
+    yield
+    if ctx.is_main:
+        barrier(ctx)
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (a picklable Python object created in this job, e.g. the
+    run directory name, which embeds a timestamp that could differ between ranks)."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return obj
+    box = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------ batch slicing
+def rank_slice(n: int, rank: int, world_size: int, *, what: str = "batch_size") -> slice:
+    """The contiguous slice of ``n`` global items that ``rank`` takes.
+
+    Raises:
+        ConfigError: ``n`` is not a multiple of ``world_size`` (``what`` names the setting), since unequal
+            slices would weight the ranks' gradients unequally and break the match with one process.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if n % world_size:
+        raise ConfigError(what, f"{n} is not divisible by the {world_size} processes: every rank takes an equal "
+                                f"slice of the global batch (use a multiple of {world_size})")
+    per = n // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
+    """This rank's contiguous slice of a collated global batch (every tensor with the batch dimension first;
+    other values are kept). The padding length stays the global batch's, which does not change any
+    example's log-probs: padding is masked."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"every tensor of the batch must have the same leading (batch) size, got {sorted(sizes)}")
+    sl = rank_slice(sizes.pop(), rank, world_size)
+    return {k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in batch.items()}
+
+
+def split_evenly(n: int, rank: int, world_size: int) -> range:
+    """Contiguous near-equal shares of ``n`` items (sizes differ by at most one; the first ``n % world``
+    ranks get one more): held-out pairs need not be divisible by the world size."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+# --------------------------------------------------------------------------------------- reductions
+def gather_rows(t: Optional[Tensor], ctx: DistContext) -> Optional[Tensor]:
+    """Concatenate every rank's ``t`` along dim 0, in rank order (the global batch order when each rank
+    holds its ``rank_slice``). Sizes may differ between ranks; other dims and the dtype must agree."""
+    if t is None or not ctx.distributed or ctx.world_size == 1:
+        return t
+    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    x = t.detach().to(dev).contiguous()
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=dev))
+    sizes = [int(s) for s in sizes]
+    top = max(sizes)
+    if x.shape[0] < top:  # all_gather needs equal shapes: pad, then cut each rank's rows back out
+        x = torch.cat([x, x.new_zeros((top - x.shape[0],) + tuple(x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def all_reduce_scalar(value: float, ctx: DistContext, op: str = "mean") -> float:
+    """``sum``, ``mean`` (unweighted, over ranks), ``max`` or ``min`` of one float over all ranks."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return float(value)
+    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
+    red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+           "min": dist.ReduceOp.MIN}
+    if op not in red:
+        raise ValueError(f"op must be one of {list(red)}, got {op!r}")
+    dist.all_reduce(t, op=red[op])
+    out = float(t)
+    return out / ctx.world_size if op == "mean" else out
+
+
+def weighted_mean(value: float, weight: float, ctx: DistContext) -> float:
+    """``sum_r value_r * weight_r / sum_r weight_r``: the global mean of a per-example quantity whose
+    rank-local mean is ``value`` over ``weight`` examples (a rank with no examples contributes nothing)."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return float(value)
+    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    v = float(value) * float(weight) if weight else 0.0
+    t = torch.tensor([v, float(weight)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return float(t[0] / t[1]) if float(t[1]) > 0 else float("nan")
+
+
+def gather_fields(obj: Any, ctx: DistContext) -> Any:
+    """A copy of a dataclass or ``SimpleNamespace`` of per-example results with every field combined over
+    ranks: tensors with a batch dimension are concatenated in rank order (``gather_rows``), 0-dim tensors
+    averaged over ranks (batch means of equal-size slices), ints summed (counts), ``None`` kept.
+
+    Every rank must hold the same fields (the same ones ``None``), as each runs the same code."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return obj
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+    else:
+        names = list(vars(obj))
+    values = {}
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, Tensor) and v.ndim > 0:
+            v = gather_rows(v, ctx)
+        elif isinstance(v, Tensor):
+            v = torch.tensor(all_reduce_scalar(float(v), ctx, "mean"), dtype=v.dtype, device=v.device)
+        elif isinstance(v, bool) or v is None:
+            pass
+        elif isinstance(v, int):
+            v = int(all_reduce_scalar(v, ctx, "sum"))
+        values[name] = v
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **values)
+    return type(obj)(**values)
+
+
+# ---------------------------------------------------------------------------------------- wrapping
+def decoder_layers(policy: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of an HF causal LM: the modules whose class is in ``_no_split_modules``
+    (how HF / accelerate name them, e.g. ``LlamaDecoderLayer``), else the body's ``layers`` list."""
+    from .model import decoder_of
+
+    names: set[str] = set()
+    for m in policy.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    found = [m for m in policy.modules() if type(m).__name__ in names]
+    if found:
+        return found
+    layers = getattr(decoder_of(policy), "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        return list(layers)
+    raise ValueError(f"cannot find the decoder layers of {type(policy).__name__} to shard with FSDP2 (no "
+                     "_no_split_modules and no .layers list)")
+
+
+def _embeddings_tied(policy: nn.Module) -> bool:
+    inp = policy.get_input_embeddings() if hasattr(policy, "get_input_embeddings") else None
+    out = policy.get_output_embeddings() if hasattr(policy, "get_output_embeddings") else None
+    return inp is not None and out is not None and inp.weight is out.weight
+
+
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, ctx: DistContext, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place).
+
+    FSDP2 keeps each rank's own slice of its local full tensors (unlike DDP, it broadcasts nothing), so
+    a model initialised differently on some rank (a seed, an unseeded init) would be silently mixed.
+    """
+    if not ctx.distributed or ctx.world_size == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "cpu" and ctx.backend == "nccl":
+            buf = t.detach().to(ctx.device)
+            dist.broadcast(buf, src)
+            t.copy_(buf.cpu())
+        else:
+            dist.broadcast(t.detach(), src)
+
+
+def _fsdp_mp_policies(mixed_precision: Optional[torch.dtype]):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision is None:
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    body = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    # the root (LM head, codebook, heads): fp32 parameters, like a 1-process --dtype bfloat16 run
+    return body, MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
+def fsdp2_shard(root: nn.Module, policy: nn.Module, ctx: DistContext, *,
+                mixed_precision: Optional[torch.dtype] = None) -> nn.Module:
+    """``fully_shard`` every decoder layer of ``policy``, its transformer body (embeddings and final norm;
+    not when the input embeddings are tied to the LM head, whose weight the root's forward reads), then
+    ``root`` (everything left: the LM head and, for an ``LPCModel``, the codebook and heads). ``root``
+    must be the module whose ``forward`` the trainer calls: FSDP2 gathers a unit's parameters in that
+    unit's forward hook, and the LM head weight is read directly, not through ``lm_head.forward``.
+    Sharded in place; returns ``root``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .model import decoder_of
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    body_mp, root_mp = _fsdp_mp_policies(mixed_precision)
+    broadcast_module_(root, ctx)
+    for layer in decoder_layers(policy):
+        fully_shard(layer, mesh=mesh, mp_policy=body_mp)
+    if not _embeddings_tied(policy):
+        fully_shard(decoder_of(policy), mesh=mesh, mp_policy=body_mp)
+    fully_shard(root, mesh=mesh, mp_policy=root_mp)
+    return root
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, *, mixed_precision: Optional[torch.dtype] = None,
+               find_unused_parameters: bool = False) -> nn.Module:
+    """The module to call for training forward passes of ``model`` (an ``LPCModel``, already on
+    ``ctx.device``), by strategy:
+
+    * ``none``: ``model`` itself.
+    * ``ddp``: a ``DistributedDataParallel`` wrapper; ``model`` stays the plain module (evaluation,
+      saving, ``gumbel_offsets`` use it). Buffers are not broadcast per step (rotary tables are computed,
+      never trained). ``find_unused_parameters`` is needed when a parameter can get no gradient in a step
+      (the prior head with ``kl_weight = 0`` while the prior mix is 0); DDP then leaves such gradients
+      ``None`` on every rank, as one process does, so AdamW skips them the same way.
+    * ``fsdp2``: ``model`` sharded in place (``fsdp2_shard``) and returned; build the optimizer AFTER
+      this call (the parameters become sharded ``DTensor``\\ s).
+    """
+    if ctx.strategy == "none":
+        return model
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # no buffer broadcast before every forward: the model's buffers (rotary tables) are computed, never
+        # trained, hence equal on every rank; the flag was renamed in recent torch (the old name warns)
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_sync)
+    if ctx.strategy == "fsdp2":
+        # LPCModel returns views (the chosen / rejected halves of one [2B] pass); FSDP2 warns that an in-place
+        # op on such a view would skip its backward hook. The trainer never modifies outputs in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        return fsdp2_shard(model, model.policy, ctx, mixed_precision=mixed_precision)
+    raise ConfigError("strategy", f"must be one of {list(STRATEGIES)}, got {ctx.strategy!r}")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under a DDP wrapper (FSDP2 shards in place: the module is its own)."""
+    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
+
+
+class ReferenceScorer(nn.Module):
+    """A frozen reference model as a module whose ``forward(batch)`` returns ``(chosen [B], rejected [B])``
+    summed answer log-probs: the unit FSDP2 shards, so that its forward hook gathers the LM head weight
+    that ``lpc.model.reference_logps`` reads directly."""
+
+    def __init__(self, ref_model: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.ref = ref_model
+        self.backend = backend
+
+    def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
+        from .model import reference_logps
+
+        return reference_logps(self.ref, batch, backend=self.backend)
+
+
+class ShardedReference:
+    """The ``batch -> (chosen, rejected)`` scorer of an FSDP2-sharded reference (``wrap_reference``): no
+    gradients, under ``autocast_dtype`` like ``lpc.reference.LiveReference``. Every rank must call it the
+    same number of times (each call all-gathers the reference's shards)."""
+
+    def __init__(self, scorer: ReferenceScorer, autocast_dtype: Optional[torch.dtype] = None):
+        self.scorer, self.autocast_dtype = scorer, autocast_dtype
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
+        dev = batch["chosen_input_ids"].device
+        ctx = (torch.autocast(dev.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype not in (None, torch.float32) else contextlib.nullcontext())
+        with ctx:
+            return self.scorer(batch)
+
+
+def wrap_reference(ref_model: nn.Module, ctx: DistContext, *, backend: str = "auto",
+                   autocast_dtype: Optional[torch.dtype] = None) -> Callable:
+    """An FSDP2-sharded scorer of the frozen ``ref_model`` (on ``ctx.device``), for ``--strategy fsdp2``.
+    Under DDP the reference is simply replicated: use ``lpc.reference.LiveReference``."""
+    if ctx.strategy != "fsdp2":
+        raise ValueError(f"wrap_reference shards for fsdp2; under {ctx.strategy!r} replicate the reference")
+    ref_model.eval().requires_grad_(False)
+    scorer = ReferenceScorer(ref_model, backend)
+    # the reference's weights are stored in their compute dtype already (bf16 with --dtype bfloat16)
+    fsdp2_shard(scorer, ref_model, ctx, mixed_precision=None)
+    return ShardedReference(scorer, autocast_dtype)
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` over replicated or FSDP2-sharded gradients; returns the global
+    pre-clip norm as a float (``inf`` / 0 ``max_norm`` disables clipping but still measures)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    limit = max_norm if max_norm and max_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    if hasattr(norm, "full_tensor"):  # a DTensor over sharded gradients: the reduced, global norm
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool):
+    """A context for one micro-batch's backward: with ``enabled=False`` DDP skips its all-reduce
+    (gradients accumulate locally until the last micro-batch). FSDP2 reduce-scatters every micro-batch
+    regardless: keeping unsharded gradients between micro-batches would cost the full model's gradient
+    memory, which is what FSDP2 is used to avoid."""
+    if not enabled and type(module).__name__ == "DistributedDataParallel":
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------ state dicts
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def full_state_dict(module: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+    """The full (unsharded) state dict of ``module`` (DDP-wrapped, FSDP2-sharded or plain) as CPU tensors
+    on rank 0, ``{}`` on the other ranks. Keys are the plain module's (FSDP2 keeps them, DDP's
+    ``module.`` prefix is dropped). Collective under FSDP2: every rank must call it."""
+    module = unwrap(module)
+    out: dict[str, Tensor] = {}
+    for key, value in module.state_dict().items():
+        if _is_dtensor(value):
+            value = value.full_tensor()  # all-gather, one tensor at a time
+        if ctx.is_main:
+            out[key] = value.detach().cpu().clone() if isinstance(value, Tensor) else value
+    return out
+
+
+def _flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered to its full shape: the layout a
+    1-process run's optimizer has (state keyed by parameter position in the param groups), on rank 0
+    (CPU tensors); ``{}`` on the other ranks. Collective under FSDP2."""
+    sd = optimizer.state_dict()
+    state: dict = {}
+    for pid, st in sd["state"].items():
+        row = {}
+        for name, value in st.items():
+            if _is_dtensor(value):
+                value = value.full_tensor()
+            if isinstance(value, Tensor):
+                value = value.detach().cpu().clone()
+            row[name] = value
+        state[pid] = row
+    return {"state": state, "param_groups": sd["param_groups"]} if ctx.is_main else {}
+
+
+def _shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """``full`` cut to ``param``'s sharding (a DTensor with the same placements), or moved to its device."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        if tuple(full.shape) != tuple(param.shape):
+            raise ValueError(f"a saved tensor of shape {tuple(full.shape)} cannot fill a parameter of shape "
+                             f"{tuple(param.shape)}")
+        # every rank holds the full tensor already (read from the checkpoint): take the local chunk, no
+        # communication (src_data_rank=None)
+        return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    return full.to(param.device)
+
+
+def _clone_dtensor(t: Tensor) -> Tensor:
+    """A DTensor with the same placements over a copy of ``t``'s local shard."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t.to_local().clone(), t.device_mesh, t.placements, run_check=False,
+                              shape=t.shape, stride=t.stride())
+
+
+def shard_state_dict(full: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
+    """A full state dict (``full_state_dict``, a checkpoint's tensors) laid out for ``module``'s
+    parameters (FSDP2 ``DTensor`` shards where it is sharded), for ``module.load_state_dict``."""
+    current = unwrap(module).state_dict()
+    out = {}
+    for key, value in full.items():
+        out[key] = _shard_like(value, current[key]) if key in current else value
+    return out
+
+
+def shard_optimizer_state_dict(full: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A 1-process-layout optimizer state dict (``full_optimizer_state_dict`` or a checkpoint's) with each
+    parameter-shaped state tensor (Adam's ``exp_avg``, ``exp_avg_sq``) cut to that parameter's sharding,
+    for ``optimizer.load_state_dict`` on an optimizer over FSDP2-sharded parameters. The parameter order
+    must be the one the state was saved with (the trainer builds its param groups the same way at any
+    world size)."""
+    params = _flat_params(optimizer)
+    state = {}
+    for pid, st in full["state"].items():
+        idx = int(pid)
+        if idx >= len(params):
+            raise ValueError(f"optimizer state has parameter #{idx}, this optimizer has {len(params)} parameters")
+        p = params[idx]
+        row = {}
+        for name, v in st.items():
+            if isinstance(v, Tensor):
+                if v.ndim > 0 and tuple(v.shape) == tuple(p.shape):
+                    v = _shard_like(v, p)
+                # fresh memory: a local chunk can be a view of the input (e.g. a live optimizer's state), and
+                # the optimizer updates its state in place
+                v = _clone_dtensor(v) if _is_dtensor(v) else v.clone()
+            row[name] = v
+        state[pid] = row
+    return {"state": state, "param_groups": full["param_groups"]}
+
+
+# ------------------------------------------------------------------------------------- evaluation
+class IndexView:
+    """``dataset[indices]`` as a sequence (what ``lpc.data.batches`` needs); pairs keep their own index."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+        self.rows = [dataset.rows[i] for i in self.indices] if hasattr(dataset, "rows") else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+
+def _gather_objects(obj: Any, ctx: DistContext) -> list:
+    if not ctx.distributed or ctx.world_size == 1:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def reduce_eval_results(local: dict, arrays: dict, ctx: DistContext,
+                        source_names: Optional[Sequence[str]] = None) -> dict:
+    """Combine the rank-local results of ``lpc.evaluate.evaluate(..., return_arrays=True)`` into what one
+    process evaluating all the pairs returns (the same keys, equal values up to float rounding).
+
+    Means of per-pair quantities (``loss``, ``prior_entropy``) are weighted by each rank's pair count;
+    ``accuracy``, ``reward_margin``, ``accuracy_by_source`` and ``code_source_nmi`` are recomputed from
+    the gathered per-pair arrays; ``prior_code_perplexity`` (usage of the mean prior distribution) from
+    the gathered prior probabilities. Any other float metric is combined as a weighted mean.
+    """
+    import numpy as np
+
+    from .model import code_perplexity
+
+    gathered = _gather_objects((local, arrays), ctx)
+    counts = [int(r.get("num_pairs", 0)) for r, _ in gathered]
+    total = sum(counts)
+    if total == 0:
+        return {"num_pairs": 0}
+    parts = [(r, a) for (r, a), n in zip(gathered, counts) if n > 0]
+    cat = {k: np.concatenate([a[k] for _, a in parts]) for k in parts[0][1]}
+    margin = torch.from_numpy(cat["margin"]).float()
+    correct = (margin > 0).float()
+    src = torch.from_numpy(cat["source"])
+    result: dict = {"num_pairs": total, "accuracy": float(correct.mean()), "reward_margin": float(margin.mean())}
+    float_keys = [k for k, v in parts[0][0].items() if isinstance(v, float) and k not in result]
+    for key in float_keys:
+        if key == "prior_code_perplexity" and "prior_probs" in cat:
+            probs = torch.from_numpy(cat["prior_probs"]).float()
+            result[key] = float(code_perplexity(torch.log(probs.clamp_min(1e-30))))
+        elif key == "code_source_nmi" and "prior_code" in cat:
+            from .analysis import normalized_mutual_information
+
+            result[key] = normalized_mutual_information(cat["prior_code"], cat["source"]) if len(src) else 0.0
+        else:  # a mean over pairs: weight each rank's mean by its pair count
+            result[key] = sum(r[key] * int(r["num_pairs"]) for r, _ in parts) / total
+    if bool((src >= 0).any()):
+        by_source = {}
+        for s in sorted(set(src.tolist()) - {-1}):
+            name = source_names[s] if source_names is not None and s < len(source_names) else str(s)
+            by_source[name] = float(correct[src == s].mean())
+        result["accuracy_by_source"] = by_source
+    # keep evaluate()'s key order (what eval.json readers see)
+    order = list(parts[0][0])
+    return {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}
+
+
+def evaluate_sharded(evaluate_fn: Callable, model: nn.Module, ref: Any, dataset, collator, loss_cfg, ctx: DistContext,
+                     *, batch_size: int, source_names: Optional[Sequence[str]] = None) -> dict:
+    """Held-out evaluation split across ranks: each rank runs ``evaluate_fn`` (``lpc.evaluate.evaluate``)
+    on its contiguous share of ``dataset`` (``split_evenly``) and the results are combined on every rank
+    (``reduce_eval_results``). Under FSDP2 every forward is collective, so a rank with fewer batches runs
+    dummy batches (one pair each, results discarded) until all ranks have run the same number."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return evaluate_fn(model, ref, dataset, collator, loss_cfg, batch_size=batch_size, source_names=source_names)
+    share = IndexView(dataset, split_evenly(len(dataset), ctx.rank, ctx.world_size))
+    local, arrays = ({"num_pairs": 0}, {})
+    if len(share):
+        local, arrays = evaluate_fn(model, ref, share, collator, loss_cfg, batch_size=batch_size,
+                                    source_names=source_names, return_arrays=True)
+    if ctx.strategy == "fsdp2" and len(dataset):
+        # every rank knows every share's size, so no collective here: one would interleave with the
+        # forwards' all-gathers of a rank that is still evaluating
+        mine = math.ceil(len(share) / batch_size)
+        most = max(math.ceil(len(split_evenly(len(dataset), r, ctx.world_size)) / batch_size)
+                   for r in range(ctx.world_size))
+        if most > mine:
+            evaluate_fn(model, ref, IndexView(dataset, [0] * (most - mine)), collator, loss_cfg, batch_size=1,
+                        source_names=source_names)
+    return reduce_eval_results(local, arrays, ctx, source_names)
