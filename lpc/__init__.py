@@ -7,7 +7,9 @@ before the LM head), ``losses`` (DPO / IPO / SimPO + KL through ``lk.preference_
 tokenizer), ``reference`` (live / adapter-disabled / cached reference log-probs), ``checkpoint``
 (safetensors checkpoints and resume), ``evaluate`` (held-out evaluation, ``python -m lpc.evaluate``),
 ``generate`` (``python -m lpc.generate``), ``tiny_model`` (tiny HF model directories for smoke tests),
-``io`` (atomic writes), ``train`` (``python -m lpc.train``).
+``io`` (atomic writes), ``cli`` (the shared help formatter), ``train`` (``python -m lpc.train``),
+``distributed`` (torchrun: DDP / FSDP2, rank slices, metric reduction), ``analysis`` (NMI, code usage,
+projections, plots), ``experiments`` (``python -m lpc.experiments``: the paper-claims study).
 """
 
 from .config import LPCConfig, SyntheticConfig, TrainConfig

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .cli import HelpFormatter
 from .data import PreferenceCollator, PreferenceDataset, batches, to_device
 from .losses import LossConfig, preference_objective
 from .model import LPCModel, code_perplexity, entropy_from_logits, reference_logps
@@ -183,7 +184,7 @@ def plot_training_curves(metrics_path: Path, path: Path) -> Optional[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m lpc.evaluate`` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m lpc.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m lpc.evaluate", formatter_class=HelpFormatter,
                                 description="Evaluate a trained LPC run on its held-out pairs: accuracy, reward "
                                             "margins, per-source accuracy, code usage; JSON + PNG plots.")
     p.add_argument("--run", required=True, help="run directory written by python -m lpc.train")

@@ -57,6 +57,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import analysis
+from .cli import HelpFormatter
 
 LOSSES = ("dpo", "simpo", "ipo")
 METHOD_LABEL = {"dpo": "DPO", "simpo": "SimPO", "ipo": "IPO"}
@@ -773,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Studies that test the LPC paper's claims (see the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("paper", help="run (or resume) the study, then write report.md and plots",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     a.add_argument("--quick", action="store_true", help="tiny smoke study (every artifact, about a minute)")
     a.add_argument("--seeds", type=int, default=None,
                    help=f"seeds 0..N-1 (default: {FULL_SEEDS}, {QUICK_SEEDS} with --quick)")

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cli import HelpFormatter
 from .model import LPCModel, decoder_of, lm_head_of
 
 
@@ -104,7 +105,7 @@ def generate(model: LPCModel, ids: list[int], *, z: Optional[torch.Tensor] = Non
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m lpc.generate`` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m lpc.generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m lpc.generate", formatter_class=HelpFormatter,
                                 description="Generate answers from a trained LPC run, with z from the prior or a "
                                             "forced code.")
     p.add_argument("--run", required=True, help="run directory written by python -m lpc.train (uses final/)")

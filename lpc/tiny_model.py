@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .cli import HelpFormatter
+
 # a ChatML-style template: every turn is "<|role|> text <eos>", the generation prompt opens an assistant turn
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{{ eos_token }}"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
@@ -64,7 +66,7 @@ def dataset_texts(spec: str) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m lpc.tiny_model", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True, help="preference dataset whose text trains the tokenizer")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")

@@ -45,6 +45,7 @@ import torch
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from . import synthetic
+from .cli import HelpFormatter
 from .config import (BACKENDS, DTYPES, INFERENCE_CODE, LOSS_TYPES, LR_SCHEDULERS, PRIOR_MIX, PRIOR_SAMPLE,
                      STRATEGIES, ConfigError, SyntheticConfig, TrainConfig)
 from .data import (DataError, EpochSampler, _looks_local, PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows,
@@ -67,19 +68,13 @@ LAUNCH_FIELDS = ("resume", "strategy")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: X)`` unless the help text already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "(default:" in text else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m lpc.train`` argument parser (one flag per ``TrainConfig`` field, plus ``--config``)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m lpc.train", formatter_class=_HelpFormatter,
+        prog="python -m lpc.train", formatter_class=HelpFormatter,
         description="Train a Latent Preference Coding (LPC) policy with DPO / IPO / SimPO. With no arguments: "
                     "LPC-DPO on synthetic preference data with a tiny random-init Llama on CPU.")
     a = p.add_argument
