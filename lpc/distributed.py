@@ -724,11 +724,9 @@ def reduce_eval_results(local: dict, arrays: dict, ctx: DistContext,
         else:  # a mean over pairs: weight each rank's mean by its pair count
             result[key] = sum(r[key] * int(r["num_pairs"]) for r, _ in parts) / total
     if bool((src >= 0).any()):
-        by_source = {}
-        for s in sorted(set(src.tolist()) - {-1}):
-            name = source_names[s] if source_names is not None and s < len(source_names) else str(s)
-            by_source[name] = float(correct[src == s].mean())
-        result["accuracy_by_source"] = by_source
+        from .evaluate import accuracy_by_source
+
+        result["accuracy_by_source"] = accuracy_by_source(correct, src, source_names)
     # keep evaluate()'s key order (what eval.json readers see)
     order = list(parts[0][0])
     return {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}

@@ -38,6 +38,17 @@ def _nmi(a: np.ndarray, b: np.ndarray) -> float:
     return normalized_mutual_information(a, b) if a.size else 0.0
 
 
+def accuracy_by_source(correct: torch.Tensor, source: torch.Tensor,
+                       source_names: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """Mean of ``correct [P]`` (0/1 per pair) per source id in ``source [P]`` (-1: unknown, skipped),
+    keyed by ``source_names[id]`` when given, else by the id."""
+    by_source = {}
+    for s in sorted(set(source.tolist()) - {-1}):
+        name = source_names[s] if source_names is not None and s < len(source_names) else str(s)
+        by_source[name] = float(correct[source == s].float().mean())
+    return by_source
+
+
 @torch.no_grad()
 def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], dataset: PreferenceDataset,
              collator: PreferenceCollator, loss_cfg: LossConfig, *, batch_size: int = 128,
@@ -88,11 +99,7 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
     result = {"num_pairs": int(margin.numel()), "accuracy": float(correct.mean()),
               "reward_margin": float(margin.mean()), "loss": float(torch.cat(losses).mean())}
     if bool((src >= 0).any()):
-        by_source = {}
-        for s in sorted(set(src.tolist()) - {-1}):
-            name = source_names[s] if source_names is not None and s < len(source_names) else str(s)
-            by_source[name] = float(correct[src == s].mean())
-        result["accuracy_by_source"] = by_source
+        result["accuracy_by_source"] = accuracy_by_source(correct, src, source_names)
     arrays = {"margin": margin.numpy(), "correct": correct.numpy().astype(bool), "source": src.numpy()}
     if prior_logits:
         logits = torch.cat(prior_logits)

@@ -32,9 +32,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lpc import distributed as D
+from spawned_jobs import run_spawned
 from lpc.config import ConfigError, LPCConfig
 from lpc.data import PreferenceCollator, TokenizedPair
 
@@ -333,26 +333,12 @@ def _job(rank, store_file, out_dir):
     dist.destroy_process_group()
 
 
-def _run_spawned(fn, args, nprocs, timeout_s):
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"distributed job still running after {timeout_s} s: killed")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_train")
     error = None
     try:
-        _run_spawned(_job, (str(tmp / "store"), str(tmp)), WORLD, JOB_TIMEOUT_S)
+        run_spawned(_job, (str(tmp / "store"), str(tmp)), WORLD, JOB_TIMEOUT_S)
     except Exception as exc:  # reported by every test, with what the ranks recorded before it
         error = f"{type(exc).__name__}: {exc}"
     results = {}

@@ -23,10 +23,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lpc_kernels as lk
 from formulas import f_linear_token_logprobs
+from spawned_jobs import run_spawned
 from lpc_kernels import _ops
 
 WORLD = 2
@@ -328,21 +328,6 @@ def _job(rank, store_file, out_dir, world=WORLD, pg_backend="gloo", which="cpu")
             json.dump(results, fh)
         os.replace(os.path.join(out_dir, f"rank{rank}.json.tmp"), os.path.join(out_dir, f"rank{rank}.json"))
     dist.destroy_process_group()
-
-
-def run_spawned(fn, args, nprocs, timeout_s):
-    """Start ``fn(rank, *args)`` in ``nprocs`` spawned processes; raise (and kill them) past ``timeout_s``."""
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"distributed job still running after {timeout_s} s: killed")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
 
 
 def _run_job(tmp, world, pg_backend, which):

@@ -276,3 +276,15 @@ def scalar_args(cdt: torch.dtype, device, *values: float):
     if cdt == torch.float64:
         return torch.tensor(values, dtype=torch.float64, device=device), True
     return None, False
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile ``(pid_m, pid_n)`` of program ``pid`` in grouped order (Triton's matmul tutorial): programs in
+    flight share GROUP_M row blocks of the first operand and walk the second together, so both stay in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n

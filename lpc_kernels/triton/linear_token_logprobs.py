@@ -89,8 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AUTOTUNE, INTERPRET, cast_out, compute_dtype, device_guard, dot_precision, launch, next_pow2, prune_smem,
-                      sm_count, tuned)
+from ._common import (AUTOTUNE, INTERPRET, cast_out, compute_dtype, device_guard, dot_precision, grouped_tile, launch, next_pow2,
+                      prune_smem, sm_count, tuned)
 
 # Interpreter configs: wide in V (few loop steps), the minimum 16 rows tl.dot allows.
 INTERPRET_FWD = {"BLOCK_N": 16, "BLOCK_V": 512, "BLOCK_H": 64}
@@ -303,16 +303,9 @@ def _lin_bwd_kernel(
 ):
     tl.static_assert(BLOCK_H % BLOCK_HB == 0)  # so EVEN_H (H % BLOCK_H == 0) covers the scatter steps too
     CDT: tl.constexpr = gh_ptr.dtype.element_ty  # fp32 accumulators (fp64 for fp64 inputs)
-    # grouped ordering (Triton matmul tutorial): programs in flight share GROUP_N row blocks of h and
-    # walk V together, so both operand tiles and the atomically updated tiles stay in L2
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(NV, BLOCK_N)
-    num_pid_v = tl.cdiv(V, BLOCK_V)
-    num_pid_in_group = GROUP_N * num_pid_v
-    first_pid_n = (pid // num_pid_in_group) * GROUP_N
-    group_size_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + (pid % num_pid_in_group) % group_size_n
-    pid_v = (pid % num_pid_in_group) // group_size_n
+    # grouped ordering: programs in flight share GROUP_N row blocks of h and walk V together, so both
+    # operand tiles and the atomically updated tiles stay in L2
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(NV, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < NV
@@ -397,14 +390,7 @@ def _lin_dlogits_kernel(
     fp32 column sums of this program's rows (``grad_b``, summed over row blocks on the host).
     """
     CDT: tl.constexpr = db_ptr.dtype.element_ty  # fp32 (fp64 for fp64 inputs)
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(NV, BLOCK_N)
-    num_pid_v = tl.cdiv(VC, BLOCK_V)
-    num_pid_in_group = GROUP_N * num_pid_v
-    first_pid_n = (pid // num_pid_in_group) * GROUP_N
-    group_size_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + (pid % num_pid_in_group) % group_size_n
-    pid_v = (pid % num_pid_in_group) // group_size_n
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(NV, BLOCK_N), tl.cdiv(VC, BLOCK_V), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < NV
@@ -459,13 +445,7 @@ def _mm_kernel(
     F64: tl.constexpr = a_ptr.dtype.element_ty == tl.float64
     CDT: tl.constexpr = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = tl.max_contiguous(tl.multiple_of(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), BLOCK_M), BLOCK_M)
     offs_n = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
