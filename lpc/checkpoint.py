@@ -155,36 +155,6 @@ def is_peft(policy) -> bool:
     return hasattr(policy, "peft_config") and hasattr(policy, "disable_adapter")
 
 
-def write_model_files(model, directory: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None,
-                      state_dict: Optional[dict] = None) -> None:
-    """``model.write_files`` (policy in HF layout, ``lpc_heads.safetensors``, ``lpc_config.json``, tokenizer,
-    ``extra_files``), from ``state_dict`` when given: the full state dict of an FSDP2-sharded model gathered to
-    rank 0 (``lpc.distributed.full_state_dict``; keys ``policy.*`` and the heads'), whose own parameters are
-    shards. The files are the same either way, so any world size (or ``lpc.evaluate``) reads them."""
-    if state_dict is None:
-        model.write_files(directory, tokenizer, extra_files)
-        return
-    from safetensors.torch import save_file
-
-    from .model import LPC_CONFIG_FILE, _quiet_transformers
-
-    directory = Path(directory)
-    policy_sd = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
-    with _quiet_transformers():
-        model.policy.save_pretrained(directory, state_dict=policy_sd, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    meta = {"lpc": model.lpc.to_dict() if model.lpc is not None else None}
-    with open(directory / LPC_CONFIG_FILE, "w") as f:
-        json.dump(meta, f, indent=2)
-    if model.lpc is not None:
-        heads = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith("policy.")}
-        save_file(heads, str(directory / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
-    for name, obj in (extra_files or {}).items():
-        with open(directory / name, "w") as f:
-            json.dump(obj, f, indent=2)
-
-
 def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimizer, scheduler, sampler_state: dict,
                     extra_state: dict, config: dict, keep: int = 0, model_state_dict: Optional[dict] = None,
                     optimizer_state_dict: Optional[dict] = None) -> Path:
@@ -201,7 +171,7 @@ def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimi
     remove_stale_temps(root)  # leftovers of a save that was killed
     path = root / checkpoint_name(step)
     with atomic_directory(path) as tmp:
-        write_model_files(model, tmp, tokenizer, {"train_config.json": config}, model_state_dict)
+        model.write_files(tmp, tokenizer, {"train_config.json": config}, state_dict=model_state_dict)
         tensors, meta = optimizer_to_tensors(optimizer_state_dict or optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT, "meta": json.dumps(meta)})
         rng_tensors, rng_info = capture_rng()

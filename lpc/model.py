@@ -318,28 +318,39 @@ class LPCModel(nn.Module):
                          posterior_logits, w, z, int(mask.sum()))
 
     # ------------------------------------------------------------------------------------ saving
-    def write_files(self, directory: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None) -> None:
+    def write_files(self, directory: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None, *,
+                    state_dict: Optional[dict] = None) -> None:
         """Write the policy (HF layout, safetensors; a ``peft`` policy writes its adapter files),
         ``lpc_heads.safetensors`` and ``lpc_config.json``, the tokenizer and ``extra_files`` (name ->
-        JSON-able object) into the existing ``directory``. Not atomic: see ``save_pretrained``."""
+        JSON-able object) into the existing ``directory``. Not atomic: see ``save_pretrained``.
+
+        ``state_dict``: write these weights instead of the module's own: the full state dict of an
+        FSDP2-sharded model gathered to rank 0 (``lpc.distributed.full_state_dict``; keys ``policy.*`` and the
+        heads'), whose own parameters are shards. The files are the same either way."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        policy_kwargs, heads = {}, self.head_state_dict()
+        if state_dict is not None:
+            policy_kwargs["state_dict"] = {k[len("policy."):]: v for k, v in state_dict.items()
+                                           if k.startswith("policy.")}
+            heads = {k: v for k, v in state_dict.items() if not k.startswith("policy.")}
         with _quiet_transformers():
-            self.policy.save_pretrained(directory, safe_serialization=True)
+            self.policy.save_pretrained(directory, safe_serialization=True, **policy_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         meta = {"lpc": self.lpc.to_dict() if self.lpc is not None else None}
         with open(directory / LPC_CONFIG_FILE, "w") as f:
             json.dump(meta, f, indent=2)
         if self.lpc is not None:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
             save_file(tensors, str(directory / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
         for name, obj in (extra_files or {}).items():
             with open(directory / name, "w") as f:
                 json.dump(obj, f, indent=2)
 
-    def save_pretrained(self, path: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
+    def save_pretrained(self, path: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None, *,
+                        state_dict: Optional[dict] = None) -> Path:
         """Write ``path/`` atomically: the policy (HF layout, safetensors), ``lpc_heads.safetensors`` and
         ``lpc_config.json`` beside it, the tokenizer, and ``extra_files`` (name -> JSON-able object).
 
@@ -350,7 +361,7 @@ class LPCModel(nn.Module):
 
         path = Path(path)
         with atomic_directory(path) as tmp:
-            self.write_files(tmp, tokenizer, extra_files)
+            self.write_files(tmp, tokenizer, extra_files, state_dict=state_dict)
         return path
 
     @classmethod

@@ -48,8 +48,8 @@ from . import synthetic
 from .cli import HelpFormatter
 from .config import (BACKENDS, DTYPES, INFERENCE_CODE, LOSS_TYPES, LR_SCHEDULERS, PRIOR_MIX, PRIOR_SAMPLE,
                      STRATEGIES, ConfigError, SyntheticConfig, TrainConfig)
-from .data import (DataError, EpochSampler, _looks_local, PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows,
-                   to_device)
+from .data import (DataError, EpochSampler, PreferenceCollator, PreferenceDataset, _looks_local, assign_source_ids,
+                   load_preference_rows, to_device)
 from .evaluate import evaluate
 from .io import write_json_atomic, write_text_atomic
 from .losses import LossConfig, preference_objective, step_metrics
@@ -901,13 +901,8 @@ def _train(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> dict
         write_json_atomic(tr.out_dir / "eval.json", final_eval)
         if ckpt_lib.is_peft(tr.model.policy):  # final/ is a plain HF model: merge the adapters into the weights
             tr.model.policy = tr.model.policy.merge_and_unload()
-        if full_sd is None:
-            tr.model.save_pretrained(final_dir, tokenizer=tr.tokenizer, extra_files=extra)
-        else:  # FSDP2: the full weights gathered to this rank, same files
-            from .io import atomic_directory
-
-            with atomic_directory(final_dir) as tmp:
-                ckpt_lib.write_model_files(tr.model, tmp, tr.tokenizer, extra, full_sd)
+        # full_sd: under FSDP2 the full weights gathered to this rank (None otherwise); the same files
+        tr.model.save_pretrained(final_dir, tokenizer=tr.tokenizer, extra_files=extra, state_dict=full_sd)
     dist_lib.barrier(ctx)  # the job ends when rank 0's files are written
     wall = time.perf_counter() - t_start
     return {"output_dir": str(tr.out_dir), "checkpoint": str(final_dir), "metrics": str(metrics_path),
