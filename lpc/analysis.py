@@ -22,17 +22,17 @@ killed process never leaves a truncated image; without matplotlib they warn and 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .io import atomic_file
+
 __all__ = ["normalized_mutual_information", "code_histogram", "perplexity", "entropy", "flip_mask",
            "flip_pairs", "project_2d", "collect_pairs", "collect_latents", "plot_code_usage", "plot_projection",
-           "plot_bars", "plot_lines", "mean_std"]
+           "plot_bars", "plot_lines", "save_figure", "mean_std"]
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -335,27 +335,12 @@ def _figure_module():
         return None
 
 
-def _save_atomic(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     """``fig.savefig`` into a temp file beside ``path`` (same suffix, so the format is inferred), then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=path.suffix or ".png") as tmp:
         fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"), dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plot should be as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def plot_code_usage(histograms: Mapping[str, np.ndarray], path) -> Optional[Path]:
@@ -392,7 +377,7 @@ def plot_code_usage(histograms: Mapping[str, np.ndarray], path) -> Optional[Path
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_projection(panels: Mapping[str, np.ndarray], labels, path, *, label_names: Optional[Sequence[str]] = None,
@@ -438,7 +423,7 @@ def plot_projection(panels: Mapping[str, np.ndarray], labels, path, *, label_nam
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
@@ -475,7 +460,7 @@ def plot_bars(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float],
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
@@ -511,4 +496,4 @@ def plot_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], S
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return save_figure(fig, path)

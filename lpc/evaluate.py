@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .analysis import code_histogram, normalized_mutual_information, perplexity, plot_code_usage, save_figure
 from .cli import HelpFormatter
 from .data import PreferenceCollator, PreferenceDataset, batches, to_device
 from .losses import LossConfig, preference_objective
@@ -33,8 +34,6 @@ from .model import LPCModel, code_perplexity, entropy_from_logits, reference_log
 
 
 def _nmi(a: np.ndarray, b: np.ndarray) -> float:
-    from .analysis import normalized_mutual_information
-
     return normalized_mutual_information(a, b) if a.size else 0.0
 
 
@@ -124,23 +123,6 @@ def _figure():
     return Figure
 
 
-def _save_fig(fig, path: Path) -> Path:
-    from .io import umask
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def plot_margins(margin: np.ndarray, path: Path) -> Optional[Path]:
     """Histogram of held-out reward margins (> 0: the pair is ranked correctly)."""
     Figure = _figure()
@@ -153,7 +135,7 @@ def plot_margins(margin: np.ndarray, path: Path) -> Optional[Path]:
     ax.set_xlabel("reward margin r(x, y_w) - r(x, y_l)")
     ax.set_ylabel("pairs")
     ax.set_title(f"held-out: {float((margin > 0).mean()):.3f} ranked correctly", fontsize=9)
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_source_accuracy(by_source: dict, path: Path) -> Optional[Path]:
@@ -168,7 +150,7 @@ def plot_source_accuracy(by_source: dict, path: Path) -> Optional[Path]:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.tick_params(axis="x", rotation=30)
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(metrics_path: Path, path: Path) -> Optional[Path]:
@@ -186,7 +168,7 @@ def plot_training_curves(metrics_path: Path, path: Path) -> Optional[Path]:
         ax.plot(steps, [r[key] for r in rows], lw=0.8)
         ax.set_xlabel("step")
         ax.set_title(key, fontsize=9)
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,8 +266,6 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
                                          for s in sorted(set(arrays["source"].tolist()) - {-1})}
     hists = {}
     if "prior_code" in arrays:
-        from .analysis import code_histogram, perplexity
-
         k = model.lpc.num_codes
         for side in ("prior", "posterior"):
             h = code_histogram(arrays[f"{side}_code"], k)
@@ -301,8 +281,6 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     if plots:
-        from .analysis import plot_code_usage
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # matplotlib missing: reported below instead
             jobs = [("code_usage.png", (lambda p: plot_code_usage(hists, p)) if hists else None),

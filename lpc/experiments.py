@@ -58,6 +58,7 @@ import numpy as np
 
 from . import analysis
 from .cli import HelpFormatter
+from .io import atomic_file, write_json_atomic, write_text_atomic
 
 LOSSES = ("dpo", "simpo", "ipo")
 METHOD_LABEL = {"dpo": "DPO", "simpo": "SimPO", "ipo": "IPO"}
@@ -149,20 +150,9 @@ def run_dir(out_dir: Path, run: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- one run
-def _write_json_atomic(path: Path, obj) -> None:
-    """JSON to a temp file beside ``path``, then rename: a killed process never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".npz") as tmp:  # the suffix keeps numpy from appending its own
+        np.savez_compressed(tmp, **arrays)
 
 
 def prepare_real_dataset(path: os.PathLike, out_dir: Path) -> tuple[Path, list[str]]:
@@ -198,12 +188,8 @@ def prepare_real_dataset(path: os.PathLike, out_dir: Path) -> tuple[Path, list[s
 
 
 def _write_rows_atomic(path: Path, rows: Sequence[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected", "source")}) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected", "source")}) + "\n"
+                                    for row in rows))
 
 
 def _split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -334,7 +320,7 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
                          prior_code=pairs["prior_code"], posterior_code=pairs["posterior_code"])
     result["source_names"] = list(source_names) if source_names is not None else None
     result["wall_s"] = time.perf_counter() - t0
-    _write_json_atomic(rdir / "result.json", result)
+    write_json_atomic(rdir / "result.json", result)
     return result
 
 
@@ -410,7 +396,7 @@ def run_study(out_dir: Path, *, seeds: int, jobs: int, quick: bool, model: Optio
     if real:
         clean, names = prepare_real_dataset(dataset, out_dir)
         base["dataset"], base["_source_names"] = str(clean), names
-    _write_json_atomic(study_path, study)
+    write_json_atomic(study_path, study)
 
     runs, alias = plan(study["seeds"], {k: v for k, v in base.items() if not k.startswith("_")}, real)
     train_base = {k: v for k, v in base.items() if not k.startswith("_")}
@@ -756,11 +742,7 @@ def write_report(out_dir: os.PathLike) -> Path:
                      _ms([r["wall_s"] for r in rs], 0) + " s" if rs else "n/a"])
     L += _table(["run", "also answers", "seeds done", "wall time per run"], rows)
 
-    path = out_dir / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(L))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out_dir / "report.md", "\n".join(L))
 
 
 def _mean_std_lists_src(res: _Results, cond: str, names: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -805,10 +787,8 @@ def publish(out_dir: os.PathLike, dest: os.PathLike) -> Path:
         raise ValueError(f"output_dir {out_dir} has no report to publish (missing {missing[0]})")
     for f in files:
         target = dest / ("report.md" if f.name == "report.md" else f"plots/{f.name}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            shutil.copyfile(f, tmp)
     return dest
 
 

@@ -22,21 +22,30 @@ def umask() -> int:
     return mask
 
 
-def write_text_atomic(path: os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory, then rename."""
+@contextlib.contextmanager
+def atomic_file(path: os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temp file name beside ``path`` (ending in ``suffix``, for writers that infer the format from
+    it) to write; on normal exit it replaces ``path`` by rename, on an exception it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; results should look like any other file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_text_atomic(path: os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same directory, then rename."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return Path(path)
 
 
 def write_json_atomic(path: os.PathLike, obj) -> Path:

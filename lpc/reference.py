@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .data import PreferenceCollator, PreferenceDataset, batches, to_device
-from .io import umask
+from .io import atomic_file
 from .model import reference_logps
 
 CACHE_FILE = "ref_logps.safetensors"
@@ -98,19 +97,9 @@ def save_cache(path: os.PathLike, tensors: dict[str, Tensor], fingerprint: str) 
     """Write the cache (``{split}.chosen`` / ``{split}.rejected`` tensors) by temp file + rename."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fingerprint})
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def load_cache(path: os.PathLike, fingerprint: str) -> Optional[dict[str, Tensor]]:
