@@ -26,7 +26,6 @@ detected as a crash), 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures as cf
 import json
 import os
@@ -47,20 +46,14 @@ RESULT_TAG = "PROBE_RESULT "  # the child's one result line on stdout
 
 # ------------------------------------------------------------------------------------ case table
 def cuda_case_names() -> list[str]:
-    """The argument names of ``_bad_calls`` in tests/test_cuda.py, read from its source (no GPU needed):
-    the first element of each tuple in the list it returns. The child processes index the live list."""
-    tree = ast.parse(open(TEST_FILE).read(), TEST_FILE)
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "_bad_calls":
-            for stmt in node.body:
-                if isinstance(stmt, ast.Return) and isinstance(stmt.value, ast.List):
-                    names = []
-                    for elt in stmt.value.elts:
-                        if not (isinstance(elt, ast.Tuple) and isinstance(elt.elts[0], ast.Constant)):
-                            raise SystemExit(f"probe: unexpected entry in _bad_calls at line {elt.lineno}")
-                        names.append(elt.elts[0].value)
-                    return names
-    raise SystemExit(f"probe: no `def _bad_calls(): ... return [...]` in {TEST_FILE}")
+    """The argument names of ``_bad_calls`` in tests/test_cuda.py, listed from the table built on CPU tensors
+    (no GPU needed; the names do not depend on the device). The child processes index the live CUDA list."""
+    import torch
+
+    sys.path[:0] = [TESTS, ROOT]
+    import test_cuda  # noqa: E402  (tests/ on sys.path: its helpers import as top-level modules)
+
+    return [name for name, _ in test_cuda._bad_calls(torch.device("cpu"))]
 
 
 # ------------------------------------------------------------------------------------------ child

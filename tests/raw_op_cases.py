@@ -51,3 +51,60 @@ def raw_op_cases(device):
         cases.append((OPS.preference_loss_fwd, args))
         cases.append((OPS.preference_loss_bwd, (*grads, *args)))
     return cases
+
+
+def bad_raw_calls(device):
+    """(argument the error must name, call) pairs: a bad argument reaching each compiled kernel, on ``device``.
+    Shared by the CPU and CUDA kernel tests; each adds the cases only its device checks."""
+    x, lab = torch.randn(4, 10, device=device), torch.tensor([1, 2, -100, 3], device=device)
+    g, lse = torch.randn(4, device=device), torch.zeros(4, device=device)
+    h, w = torch.randn(4, 6, device=device), torch.randn(10, 6, device=device)
+    lg, cb = torch.randn(2, 5, device=device), torch.randn(5, 3, device=device)
+    wts, _, _ = OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 0)
+    pc = torch.randn(3, device=device)
+    return [
+        ("logits", lambda: OPS.token_logprobs_fwd(x.t(), lab, -100)),
+        ("logits", lambda: OPS.token_logprobs_fwd(x[None], lab, -100)),
+        ("logits", lambda: OPS.token_logprobs_fwd(x.long(), lab, -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, lab[:3], -100)),
+        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.stack([lab, lab], 1)[:, 0], -100)),
+        ("grad_logp", lambda: OPS.token_logprobs_bwd(g[:2], x, lab, lse, -100)),
+        ("lse", lambda: OPS.token_logprobs_bwd(g, x, lab, lse[None], -100)),
+        ("logits", lambda: OPS.token_logprobs_bwd_(g, x.t().contiguous().t(), lab, lse, -100)),
+        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h.t(), w, None, lab, -100, 4)),
+        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w.double(), None, lab, -100, 4)),
+        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w[:, :, None], None, lab, -100, 4)),
+        ("bias", lambda: OPS.linear_token_logprobs_fwd(h, w, torch.randn(9, device=device), lab, -100, 4)),
+        ("chunk_size", lambda: OPS.linear_token_logprobs_fwd(h, w, None, lab, -100, 0)),
+        ("need_bias", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse, -100, 4, True, True, True)),
+        ("lse", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse[:3], -100, 4, True, True, False)),
+        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb[:4], 1.0, False, 0, 0)),
+        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb.t().contiguous().t(), 1.0, False, 0, 0)),
+        ("tau", lambda: OPS.gumbel_softmax_fwd(lg, cb, 0.0, False, 0, 0)),
+        ("seed", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, -1, 0)),
+        ("offset", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 2**63 - 5)),
+        ("soft", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=device), torch.randn(2, 3, device=device), wts,
+                                                torch.randn(5, device=device), cb, 1.0, True, True)),
+        ("grad_z", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=device), torch.randn(2, 4, device=device), wts,
+                                                  wts.new_empty(0), cb, 1.0, True, True)),
+        ("weights", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=device), torch.randn(2, 3, device=device),
+                                                   wts.half(), wts.new_empty(0), cb, 1.0, True, True)),
+        ("loss_type", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "kto", 0.1, 0.0,
+                                                      0.0, 0.0, True)),
+        ("pr", lambda: OPS.preference_loss_fwd(pc, pc[:2], pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
+                                               0.0, 0.0, True)),
+        ("rc", lambda: OPS.preference_loss_fwd(pc, pc, pc, None, None, None, None, None, "dpo", 0.1, 0.0, 0.0,
+                                               0.0, True)),
+        ("cl", lambda: OPS.preference_loss_fwd(pc, pc, None, None, None, None, None, None, "simpo", 2.0, 0.5,
+                                               0.0, 0.0, True)),
+        ("post", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4, device=device),
+                                                 torch.randn(3, 5, device=device), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
+        ("prior", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4, device=device).t(),
+                                                  torch.randn(4, 3, device=device), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
+        ("kl_weight", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
+                                                      0.0, 0.1, True)),
+        ("g_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
+                                                   "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+        ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
+                                                 None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+    ]

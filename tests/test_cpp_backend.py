@@ -23,7 +23,7 @@ from backend_checks import check_preference_mixed_dtypes_match_reference
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
 from lpc_kernels import _ops, philox, reference
-from raw_op_cases import KERNEL_SCHEMAS, raw_op_cases
+from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, raw_op_cases
 
 CPU = torch.device("cpu")
 _REASON = _ops._unavailable_reason("cpu", CPU)
@@ -66,61 +66,15 @@ def test_opcheck_raw_ops(case):
 
 # ------------------------------------------------------------------- raw ops: bad inputs reach C++
 def _bad_calls():
-    x, lab, g = torch.randn(4, 10), torch.tensor([1, 2, -100, 3]), torch.randn(4)
-    lse = torch.zeros(4)
-    h, w = torch.randn(4, 6), torch.randn(10, 6)
-    lg, cb = torch.randn(2, 5), torch.randn(5, 3)
-    wts, _, _ = OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 0)
-    pc = torch.randn(3)
-    return [
-        ("logits", lambda: OPS.token_logprobs_fwd(x.t(), lab, -100)),  # non-contiguous
-        ("logits", lambda: OPS.token_logprobs_fwd(x[None], lab, -100)),  # 3-D
-        ("logits", lambda: OPS.token_logprobs_fwd(x.long(), lab, -100)),
-        ("labels", lambda: OPS.token_logprobs_fwd(x, lab.int(), -100)),
-        ("labels", lambda: OPS.token_logprobs_fwd(x, lab[:3], -100)),
+    """The shared bad kernel calls plus what only the CPU kernels check: int32 labels (the CUDA kernels widen
+    them), label values (checked in Python for CUDA), a hidden size that does not match the weight."""
+    x = torch.randn(4, 10)
+    return bad_raw_calls("cpu") + [
+        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.tensor([1, 2, -100, 3], dtype=torch.int32), -100)),
         ("labels", lambda: OPS.token_logprobs_fwd(x, torch.tensor([1, 2, 10, 3]), -100)),  # out of range
         ("labels", lambda: OPS.token_logprobs_fwd(x, torch.tensor([1, -1, 0, 3]), -100)),
-        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.stack([lab, lab], 1)[:, 0], -100)),
-        ("grad_logp", lambda: OPS.token_logprobs_bwd(g[:2], x, lab, lse, -100)),
-        ("lse", lambda: OPS.token_logprobs_bwd(g, x, lab, lse[None], -100)),
-        ("logits", lambda: OPS.token_logprobs_bwd_(g, x.t().contiguous().t(), lab, lse, -100)),
-        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h.t(), w, None, lab, -100, 4)),
-        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h[:, :5], w, None, lab, -100, 4)),
-        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w.double(), None, lab, -100, 4)),
-        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w[:, :, None], None, lab, -100, 4)),
-        ("bias", lambda: OPS.linear_token_logprobs_fwd(h, w, torch.randn(9), lab, -100, 4)),
-        ("chunk_size", lambda: OPS.linear_token_logprobs_fwd(h, w, None, lab, -100, 0)),
-        ("need_bias", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse, -100, 4, True, True, True)),
-        ("lse", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse[:3], -100, 4, True, True, False)),
-        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb[:4], 1.0, False, 0, 0)),
-        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb.t().contiguous().t(), 1.0, False, 0, 0)),
-        ("tau", lambda: OPS.gumbel_softmax_fwd(lg, cb, 0.0, False, 0, 0)),
-        ("seed", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, -1, 0)),
-        ("offset", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 2**63 - 5)),
-        ("soft", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5), torch.randn(2, 3), wts, torch.randn(5),
-                                                cb, 1.0, True, True)),
-        ("grad_z", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5), torch.randn(2, 4), wts, wts.new_empty(0),
-                                                  cb, 1.0, True, True)),
-        ("weights", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5), torch.randn(2, 3), wts.half(),
-                                                   wts.new_empty(0), cb, 1.0, True, True)),
-        ("loss_type", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "kto", 0.1, 0.0,
-                                                      0.0, 0.0, True)),
-        ("pr", lambda: OPS.preference_loss_fwd(pc, pc[:2], pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
-                                               0.0, 0.0, True)),
-        ("rc", lambda: OPS.preference_loss_fwd(pc, pc, pc, None, None, None, None, None, "dpo", 0.1, 0.0, 0.0,
-                                               0.0, True)),
-        ("cl", lambda: OPS.preference_loss_fwd(pc, pc, None, None, None, None, None, None, "simpo", 2.0, 0.5,
-                                               0.0, 0.0, True)),
-        ("post", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4),
-                                                 torch.randn(3, 5), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
-        ("prior", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4).t(),
-                                                  torch.randn(4, 3), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
-        ("kl_weight", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
-                                                      0.0, 0.1, True)),
-        ("g_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
-                                                   "dpo", 0.1, 0.0, 0.0, 0.0, True)),
-        ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
-                                                 None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+        ("hidden", lambda: OPS.linear_token_logprobs_fwd(torch.randn(4, 5), torch.randn(10, 6), None,
+                                                         torch.tensor([1, 2, -100, 3]), -100, 4)),
     ]
 
 

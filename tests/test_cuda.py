@@ -18,7 +18,7 @@ from backend_checks import check_compiled_step_matches_eager, check_preference_m
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
 from formulas import PREF_CASES, f_linear_token_logprobs, f_preference, f_token_logprobs
-from raw_op_cases import KERNEL_SCHEMAS, raw_op_cases
+from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, raw_op_cases
 from lpc_kernels import _ops, philox, reference
 
 pytestmark = [pytest.mark.cuda,
@@ -520,59 +520,12 @@ def test_opcheck_raw_ops(case):
     opcheck(op, args)
 
 
-def _bad_calls():
-    x, lab = torch.randn(4, 10, device=DEV), torch.tensor([1, 2, -100, 3], device=DEV)
-    g, lse = torch.randn(4, device=DEV), torch.zeros(4, device=DEV)
-    h, w = torch.randn(4, 6, device=DEV), torch.randn(10, 6, device=DEV)
-    lg, cb = torch.randn(2, 5, device=DEV), torch.randn(5, 3, device=DEV)
-    wts, _, _ = OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 0)
-    pc = torch.randn(3, device=DEV)
-    return [
-        ("logits", lambda: OPS.token_logprobs_fwd(x.t(), lab, -100)),
-        ("logits", lambda: OPS.token_logprobs_fwd(x[None], lab, -100)),
-        ("logits", lambda: OPS.token_logprobs_fwd(x.long(), lab, -100)),
-        ("logits", lambda: OPS.token_logprobs_fwd(x.cpu(), lab, -100)),
-        ("labels", lambda: OPS.token_logprobs_fwd(x, lab[:3], -100)),
-        ("labels", lambda: OPS.token_logprobs_fwd(x, torch.stack([lab, lab], 1)[:, 0], -100)),
-        ("grad_logp", lambda: OPS.token_logprobs_bwd(g[:2], x, lab, lse, -100)),
-        ("lse", lambda: OPS.token_logprobs_bwd(g, x, lab, lse[None], -100)),
-        ("logits", lambda: OPS.token_logprobs_bwd_(g, x.t().contiguous().t(), lab, lse, -100)),
-        ("hidden", lambda: OPS.linear_token_logprobs_fwd(h.t(), w, None, lab, -100, 4)),
-        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w.double(), None, lab, -100, 4)),
-        ("weight", lambda: OPS.linear_token_logprobs_fwd(h, w[:, :, None], None, lab, -100, 4)),
-        ("bias", lambda: OPS.linear_token_logprobs_fwd(h, w, torch.randn(9, device=DEV), lab, -100, 4)),
-        ("chunk_size", lambda: OPS.linear_token_logprobs_fwd(h, w, None, lab, -100, 0)),
-        ("need_bias", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse, -100, 4, True, True, True)),
-        ("lse", lambda: OPS.linear_token_logprobs_bwd(g, h, w, None, lab, lse[:3], -100, 4, True, True, False)),
-        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb[:4], 1.0, False, 0, 0)),
-        ("codebook", lambda: OPS.gumbel_softmax_fwd(lg, cb.t().contiguous().t(), 1.0, False, 0, 0)),
-        ("tau", lambda: OPS.gumbel_softmax_fwd(lg, cb, 0.0, False, 0, 0)),
-        ("seed", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, -1, 0)),
-        ("offset", lambda: OPS.gumbel_softmax_fwd(lg, cb, 1.0, False, 0, 2**63 - 5)),
-        ("soft", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=DEV), torch.randn(2, 3, device=DEV), wts,
-                                                torch.randn(5, device=DEV), cb, 1.0, True, True)),
-        ("grad_z", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=DEV), torch.randn(2, 4, device=DEV), wts,
-                                                  wts.new_empty(0), cb, 1.0, True, True)),
-        ("weights", lambda: OPS.gumbel_softmax_bwd(torch.randn(2, 5, device=DEV), torch.randn(2, 3, device=DEV),
-                                                   wts.half(), wts.new_empty(0), cb, 1.0, True, True)),
-        ("loss_type", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "kto", 0.1, 0.0,
-                                                      0.0, 0.0, True)),
-        ("pr", lambda: OPS.preference_loss_fwd(pc, pc[:2], pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
-                                               0.0, 0.0, True)),
-        ("rc", lambda: OPS.preference_loss_fwd(pc, pc, pc, None, None, None, None, None, "dpo", 0.1, 0.0, 0.0,
-                                               0.0, True)),
-        ("cl", lambda: OPS.preference_loss_fwd(pc, pc, None, None, None, None, None, None, "simpo", 2.0, 0.5,
-                                               0.0, 0.0, True)),
-        ("post", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4, device=DEV),
-                                                 torch.randn(3, 5, device=DEV), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
-        ("prior", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, torch.randn(3, 4, device=DEV).t(),
-                                                  torch.randn(4, 3, device=DEV), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
-        ("kl_weight", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
-                                                      0.0, 0.1, True)),
-        ("g_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
-                                                   "dpo", 0.1, 0.0, 0.0, 0.0, True)),
-        ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
-                                                 None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+def _bad_calls(device=DEV):
+    """The shared bad kernel calls plus what only the CUDA kernels check (``device``: the probe script lists
+    the case names on CPU)."""
+    return bad_raw_calls(device) + [
+        ("logits", lambda: OPS.token_logprobs_fwd(torch.randn(4, 10), torch.tensor([1, 2, 3, 4], device=device),
+                                                  -100)),  # logits on the CPU
     ]
 
 
