@@ -4,6 +4,7 @@ each takes the backend and the device, so every backend is held to the same asse
 import torch
 
 import lpc_kernels as lk
+from formulas import f_preference
 
 
 def leaf(t, dtype=None):
@@ -12,6 +13,54 @@ def leaf(t, dtype=None):
 
 def close64(ours, ref, rtol, atol):
     torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5):
+    """``|ours - truth| <= 2 * dtype_err + atol + rtol * |truth|`` elementwise on float64 copies, finite values
+    only (CCE-style tolerance).
+
+    ``truth`` is float64 math on the (dtype-rounded) inputs; ``dtype_err`` is the error of the same
+    computation done by PyTorch in float32, where fp32 rounding itself dominates (huge logits).
+    """
+    ours, truth = ours.detach().double(), truth.detach().double()
+    assert torch.isfinite(ours).all(), "non-finite values"
+    err = (ours - truth).abs()
+    bound = atol + rtol * truth.abs()
+    if dtype_err is not None:
+        bound = bound + 2 * dtype_err
+    worst = (err - bound).max()
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds the bound by {worst.item():.3e}"
+
+
+def check_preference_vs_float64(backend, device, case, b, k):
+    """``lk.preference_loss`` on ``backend`` against the float64 formula (tests/formulas.py), all five outputs
+    and the gradients of every float input, for one of ``formulas.PREF_CASES``."""
+    pc, pr, rc, rr = (leaf(torch.randn(b, device=device) * 5 - 20) for _ in range(4))
+    cl, rl = torch.randint(1, 30, (b,), device=device), torch.randint(1, 30, (b,), device=device)
+    prior, post = leaf(torch.randn(b, k, device=device)), leaf(torch.randn(b, k, device=device) * 2)
+    if case["loss_type"] == "simpo":
+        rc = rr = None
+    opts = dict(loss_type=case["loss_type"], beta=case["beta"], gamma=case.get("gamma", 0.0),
+                label_smoothing=case.get("label_smoothing", 0.0), kl_weight=case["kl_weight"],
+                ipo_average=case.get("ipo_average", True))
+    out = lk.preference_loss(pc, pr, rc, rr, chosen_lengths=cl, rejected_lengths=rl, prior_logits=prior,
+                             posterior_logits=post, backend=backend, **opts)
+    leaves = [t for t in (pc, pr, rc, rr, prior, post) if t is not None]
+    copies = {id(t): leaf(t, torch.float64) for t in leaves}
+
+    def c(t):
+        return copies[id(t)] if t is not None else None
+
+    truth = f_preference(c(pc), c(pr), c(rc), c(rr), cl, rl, c(prior), c(post), opts["loss_type"], opts["beta"],
+                         opts["gamma"], opts["label_smoothing"], opts["kl_weight"], opts["ipo_average"])
+    for o, t in zip(out, truth):
+        assert o.dtype == torch.float32
+        truth_close(o, t, atol=1e-5)
+    grads = [torch.randn((), device=device), *(torch.randn(b, device=device) for _ in range(4))]
+    torch.autograd.backward(list(out), grads)
+    torch.autograd.backward(list(truth), [g.double() for g in grads])
+    for t in leaves:
+        truth_close(t.grad, copies[id(t)].grad, atol=1e-5)
 
 
 def check_compiled_step_matches_eager(backend, device):

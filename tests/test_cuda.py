@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import lpc_kernels as lk
-from backend_checks import check_compiled_step_matches_eager, check_preference_mixed_dtypes_match_reference
+from backend_checks import (check_compiled_step_matches_eager, check_preference_mixed_dtypes_match_reference,
+                            check_preference_vs_float64, truth_close)
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
-from formulas import PREF_CASES, f_linear_token_logprobs, f_preference, f_token_logprobs
+from formulas import PREF_CASES, f_linear_token_logprobs, f_token_logprobs
 from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, raw_op_cases
 from lpc_kernels import _ops, philox, reference
 
@@ -34,15 +35,6 @@ def _cuda_backend_available():
     reason = _ops._unavailable_reason("cuda", DEV)
     assert reason is None, f"GPU present but the cuda backend is unavailable: {reason}"
     torch.cuda.manual_seed_all(0)
-
-
-def truth_close(ours, truth, rtol=1e-5, atol=1e-5):
-    """``|ours - truth| <= atol + rtol * |truth|`` elementwise, on float64 copies; finite values only."""
-    ours, truth = ours.detach().double(), truth.detach().double()
-    assert torch.isfinite(ours).all(), "non-finite values"
-    err = (ours - truth).abs()
-    worst = (err - (atol + rtol * truth.abs())).max()
-    assert worst <= 0, f"max error {err.max().item():.3e} exceeds the bound by {worst.item():.3e}"
 
 
 def _one_rounding(ours, ref_fp32, dtype):
@@ -382,33 +374,7 @@ def test_hard_samples_equal_reference_for_many_seeds():
 @pytest.mark.parametrize("b,k", [(1, 1), (6, 5), (1000, 32), (70, 1024)])
 @pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_preference_loss_vs_float64(case, b, k):
-    pc, pr, rc, rr = (torch.randn(b, device=DEV) * 5 - 20 for _ in range(4))
-    cl, rl = torch.randint(1, 30, (b,), device=DEV), torch.randint(1, 30, (b,), device=DEV)
-    prior, post = torch.randn(b, k, device=DEV), torch.randn(b, k, device=DEV) * 2
-    pc, pr, rc, rr, prior, post = (_leaf(t) for t in (pc, pr, rc, rr, prior, post))
-    if case["loss_type"] == "simpo":
-        rc = rr = None
-    opts = dict(loss_type=case["loss_type"], beta=case["beta"], gamma=case.get("gamma", 0.0),
-                label_smoothing=case.get("label_smoothing", 0.0), kl_weight=case["kl_weight"],
-                ipo_average=case.get("ipo_average", True))
-    out = lk.preference_loss(pc, pr, rc, rr, chosen_lengths=cl, rejected_lengths=rl, prior_logits=prior,
-                             posterior_logits=post, backend="cuda", **opts)
-    leaves = [t for t in (pc, pr, rc, rr, prior, post) if t is not None]
-    copies = {id(t): _leaf(t, torch.float64) for t in leaves}
-
-    def c(t):
-        return copies[id(t)] if t is not None else None
-
-    truth = f_preference(c(pc), c(pr), c(rc), c(rr), cl, rl, c(prior), c(post), opts["loss_type"], opts["beta"],
-                         opts["gamma"], opts["label_smoothing"], opts["kl_weight"], opts["ipo_average"])
-    for o, t in zip(out, truth):
-        assert o.dtype == torch.float32
-        truth_close(o, t, atol=1e-5)
-    grads = [torch.randn((), device=DEV), *(torch.randn(b, device=DEV) for _ in range(4))]
-    torch.autograd.backward(list(out), grads)
-    torch.autograd.backward(list(truth), [g.double() for g in grads])
-    for t in leaves:
-        truth_close(t.grad, copies[id(t)].grad, atol=1e-5)
+    check_preference_vs_float64("cuda", DEV, case, b, k)
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])

@@ -14,34 +14,15 @@ import torch
 from torch.library import opcheck
 
 import lpc_kernels as lk
-from backend_checks import check_compiled_step_matches_eager
-from formulas import PREF_CASES, f_gumbel, f_linear_token_logprobs, f_preference, f_token_logprobs
+from backend_checks import check_compiled_step_matches_eager, check_preference_vs_float64, truth_close
+from backend_checks import leaf as _leaf
+from formulas import PREF_CASES, f_gumbel, f_linear_token_logprobs, f_token_logprobs
 from lpc_kernels import _ops
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in _ops.BACKENDS if _ops._unavailable_reason(b, CPU) is None
             and b in os.environ.get("LPC_TEST_BACKENDS", ",".join(_ops.BACKENDS)).split(",")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5):
-    """``|ours - truth| <= dtype_err + atol + rtol * |truth|`` elementwise (CCE-style tolerance).
-
-    ``truth`` is float64 math on the (dtype-rounded) inputs; ``dtype_err`` is the error of the same
-    computation done by PyTorch in float32, where fp32 rounding itself dominates (huge logits).
-    """
-    ours, truth = ours.double(), truth.double()
-    err = (ours - truth).abs()
-    bound = atol + rtol * truth.abs()
-    if dtype_err is not None:
-        bound = bound + 2 * dtype_err
-    assert torch.isfinite(ours).all(), "non-finite values"
-    worst = (err - bound).max()
-    assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst.item():.3e}"
-
-
-def _leaf(t, dtype=None):
-    return t.to(dtype or t.dtype).detach().requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------- token_logprobs
@@ -220,30 +201,7 @@ def _pref_inputs(b=6, k=5, dtype=torch.float32):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_preference_loss_forward_backward(backend, case):
-    pc, pr, rc, rr, cl, rl, prior, post = (_leaf(t) if t.is_floating_point() else t for t in _pref_inputs())
-    if case["loss_type"] == "simpo":
-        rc = rr = None
-    opts = dict(loss_type=case["loss_type"], beta=case["beta"], gamma=case.get("gamma", 0.0),
-                label_smoothing=case.get("label_smoothing", 0.0), kl_weight=case["kl_weight"],
-                ipo_average=case.get("ipo_average", True))
-    out = lk.preference_loss(pc, pr, rc, rr, chosen_lengths=cl, rejected_lengths=rl, prior_logits=prior,
-                             posterior_logits=post, backend=backend, **opts)
-    leaves = [t for t in (pc, pr, rc, rr, prior, post) if t is not None]
-    copies = {id(t): _leaf(t.detach(), torch.float64) for t in leaves}
-
-    def c(t):
-        return copies[id(t)] if t is not None else None
-
-    truth = f_preference(c(pc), c(pr), c(rc), c(rr), cl, rl, c(prior), c(post), opts["loss_type"], opts["beta"],
-                         opts["gamma"], opts["label_smoothing"], opts["kl_weight"], opts["ipo_average"])
-    for o, t in zip(out, truth):
-        assert o.dtype == torch.float32
-        truth_close(o, t, atol=1e-5)
-    grads = [torch.randn(()), *(torch.randn(6) for _ in range(4))]
-    torch.autograd.backward(list(out), grads)
-    torch.autograd.backward(list(truth), [g.double() for g in grads])
-    for t in leaves:
-        truth_close(t.grad, copies[id(t)].grad, atol=1e-5)
+    check_preference_vs_float64(backend, torch.device("cpu"), case, b=6, k=5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
