@@ -35,7 +35,7 @@
 #   GPU_CHECK_STEPS=...         comma list of steps to run (default: all, in the order above)
 #   GPU_CHECK_BENCH_FILES=...   bench files / pytest node ids to run (default: benches)
 #   GPU_CHECK_BENCH_ARGS=...    extra pytest args for every bench run (e.g. "--quick" or "-k 'not compile'")
-#   GPU_CHECK_PYTEST_ARGS=...   extra args for the test step
+#   GPU_CHECK_PYTEST_ARGS=...   extra args for the test step, shell-quoted (e.g. "-k 'preference_loss or opcheck'")
 #   LPC_GIT_COMMIT=...          the commit of the tree, for env.json (a copied tree's .git can be stale)
 #   GPU_CHECK_DRY_RUN=1         test this script's logic without a GPU: build for CPU, probe the controls
 #                               (--dry-run), collect (not run) the GPU tests, print the sanitizer and dist
@@ -225,7 +225,9 @@ fi
 
 # ------------------------------------------------------------------------------------------- test
 step_test() {
-  # shellcheck disable=SC2086
+  # shell-parse GPU_CHECK_PYTEST_ARGS like the bench args, so "-k 'a or b'" stays one -k expression
+  local -a pytest_args
+  eval "pytest_args=(${GPU_CHECK_PYTEST_ARGS:-})"
   if [ $HAVE_GPU = 1 ]; then
     # no autotune sweeps for the many small test shapes (LPC_TRITON_AUTOTUNE=0); the benchmarks tune.
     # One process per test file, so a crash (a segfault was seen in test_cuda.py) cannot hide the rest.
@@ -234,12 +236,12 @@ step_test() {
       echo "== $f"
       LPC_TRITON_AUTOTUNE=${LPC_TRITON_AUTOTUNE_TESTS:-0} \
       "$PY" -m pytest -m "cuda or triton" ${GPU_CHECK_FAILFAST:--x} -q -rfs --tb=short -p no:cacheprovider \
-        --junitxml="$OUTDIR/tests_$(basename "$f" .py).xml" ${GPU_CHECK_PYTEST_ARGS:-} "$f" || rc=1
+        --junitxml="$OUTDIR/tests_$(basename "$f" .py).xml" "${pytest_args[@]}" "$f" || rc=1
     done
     return $rc
   else
     echo "dry run without a GPU: collecting (not running) the GPU test selection"
-    "$PY" -m pytest -m "cuda or triton" -q -p no:cacheprovider --collect-only ${GPU_CHECK_PYTEST_ARGS:-} tests
+    "$PY" -m pytest -m "cuda or triton" -q -p no:cacheprovider --collect-only "${pytest_args[@]}" tests
   fi
 }
 export -f step_test
