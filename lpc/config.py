@@ -84,6 +84,23 @@ class LPCConfig:
 
 
 @dataclass
+class LossConfig:
+    """``loss_type`` dpo | ipo | simpo; ``gamma`` is used by SimPO only (the op requires 0 otherwise)."""
+
+    loss_type: str = "dpo"
+    beta: float = 0.1
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+    kl_weight: float = 0.05
+    ipo_average: bool = True
+    backend: str = "auto"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+
+@dataclass
 class SyntheticConfig:
     """The built-in synthetic preference data (see ``lpc.synthetic``).
 
@@ -277,6 +294,12 @@ class TrainConfig:
                          head_hidden=self.head_hidden, tau=self.tau, hard=self.hard, prior_mix=self.prior_mix,
                          prior_sample=self.prior_sample, inference=self.inference,
                          detach_features=self.detach_features)
+
+    def loss_config(self) -> LossConfig:
+        """The ``LossConfig`` of the preference objective these flags describe."""
+        return LossConfig(loss_type=self.loss, beta=self.beta, gamma=self.gamma,
+                          label_smoothing=self.label_smoothing, kl_weight=self.kl_weight,
+                          ipo_average=self.ipo_average, backend=self.backend)
 
     def to_dict(self) -> dict:
         """All fields as a JSON-able dict (``TrainConfig(**d)`` rebuilds the config)."""

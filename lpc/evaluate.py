@@ -231,8 +231,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
             tokenizer.pad_token = tokenizer.eos_token
         train_set, eval_set, names, syn = build_data(cfg, tokenizer)
         collator = PreferenceCollator(tokenizer.pad_token_id)
-        loss_cfg = LossConfig(loss_type=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
-                              kl_weight=cfg.kl_weight, ipo_average=cfg.ipo_average, backend=cfg.backend)
+        loss_cfg = cfg.loss_config()
         autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         ref = None
         if loss_cfg.needs_reference:

@@ -234,7 +234,6 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
 
     from .config import TrainConfig
     from .data import PreferenceCollator, load_jsonl
-    from .losses import LossConfig
     from .model import LPCModel, make_reference
     from .train import build_data, build_policy, train
 
@@ -262,8 +261,7 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     model = LPCModel.from_pretrained(summary["checkpoint"], backend=cfg.backend)
-    loss_cfg = LossConfig(loss_type=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
-                          kl_weight=cfg.kl_weight, ipo_average=cfg.ipo_average, backend=cfg.backend)
+    loss_cfg = cfg.loss_config()
     policy, tokenizer = build_policy(cfg)  # the initial policy, seeded: identical to the trainer's reference
     ref_model = None
     if loss_cfg.needs_reference:

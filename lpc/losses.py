@@ -8,7 +8,6 @@ DPO / IPO / SimPO.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,24 +15,8 @@ from torch import Tensor
 
 import lpc_kernels as lk
 
+from .config import LossConfig
 from .model import LPCOutput, code_perplexity, entropy_from_logits
-
-
-@dataclass
-class LossConfig:
-    """``loss_type`` dpo | ipo | simpo; ``gamma`` is used by SimPO only (the op requires 0 otherwise)."""
-
-    loss_type: str = "dpo"
-    beta: float = 0.1
-    gamma: float = 0.5
-    label_smoothing: float = 0.0
-    kl_weight: float = 0.05
-    ipo_average: bool = True
-    backend: str = "auto"
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.loss_type != "simpo"
 
 
 def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],

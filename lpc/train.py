@@ -661,8 +661,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
     if cfg.lora_r > 0:
         policy = apply_lora(policy, cfg)
     model = LPCModel(policy, cfg.lpc_config(), backend=cfg.backend).to(device)
-    loss_cfg = LossConfig(loss_type=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
-                          kl_weight=cfg.kl_weight, ipo_average=cfg.ipo_average, backend=cfg.backend)
+    loss_cfg = cfg.loss_config()
     train_ref, eval_ref = _setup_reference(cfg, base_policy if cfg.lora_r == 0 else None, model, train_set,
                                            eval_set, collator, device, autocast_dtype, out_dir, notes, ctx)
     model.train()
