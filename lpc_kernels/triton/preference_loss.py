@@ -70,6 +70,14 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _f64_scalars(scal_ptr):
+    """(beta, gamma, ipo_target, eps, one_minus_eps, kl_weight) from the fp64 scalar tensor, in the order
+    ``_scalars`` passes them to ``scalar_args`` (kernel float arguments are fp32)."""
+    return (tl.load(scal_ptr + 0), tl.load(scal_ptr + 1), tl.load(scal_ptr + 2), tl.load(scal_ptr + 3),
+            tl.load(scal_ptr + 4), tl.load(scal_ptr + 5))
+
+
+@triton.jit
 def _pair_terms(pc_ptr, pr_ptr, rc_ptr, rr_ptr, cl_ptr, rl_ptr, rows, r_mask, beta, gamma, ipo_target, eps,
                 one_minus_eps, LOSS_TYPE: tl.constexpr, IPO_AVG: tl.constexpr, CDT: tl.constexpr):
     """Per pair: ``(a_w, a_l, chosen_reward, rejected_reward, pair_loss, d pair_loss / d h)``."""
@@ -199,12 +207,7 @@ def _pref_fwd_kernel(
 ):
     CDT: tl.constexpr = losses_ptr.dtype.element_ty
     if F64_SCALARS:  # fp64 inputs: the Python floats in full precision (kernel float args are fp32)
-        beta = tl.load(scal_ptr + 0)
-        gamma = tl.load(scal_ptr + 1)
-        ipo_target = tl.load(scal_ptr + 2)
-        eps = tl.load(scal_ptr + 3)
-        one_minus_eps = tl.load(scal_ptr + 4)
-        kl_weight = tl.load(scal_ptr + 5)
+        beta, gamma, ipo_target, eps, one_minus_eps, kl_weight = _f64_scalars(scal_ptr)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     r_mask = rows < B
@@ -245,12 +248,7 @@ def _pref_bwd_kernel(
 ):
     CDT: tl.constexpr = g_losses_ptr.dtype.element_ty
     if F64_SCALARS:
-        beta = tl.load(scal_ptr + 0)
-        gamma = tl.load(scal_ptr + 1)
-        ipo_target = tl.load(scal_ptr + 2)
-        eps = tl.load(scal_ptr + 3)
-        one_minus_eps = tl.load(scal_ptr + 4)
-        kl_weight = tl.load(scal_ptr + 5)
+        beta, gamma, ipo_target, eps, one_minus_eps, kl_weight = _f64_scalars(scal_ptr)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     r_mask = rows < B
     a_w, a_l, cr, rj, pair, slope = _pair_terms(pc_ptr, pr_ptr, rc_ptr, rr_ptr, cl_ptr, rl_ptr, rows, r_mask, beta,
