@@ -5,6 +5,9 @@ import torch
 
 import lpc_kernels as lk
 from formulas import f_preference
+from lpc_kernels import reference
+
+LOW = (torch.bfloat16, torch.float16)
 
 
 def leaf(t, dtype=None):
@@ -13,6 +16,11 @@ def leaf(t, dtype=None):
 
 def close64(ours, ref, rtol, atol):
     torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+def reference_tol(dtype):
+    """rtol/atol of a backend against the reference backend on the same inputs: 1e-12 in float64, else 1e-5."""
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 
 
 def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5):
@@ -124,3 +132,43 @@ def check_preference_mixed_dtypes_match_reference(backend, device, loss_type, dt
             close64(o, r, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
         else:
             close64(o, r, **tol)
+
+
+def check_gumbel_matches_reference(backend, device, dtype, hard, b, k, d, fp32_atol, fp32_weights_atol=None):
+    """``lk.gumbel_softmax_codes`` on ``backend`` against the reference backend, same seed and an offset just
+    below 2**32 (the Philox counter carries into its high word): hard samples equal bit for bit; weights, z
+    and both gradients within ``reference_tol`` (float32: rtol 1e-5 with ``fp32_atol``, weights
+    ``fp32_weights_atol`` when given; 16-bit: one rounding, rtol eps)."""
+    logits, codebook = (torch.randn(b, k, device=device) * 2).to(dtype), torch.randn(k, d, device=device).to(dtype)
+    gw, gz = torch.randn(b, k, device=device), torch.randn(b, d, device=device).to(dtype)
+    res = {}
+    for name in (backend, "reference"):
+        lg, cb = leaf(logits), leaf(codebook)
+        w, z = lk.gumbel_softmax_codes(lg, cb, tau=0.6, hard=hard, seed=77, offset=2**32 - 50, backend=name)
+        torch.autograd.backward([w, z], [gw.to(w.dtype), gz])
+        res[name] = (w.detach(), z.detach(), lg.grad, cb.grad)
+    if hard:
+        assert torch.equal(res[backend][0], res["reference"][0])
+        assert torch.equal(res[backend][1], res["reference"][1])
+    tol = reference_tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=fp32_atol)
+    if dtype in LOW:
+        tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+    for name, o, r in zip(("weights", "z", "grad_logits", "grad_codebook"), res[backend], res["reference"]):
+        assert o.dtype == r.dtype, name
+        weights_fp32 = name == "weights" and dtype == torch.float32 and fp32_weights_atol is not None
+        close64(o, r, **(dict(tol, atol=fp32_weights_atol) if weights_fp32 else tol))
+
+
+def check_hard_samples_equal_reference(device, rows, n_seeds):
+    """The raw ``gumbel_softmax_fwd`` kernel on ``device`` draws the reference's hard samples bit for bit over
+    ``n_seeds`` seeds spread up to 2**45 and offsets at 0, just below 2**32 and seed-dependent above it."""
+    logits, codebook = torch.randn(rows, 32, device=device), torch.randn(32, 3, device=device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for seed in range(0, 2**45, 2**45 // n_seeds):
+            for offset in (0, 2**32 - 100, 2**32 + 3 * seed % 1000):
+                args = (logits.to(dtype), codebook.to(dtype), 0.5, True, seed, offset)
+                ours = torch.ops.lpc.gumbel_softmax_fwd(*args)
+                w_ref, z_ref, soft_ref = reference.gumbel_softmax_fwd(*args)
+                assert torch.equal(ours[0], w_ref), (dtype, seed, offset)
+                assert torch.equal(ours[1], z_ref), (dtype, seed, offset)
+                torch.testing.assert_close(ours[2], soft_ref, **reference_tol(dtype))

@@ -19,10 +19,12 @@ import torch
 from torch.library import opcheck
 
 import lpc_kernels as lk
+from backend_checks import LOW, check_gumbel_matches_reference, check_hard_samples_equal_reference
 from backend_checks import check_preference_mixed_dtypes_match_reference
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
-from lpc_kernels import _ops, philox, reference
+from backend_checks import reference_tol as _tol
+from lpc_kernels import _ops, philox
 from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, raw_op_cases
 
 CPU = torch.device("cpu")
@@ -34,11 +36,6 @@ from lpc_kernels import _cpp  # noqa: E402  (needs lpc_kernels._C)
 
 OPS = torch.ops.lpc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOW = [torch.bfloat16, torch.float16]
-
-
-def _tol(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 
 
 def _one_rounding(ours, ref_fp32, dtype):
@@ -202,27 +199,10 @@ def test_linear_token_logprobs_need_flags_and_results_independent_of_chunking():
                 assert p is None
 
 
-def test_gumbel_matches_reference_all_dtypes():
-    for dtype in (torch.float32, torch.float64, *LOW):
-        for hard in (False, True):
-            logits, codebook = (torch.randn(7, 13) * 2).to(dtype), torch.randn(13, 5).to(dtype)
-            gw, gz = torch.randn(7, 13), torch.randn(7, 5).to(dtype)
-            res = {}
-            for backend in ("cpu", "reference"):
-                lg, cb = _leaf(logits), _leaf(codebook)
-                w, z = lk.gumbel_softmax_codes(lg, cb, tau=0.6, hard=hard, seed=77, offset=2**32 - 50,
-                                               backend=backend)
-                torch.autograd.backward([w, z], [gw.to(w.dtype), gz])
-                res[backend] = (w.detach(), z.detach(), lg.grad, cb.grad)
-            if hard:
-                assert torch.equal(res["cpu"][0], res["reference"][0])
-                assert torch.equal(res["cpu"][1], res["reference"][1])
-            tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
-            if dtype in LOW:
-                tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
-            for o, r in zip(res["cpu"], res["reference"]):
-                assert o.dtype == r.dtype
-                _close(o, r, **tol)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_matches_reference(dtype, hard):
+    check_gumbel_matches_reference("cpu", "cpu", dtype, hard, 7, 13, 5, fp32_atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
@@ -371,13 +351,4 @@ def test_op_noise_is_bit_exact(seed, offset):
 
 
 def test_hard_samples_equal_reference_for_many_seeds():
-    logits, codebook = torch.randn(16, 32), torch.randn(32, 3)
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for seed in range(0, 2**45, 2**45 // 25):
-            for offset in (0, 2**32 - 100, 2**32 + 3 * seed % 1000):
-                args = (logits.to(dtype), codebook.to(dtype), 0.5, True, seed, offset)
-                ours = OPS.gumbel_softmax_fwd(*args)
-                w_ref, z_ref, soft_ref = reference.gumbel_softmax_fwd(*args)
-                assert torch.equal(ours[0], w_ref), (dtype, seed, offset)
-                assert torch.equal(ours[1], z_ref), (dtype, seed, offset)
-                torch.testing.assert_close(ours[2], soft_ref, **_tol(dtype))
+    check_hard_samples_equal_reference("cpu", rows=16, n_seeds=25)

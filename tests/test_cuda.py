@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import lpc_kernels as lk
-from backend_checks import (check_compiled_step_matches_eager, check_preference_mixed_dtypes_match_reference,
+from backend_checks import (LOW, check_compiled_step_matches_eager, check_gumbel_matches_reference,
+                            check_hard_samples_equal_reference, check_preference_mixed_dtypes_match_reference,
                             check_preference_vs_float64, truth_close)
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
+from backend_checks import reference_tol as _tol
 from formulas import PREF_CASES, f_linear_token_logprobs, f_token_logprobs
 from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, raw_op_cases
 from lpc_kernels import _ops, philox, reference
@@ -26,7 +28,6 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEV = torch.device("cuda")
-LOW = [torch.bfloat16, torch.float16]
 OPS = torch.ops.lpc
 
 
@@ -49,10 +50,6 @@ def _close_scaled(ours, ref, rel):
     err = (ours.double() - ref.double()).abs().max().item()
     bound = rel * ref.double().abs().max().item() + 1e-6
     assert err <= bound, f"max error {err:.3e} > {bound:.3e}"
-
-
-def _tol(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 
 
 def _up(t):
@@ -313,23 +310,7 @@ def test_philox_uniforms_same_on_gpu_and_cpu():
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("b,k,d", [(1, 1, 1), (5, 12, 24), (37, 33, 300), (9, 100, 3), (3, 1024, 8)])
 def test_gumbel_matches_reference(dtype, hard, b, k, d):
-    logits, codebook = (torch.randn(b, k, device=DEV) * 2).to(dtype), torch.randn(k, d, device=DEV).to(dtype)
-    gw, gz = torch.randn(b, k, device=DEV), torch.randn(b, d, device=DEV).to(dtype)
-    res = {}
-    for backend in ("cuda", "reference"):
-        lg, cb = _leaf(logits), _leaf(codebook)
-        w, z = lk.gumbel_softmax_codes(lg, cb, tau=0.6, hard=hard, seed=77, offset=2**32 - 50, backend=backend)
-        torch.autograd.backward([w, z], [gw.to(w.dtype), gz])
-        res[backend] = (w.detach(), z.detach(), lg.grad, cb.grad)
-    if hard:
-        assert torch.equal(res["cuda"][0], res["reference"][0])
-        assert torch.equal(res["cuda"][1], res["reference"][1])
-    tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
-    if dtype in LOW:
-        tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
-    for name, o, r in zip(("weights", "z", "grad_logits", "grad_codebook"), res["cuda"], res["reference"]):
-        assert o.dtype == r.dtype, name
-        _close(o, r, **(dict(tol, atol=2e-6) if name == "weights" and dtype == torch.float32 else tol))
+    check_gumbel_matches_reference("cuda", DEV, dtype, hard, b, k, d, fp32_atol=1e-5, fp32_weights_atol=2e-6)
 
 
 def test_gumbel_vs_float64_formula():
@@ -356,16 +337,7 @@ def test_gumbel_vs_float64_formula():
 
 
 def test_hard_samples_equal_reference_for_many_seeds():
-    logits, codebook = torch.randn(256, 32, device=DEV), torch.randn(32, 3, device=DEV)
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for seed in range(0, 2**45, 2**45 // 10):
-            for offset in (0, 2**32 - 100):
-                args = (logits.to(dtype), codebook.to(dtype), 0.5, True, seed, offset)
-                ours = OPS.gumbel_softmax_fwd(*args)
-                w_ref, z_ref, soft_ref = reference.gumbel_softmax_fwd(*args)
-                assert torch.equal(ours[0], w_ref), (dtype, seed, offset)
-                assert torch.equal(ours[1], z_ref), (dtype, seed, offset)
-                torch.testing.assert_close(ours[2], soft_ref, **_tol(dtype))
+    check_hard_samples_equal_reference(DEV, rows=256, n_seeds=10)
 
 
 # ----------------------------------------------------------------------------------- preference_loss
