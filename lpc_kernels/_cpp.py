@@ -15,12 +15,9 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
+from . import _shapes
 
 _lpc = torch.ops.lpc
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------- token_logprobs
@@ -41,7 +38,8 @@ def linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index, chunk_
 
 
 def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
-                              need_hidden, need_weight, need_bias):
+                              need_hidden, need_weight, need_bias, *, filter_eps=0.0):
+    # filter_eps: ignored, the kernels compute the exact gradient
     gh, gw, gb = _lpc.linear_token_logprobs_bwd.default(grad_logp, hidden, weight, bias, labels, lse, ignore_index,
                                                         chunk_size, need_hidden, need_weight, need_bias)
     return gh if need_hidden else None, gw if need_weight else None, gb if need_bias else None
@@ -79,8 +77,7 @@ def preference_loss_bwd(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, 
 # ------------------------------------------------------------------------------- fake implementations
 @torch.library.register_fake("lpc::token_logprobs_fwd")
 def _(logits, labels, ignore_index):
-    n, dt = logits.shape[0], _compute_dtype(logits)
-    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
+    return _shapes.row_logprobs(logits)
 
 
 @torch.library.register_fake("lpc::token_logprobs_bwd")
@@ -95,39 +92,30 @@ def _(grad_logp, logits, labels, lse, ignore_index):
 
 @torch.library.register_fake("lpc::linear_token_logprobs_fwd")
 def _(hidden, weight, bias, labels, ignore_index, chunk_size):
-    n, dt = hidden.shape[0], _compute_dtype(hidden)
-    return hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt)
+    return _shapes.row_logprobs(hidden)
 
 
 @torch.library.register_fake("lpc::linear_token_logprobs_bwd")
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight, need_bias):
-    # a fresh [0] stand-in per output, as the kernel returns: outputs must not alias each other
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+    return _shapes.linear_token_logprobs_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 @torch.library.register_fake("lpc::gumbel_softmax_fwd")
 def _(logits, codebook, tau, hard, seed, offset):
-    b, k = logits.shape
-    dt = _compute_dtype(logits)
-    return (logits.new_empty(b, k, dtype=dt), codebook.new_empty(b, codebook.shape[1]),
-            logits.new_empty((b, k) if hard else (0,), dtype=dt))
+    return _shapes.gumbel_softmax_outputs(logits, codebook, hard)
 
 
 @torch.library.register_fake("lpc::gumbel_softmax_bwd")
 def _(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook):
-    return (torch.empty_like(weights) if need_logits else weights.new_empty(0),
-            torch.empty_like(codebook) if need_codebook else weights.new_empty(0))
+    return _shapes.gumbel_softmax_grads(weights, codebook, need_logits, need_codebook)
 
 
 @torch.library.register_fake("lpc::preference_loss_fwd")
 def _(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average):
-    b, dt = pc.shape[0], _compute_dtype(pc)
-    return (pc.new_empty((), dtype=dt),) + tuple(pc.new_empty(b, dtype=dt) for _ in range(4))
+    return _shapes.preference_loss_outputs(pc)
 
 
 @torch.library.register_fake("lpc::preference_loss_bwd")
 def _(g_loss, g_losses, g_cr, g_rr, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma,
       label_smoothing, kl_weight, ipo_average):
-    return tuple(torch.empty_like(t) if t is not None else pc.new_empty(0) for t in (pc, pr, rc, rr, prior, post))
+    return _shapes.preference_loss_grads(pc, pr, rc, rr, prior, post)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _shapes, reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 LOSS_TYPES = ("dpo", "ipo", "simpo")
@@ -301,10 +301,21 @@ def check_preference_loss(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, 
     _check_same_device(named)
 
 
-def _raise_if_nonfinite(named: dict) -> None:
+def _raise_if_bad_values(named: dict, positive: tuple = ()) -> None:
+    """NaN/inf in any float tensor of ``named``, then values <= 0 in the ``positive`` ones (lengths): one host
+    sync for all checks; the per-tensor loop below runs only to name the culprit."""
+    floats = [t for t in named.values() if t is not None and t.is_floating_point()]
+    flags = [torch.isfinite(t).all() for t in floats] + [(named[n] > 0).all() for n in positive
+                                                         if named[n] is not None]
+    if not flags or bool(torch.stack(flags).all()):
+        return
     for name, t in named.items():
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
+    for name in positive:
+        t = named[name]
+        if t is not None and not bool((t > 0).all()):
+            raise ValueError(f"{name} must be > 0 (response token counts), got min {t.min().item()}")
 
 
 def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -315,10 +326,6 @@ def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- token_logprobs
-def _float_out(t: Tensor) -> torch.dtype:
-    return reference.compute_dtype(t)
-
-
 @torch.library.custom_op("lpc::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool,
                       backend: str) -> tuple[Tensor, Tensor]:
@@ -329,8 +336,7 @@ def token_logprobs_op(logits: Tensor, labels: Tensor, ignore_index: int, inplace
 
 @token_logprobs_op.register_fake
 def _(logits, labels, ignore_index, inplace_backward, backend):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=_float_out(logits)), logits.new_empty(n, dtype=_float_out(logits))
+    return _shapes.row_logprobs(logits)
 
 
 @torch.library.custom_op("lpc::token_logprobs_backward", mutates_args=())
@@ -392,8 +398,7 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 @linear_token_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps=0.0):
-    n, dt = hidden.shape[0], _float_out(hidden)
-    return hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt)
+    return _shapes.row_logprobs(hidden)
 
 
 @torch.library.custom_op("lpc::linear_token_logprobs_backward", mutates_args=())
@@ -406,20 +411,16 @@ def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight:
     ``filter_eps > 0`` lets the triton backend skip logits tiles whose softmax mass is below it (error
     bounded by ``|g| * filter_eps`` per skipped entry); the other backends compute the exact gradient.
     """
-    extra = {"filter_eps": filter_eps} if filter_eps > 0 and backend == "triton" else {}
     grads = backend_module(backend).linear_token_logprobs_bwd(
         grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
-        need_bias, **extra)
+        need_bias, filter_eps=filter_eps)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
       need_bias, backend, filter_eps=0.0):
-    # a fresh [0] tensor for each absent output: one shared placeholder would alias two outputs
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+    return _shapes.linear_token_logprobs_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -453,17 +454,14 @@ def gumbel_softmax_codes_op(logits: Tensor, codebook: Tensor, tau: float, hard: 
     ``soft`` (the pre-argmax sample, needed by the straight-through backward) is ``[0]``-shaped unless
     ``hard``: for soft samples it equals ``weights``.
     """
-    _raise_if_nonfinite({"logits": logits})
+    _raise_if_bad_values({"logits": logits})
     weights, z, soft = backend_module(backend).gumbel_softmax_fwd(logits, codebook, tau, hard, seed, offset)
     return weights, z, soft if soft is not None else weights.new_empty(0)
 
 
 @gumbel_softmax_codes_op.register_fake
 def _(logits, codebook, tau, hard, seed, offset, backend):
-    b, k = logits.shape
-    dt = _float_out(logits)
-    return (logits.new_empty(b, k, dtype=dt), codebook.new_empty(b, codebook.shape[1]),
-            logits.new_empty((b, k) if hard else (0,), dtype=dt))
+    return _shapes.gumbel_softmax_outputs(logits, codebook, hard)
 
 
 @torch.library.custom_op("lpc::gumbel_softmax_codes_backward", mutates_args=())
@@ -479,8 +477,7 @@ def gumbel_softmax_codes_backward_op(grad_weights: Tensor, grad_z: Tensor, weigh
 
 @gumbel_softmax_codes_backward_op.register_fake
 def _(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook, backend):
-    return (torch.empty_like(weights) if need_logits else soft.new_empty(0),
-            torch.empty_like(codebook) if need_codebook else soft.new_empty(0))
+    return _shapes.gumbel_softmax_grads(weights, codebook, need_logits, need_codebook)
 
 
 def _gumbel_setup(ctx, inputs, output):
@@ -519,10 +516,7 @@ def preference_loss_op(policy_chosen_logps: Tensor, policy_rejected_logps: Tenso
     """B pairs -> (loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B]), fp32."""
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
             rejected_lengths, prior_logits, posterior_logits)
-    _raise_if_nonfinite(dict(zip(_PREF_INPUT_NAMES, args)))
-    for name, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-        if t is not None and not bool((t > 0).all()):
-            raise ValueError(f"{name} must be > 0 (response token counts), got min {t.min().item()}")
+    _raise_if_bad_values(dict(zip(_PREF_INPUT_NAMES, args)), positive=("chosen_lengths", "rejected_lengths"))
     return backend_module(backend).preference_loss_fwd(*args, loss_type, beta, gamma, label_smoothing,
                                                        kl_weight, ipo_average)
 
@@ -534,9 +528,7 @@ _PREF_INPUT_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen
 @preference_loss_op.register_fake
 def _(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average,
       backend):
-    dt = _float_out(pc)
-    b = pc.shape[0]
-    return (pc.new_empty((), dtype=dt),) + tuple(pc.new_empty(b, dtype=dt) for _ in range(4))
+    return _shapes.preference_loss_outputs(pc)
 
 
 @torch.library.custom_op("lpc::preference_loss_backward", mutates_args=())
@@ -559,7 +551,7 @@ def preference_loss_backward_op(grad_loss: Tensor, grad_losses: Tensor, grad_cho
 
 @preference_loss_backward_op.register_fake
 def _(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, rl, prior, post, *rest):
-    return tuple(torch.empty_like(t) if t is not None else pc.new_empty(0) for t in (pc, pr, rc, rr, prior, post))
+    return _shapes.preference_loss_grads(pc, pr, rc, rr, prior, post)
 
 
 def _pref_setup(ctx, inputs, output):
@@ -570,7 +562,7 @@ def _pref_setup(ctx, inputs, output):
 def _pref_backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl):
     saved = ctx.saved_tensors
     pc = saved[0]
-    dt = _float_out(pc)
+    dt = reference.compute_dtype(pc)
     b = pc.shape[0]
 
     def _grad(g, shape):

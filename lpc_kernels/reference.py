@@ -39,6 +39,7 @@ DEFAULT_CHUNK_SIZE = 1024  # rows per [chunk, V] logits block: 128 MiB of fp32 a
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise: the dtype every backend computes and returns in."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -107,7 +108,8 @@ def linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index, chunk_
 
 
 def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
-                              need_hidden, need_weight, need_bias):
+                              need_hidden, need_weight, need_bias, *, filter_eps=0.0):
+    # filter_eps (skip tiles of softmax mass below it) is a triton-only speed option: this gradient is exact
     cdt = compute_dtype(hidden)
     rows = torch.nonzero(labels != ignore_index).squeeze(1)
     w = weight.to(cdt)

@@ -28,12 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import compute_dtype  # noqa: F401  (the kernel files import it from here)
+
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (the reference backend's rule)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for operands of ``dtype``.
