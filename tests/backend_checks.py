@@ -5,7 +5,7 @@ import torch
 
 import lpc_kernels as lk
 from formulas import f_preference
-from lpc_kernels import reference
+from lpc_kernels import philox, reference
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -16,6 +16,25 @@ def leaf(t, dtype=None):
 
 def close64(ours, ref, rtol, atol):
     torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol)
+
+
+def one_rounding(ours, ref_fp32, dtype):
+    """ours (dtype) equals ref_fp32 rounded to dtype, up to one ulp of dtype (summation order)."""
+    assert ours.dtype == dtype
+    close64(ours, ref_fp32.to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+def linear_run(backend, hidden, weight, bias, labels, chunk_size, g, need=(True, True, True)):
+    """[logp, grad_hidden, grad_weight, grad_bias] of ``lk.linear_token_logprobs`` on ``backend``, with grads
+    only for the inputs ``need`` names (None for the others and for an absent bias)."""
+    h = leaf(hidden) if need[0] else hidden.detach()
+    w = leaf(weight) if need[1] else weight.detach()
+    b = (leaf(bias) if need[2] else bias.detach()) if bias is not None else None
+    out = lk.linear_token_logprobs(h, w, labels, bias=b, backend=backend, chunk_size=chunk_size)
+    if any(t is not None and t.requires_grad for t in (h, w, b)):
+        out.backward(g)
+    grads = [t.grad if t is not None and t.requires_grad else None for t in (h, w, b)]
+    return [out.detach()] + grads
 
 
 def reference_tol(dtype):
@@ -172,3 +191,52 @@ def check_hard_samples_equal_reference(device, rows, n_seeds):
                 assert torch.equal(ours[0], w_ref), (dtype, seed, offset)
                 assert torch.equal(ours[1], z_ref), (dtype, seed, offset)
                 torch.testing.assert_close(ours[2], soft_ref, **reference_tol(dtype))
+
+
+# (seed, offset) pairs for the bit-exact noise check: counters that carry into the high word, huge seeds
+NOISE_CASES = [(0, 0), (1, 5), (123456789, 2**32 - 7), (2**40 + 3, 2**33 + 1), (2**63 - 1, 2**62),
+               (99, 2**63 - 1 - 64)]
+
+
+def check_op_noise_bit_exact(device, seed, offset, b=8, k=8):
+    """The raw gumbel kernel's float32 noise on ``device`` equals ``philox.gumbel_noise`` evaluated by torch on
+    the same device, exactly: the differences g[:, j] - g[:, 0] are recovered from float64 soft weights of
+    zero logits (differences of float32 values are exact in float64; the softmax/log round trip is accurate
+    to ~1e-14)."""
+    soft, _, _ = torch.ops.lpc.gumbel_softmax_fwd(torch.zeros(b, k, dtype=torch.float64, device=device),
+                                                  torch.zeros(k, 1, device=device), 1.0, False, seed, offset)
+    logs = soft.log()
+    g = philox.gumbel_noise(seed, offset, b, k, device=device).double()
+    torch.testing.assert_close(logs - logs[:, :1], g - g[:, :1], rtol=0, atol=1e-11)
+
+
+def gradcheck_gumbel(backend, device):
+    """float64 gradcheck of ``lk.gumbel_softmax_codes`` (soft at two temperatures; hard in the codebook)."""
+    d = dict(dtype=torch.float64, device=device, requires_grad=True)
+    lg, cb = torch.randn(4, 6, **d), torch.randn(6, 3, **d)
+    for tau in (0.3, 1.7):
+        assert torch.autograd.gradcheck(
+            lambda a, e: lk.gumbel_softmax_codes(a, e, tau=tau, seed=11, offset=2**32, backend=backend), (lg, cb))
+    # hard samples: z is a row of the codebook, differentiable in the codebook
+    assert torch.autograd.gradcheck(
+        lambda e: lk.gumbel_softmax_codes(lg.detach(), e, hard=True, seed=3, backend=backend)[1], (cb,))
+
+
+def gradcheck_preference(backend, device, loss_type):
+    """float64 gradcheck of ``lk.preference_loss``, all five outputs, int and float lengths, KL on."""
+    d = dict(dtype=torch.float64, device=device, requires_grad=True)
+    pc, pr, rc, rr = (torch.randn(5, **d) for _ in range(4))
+    prior, post = torch.randn(5, 4, **d), torch.randn(5, 4, **d)
+    cl = torch.tensor([3, 1, 4, 2, 6], device=device)
+    rl = torch.tensor([2.0, 5.0, 1.0, 1.0, 3.0], dtype=torch.float64, device=device)
+    refs = loss_type != "simpo"
+
+    def f(*t):
+        rc_, rr_ = (t[2], t[3]) if refs else (None, None)
+        return tuple(lk.preference_loss(t[0], t[1], rc_, rr_, prior_logits=t[-2], posterior_logits=t[-1],
+                                        chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type, beta=0.3,
+                                        gamma=0.4 if loss_type == "simpo" else 0.0,
+                                        label_smoothing=0.0 if loss_type == "ipo" else 0.2, kl_weight=0.5,
+                                        ipo_average=loss_type == "ipo", backend=backend))
+
+    assert torch.autograd.gradcheck(f, (pc, pr, rc, rr, prior, post) if refs else (pc, pr, prior, post))

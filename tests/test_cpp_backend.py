@@ -19,7 +19,9 @@ import torch
 from torch.library import opcheck
 
 import lpc_kernels as lk
-from backend_checks import LOW, check_gumbel_matches_reference, check_hard_samples_equal_reference
+from backend_checks import (LOW, NOISE_CASES, check_gumbel_matches_reference, check_hard_samples_equal_reference,
+                            check_op_noise_bit_exact, gradcheck_gumbel, gradcheck_preference, linear_run,
+                            one_rounding)
 from backend_checks import check_preference_mixed_dtypes_match_reference
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
@@ -36,13 +38,6 @@ from lpc_kernels import _cpp  # noqa: E402  (needs lpc_kernels._C)
 
 OPS = torch.ops.lpc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _one_rounding(ours, ref_fp32, dtype):
-    """ours (dtype) equals ref_fp32 rounded to dtype, up to one ulp of dtype (accumulation order)."""
-    assert ours.dtype == dtype
-    eps = torch.finfo(dtype).eps
-    _close(ours, ref_fp32.to(dtype), rtol=eps, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- raw ops: opcheck
@@ -113,7 +108,7 @@ def test_token_logprobs_matches_reference(dtype, v):
         assert out.dtype == ref.dtype and leaf.grad.dtype == dtype
         _close(out, ref, **_tol(dtype))
         if dtype in LOW:
-            _one_rounding(leaf.grad, ref_leaf.grad, dtype)
+            one_rounding(leaf.grad, ref_leaf.grad, dtype)
         else:
             _close(leaf.grad, ref_leaf.grad, **_tol(dtype))
         assert torch.equal(leaf.grad[1], torch.zeros(v, dtype=dtype))  # ignored row
@@ -145,14 +140,6 @@ def test_token_logprobs_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
-def _linear_run(backend, hidden, weight, bias, labels, chunk_size, g):
-    h, w = _leaf(hidden), _leaf(weight)
-    b = _leaf(bias) if bias is not None else None
-    out = lk.linear_token_logprobs(h, w, labels, bias=b, backend=backend, chunk_size=chunk_size)
-    out.backward(g)
-    return out.detach(), h.grad, w.grad, b.grad if b is not None else None
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 3, 1024])
@@ -164,16 +151,16 @@ def test_linear_token_logprobs_matches_reference(dtype, with_bias, chunk_size):
     labels = torch.randint(0, v, (n,))
     labels[[0, 4, 5, 9]] = -100  # valid rows are not consecutive: gathered chunks, scattered grad rows
     g = torch.randn(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    ours = _linear_run("cpu", hidden, weight, bias, labels, chunk_size, g)
+    ours = linear_run("cpu", hidden, weight, bias, labels, chunk_size, g)
     up = (lambda t: t.float() if t is not None else None) if dtype in LOW else (lambda t: t)
-    ref = _linear_run("reference", up(hidden), up(weight), up(bias), labels, chunk_size, g)
+    ref = linear_run("reference", up(hidden), up(weight), up(bias), labels, chunk_size, g)
     tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=2e-5)
     _close(ours[0], ref[0], **(tol if dtype not in LOW else dict(rtol=1e-5, atol=2e-5)))
     for o, r in zip(ours[1:], ref[1:]):
         if r is None:
             assert o is None
         elif dtype in LOW:
-            _one_rounding(o, r, dtype)
+            one_rounding(o, r, dtype)
         else:
             _close(o, r, **tol)
     assert torch.equal(ours[1][[0, 4, 5, 9]], torch.zeros(4, h, dtype=dtype))
@@ -235,34 +222,12 @@ def test_gradcheck_linear_token_logprobs_float64():
 
 
 def test_gradcheck_gumbel_softmax_codes_float64():
-    d = dict(dtype=torch.float64, requires_grad=True)
-    lg, cb = torch.randn(4, 6, **d), torch.randn(6, 3, **d)
-    for tau in (0.3, 1.7):
-        assert torch.autograd.gradcheck(
-            lambda a, e: lk.gumbel_softmax_codes(a, e, tau=tau, seed=11, offset=2**32, backend="cpu"), (lg, cb))
-    # hard samples: z is a row of the codebook, differentiable in the codebook
-    assert torch.autograd.gradcheck(
-        lambda e: lk.gumbel_softmax_codes(lg.detach(), e, hard=True, seed=3, backend="cpu")[1], (cb,))
+    gradcheck_gumbel("cpu", "cpu")
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
 def test_gradcheck_preference_loss_float64(loss_type):
-    d = dict(dtype=torch.float64, requires_grad=True)
-    pc, pr, rc, rr = (torch.randn(5, **d) for _ in range(4))
-    prior, post = torch.randn(5, 4, **d), torch.randn(5, 4, **d)
-    cl, rl = torch.tensor([3, 1, 4, 2, 6]), torch.tensor([2.0, 5.0, 1.0, 1.0, 3.0], dtype=torch.float64)
-    refs = 2 if loss_type != "simpo" else 0
-
-    def f(*t):
-        rc_, rr_ = (t[2], t[3]) if refs else (None, None)
-        return tuple(lk.preference_loss(t[0], t[1], rc_, rr_, prior_logits=t[-2], posterior_logits=t[-1],
-                                        chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type,
-                                        beta=0.3, gamma=0.4 if loss_type == "simpo" else 0.0,
-                                        label_smoothing=0.0 if loss_type == "ipo" else 0.2, kl_weight=0.5,
-                                        ipo_average=loss_type == "ipo", backend="cpu"))
-
-    inputs = (pc, pr, rc, rr, prior, post) if refs else (pc, pr, prior, post)
-    assert torch.autograd.gradcheck(f, inputs)
+    gradcheck_preference("cpu", "cpu", loss_type)
 
 
 # ----------------------------------------------------------------------------------------- Philox
@@ -331,23 +296,9 @@ def test_philox_header_constants(header_probe):
         assert float.fromhex(got) == torch.tensor(want, dtype=torch.float32).item()
 
 
-def _noise_from_op(seed, offset, b, k):
-    """Gumbel noise differences g[:, j] - g[:, 0] recovered from float64 soft weights of zero logits."""
-    soft, _, _ = OPS.gumbel_softmax_fwd(torch.zeros(b, k, dtype=torch.float64), torch.zeros(k, 1), 1.0, False,
-                                        seed, offset)
-    logs = soft.log()
-    return logs - logs[:, :1]
-
-
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 5), (123456789, 2**32 - 7), (2**40 + 3, 2**33 + 1),
-                                         (2**63 - 1, 2**62), (99, 2**63 - 1 - 64)])
+@pytest.mark.parametrize("seed,offset", NOISE_CASES)
 def test_op_noise_is_bit_exact(seed, offset):
-    """The op's float32 noise equals lpc_kernels.philox.gumbel_noise exactly: differences of float32
-    values are exact in float64, and the float64 softmax/log round-trip is accurate to ~1e-14."""
-    b, k = 8, 8
-    got = _noise_from_op(seed, offset, b, k)
-    g = philox.gumbel_noise(seed, offset, b, k).double()
-    torch.testing.assert_close(got, g - g[:, :1], rtol=0, atol=1e-11)
+    check_op_noise_bit_exact("cpu", seed, offset)
 
 
 def test_hard_samples_equal_reference_for_many_seeds():

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import lpc_kernels as lk
-from backend_checks import (LOW, check_compiled_step_matches_eager, check_gumbel_matches_reference,
-                            check_hard_samples_equal_reference, check_preference_mixed_dtypes_match_reference,
-                            check_preference_vs_float64, truth_close)
+from backend_checks import (LOW, NOISE_CASES, check_compiled_step_matches_eager, check_gumbel_matches_reference,
+                            check_hard_samples_equal_reference, check_op_noise_bit_exact,
+                            check_preference_mixed_dtypes_match_reference, check_preference_vs_float64,
+                            gradcheck_gumbel, gradcheck_preference, linear_run, one_rounding, truth_close)
 from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
 from backend_checks import reference_tol as _tol
@@ -36,12 +37,6 @@ def _cuda_backend_available():
     reason = _ops._unavailable_reason("cuda", DEV)
     assert reason is None, f"GPU present but the cuda backend is unavailable: {reason}"
     torch.cuda.manual_seed_all(0)
-
-
-def _one_rounding(ours, ref_fp32, dtype):
-    """ours (dtype) equals ref_fp32 rounded to dtype, up to one ulp of dtype (summation order)."""
-    assert ours.dtype == dtype
-    _close(ours, ref_fp32.to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-6)
 
 
 def _close_scaled(ours, ref, rel):
@@ -105,7 +100,7 @@ def test_token_logprobs_matches_reference_backend(dtype):
     ref.backward(g)
     _close(out, ref, rtol=1e-5, atol=1e-5)
     if dtype in LOW:
-        _one_rounding(leaf.grad, ref_leaf.grad, dtype)
+        one_rounding(leaf.grad, ref_leaf.grad, dtype)
     else:
         _close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
 
@@ -126,7 +121,7 @@ def test_token_logprobs_misaligned_buffers(dtype, misalign):
     grad = OPS.token_logprobs_bwd(g, logits, labels, lse, -100)  # output aligned, input not: scalar path
     ref = reference.token_logprobs_bwd(g, _up(logits), labels, lse, -100, False)
     if dtype in LOW:
-        _one_rounding(grad, ref, dtype)
+        one_rounding(grad, ref, dtype)
     else:
         _close(grad, ref, rtol=1e-5, atol=1e-6)
     buf = logits.clone() if misalign == 1 else flat.clone()[misalign:].view(n, v)
@@ -179,17 +174,6 @@ def test_token_logprobs_deterministic():
 
 
 # ----------------------------------------------------------------------------- linear_token_logprobs
-def _linear_run(backend, hidden, weight, bias, labels, chunk_size, g, need=(True, True, True)):
-    h = _leaf(hidden) if need[0] else hidden.detach()
-    w = _leaf(weight) if need[1] else weight.detach()
-    b = (_leaf(bias) if need[2] else bias.detach()) if bias is not None else None
-    out = lk.linear_token_logprobs(h, w, labels, bias=b, backend=backend, chunk_size=chunk_size)
-    if any(t is not None and t.requires_grad for t in (h, w, b)):
-        out.backward(g)
-    grads = [t.grad if t is not None and t.requires_grad else None for t in (h, w, b)]
-    return [out.detach()] + grads
-
-
 # (n, h, v, chunk): vocab tiles (Nv <= V; several tiles of 128 columns when chunk * V / Nv < V), row
 # chunks (Nv > V: the fp32 weight-gradient accumulator across chunks), one row, one chunk.
 LINEAR_SHAPES = [(1, 64, 77, 1024), (11, 64, 300, 2), (11, 24, 2500, 1), (11, 24, 2500, 1024), (200, 32, 77, 16),
@@ -208,8 +192,8 @@ def test_linear_token_logprobs_matches_reference(dtype, with_bias, shape):
     if n > 5:
         labels[[0, 4, 5]] = -100  # valid rows are not consecutive: gathered chunks, scattered grad rows
     g = torch.randn(n, device=DEV, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    ours = _linear_run("cuda", hidden, weight, bias, labels, chunk, g)
-    ref = _linear_run("reference", _up(hidden), _up(weight), _up(bias), labels, chunk, g)
+    ours = linear_run("cuda", hidden, weight, bias, labels, chunk, g)
+    ref = linear_run("reference", _up(hidden), _up(weight), _up(bias), labels, chunk, g)
     tol = _tol(dtype) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-5)
     _close(ours[0], ref[0], **tol)
     truth_close(ours[0], f_linear_token_logprobs(hidden, weight, labels, bias), atol=1e-4)
@@ -278,24 +262,10 @@ def test_linear_token_logprobs_bf16_larger():
 
 
 # ------------------------------------------------------------------------------ gumbel_softmax_codes
-def _noise_from_op(seed, offset, b, k):
-    """Gumbel noise differences g[:, j] - g[:, 0] recovered from float64 soft weights of zero logits."""
-    soft, _, _ = OPS.gumbel_softmax_fwd(torch.zeros(b, k, dtype=torch.float64, device=DEV),
-                                        torch.zeros(k, 1, device=DEV), 1.0, False, seed, offset)
-    logs = soft.log()
-    return logs - logs[:, :1]
-
-
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 5), (123456789, 2**32 - 7), (2**40 + 3, 2**33 + 1),
-                                         (2**63 - 1, 2**62), (99, 2**63 - 1 - 64)])
+@pytest.mark.parametrize("seed,offset", NOISE_CASES)
 def test_op_noise_is_bit_exact(seed, offset):
-    """The kernel's float32 noise equals lpc_kernels.philox.gumbel_noise evaluated by torch on the GPU
-    exactly (differences of float32 values are exact in float64; the float64 softmax/log round trip is
-    accurate to ~1e-14)."""
-    b, k = 8, 8
-    got = _noise_from_op(seed, offset, b, k)
-    g = philox.gumbel_noise(seed, offset, b, k, device=DEV).double()
-    torch.testing.assert_close(got, g - g[:, :1], rtol=0, atol=1e-11)
+    """The kernel's noise equals philox.gumbel_noise evaluated by torch on the GPU, exactly."""
+    check_op_noise_bit_exact(DEV, seed, offset)
 
 
 def test_philox_uniforms_same_on_gpu_and_cpu():
@@ -372,7 +342,7 @@ def test_preference_loss_mean_is_deterministic_and_one_code_is_plain():
 
 
 # ------------------------------------------------------------------------------ gradcheck (float64)
-def test_gradcheck_float64():
+def test_gradcheck_token_and_linear_float64():
     d = dict(dtype=torch.float64, device=DEV, requires_grad=True)
     x = torch.randn(5, 2100, **d)
     labels = torch.tensor([0, -100, 2099, 1500, 7], device=DEV)
@@ -384,28 +354,15 @@ def test_gradcheck_float64():
             lambda h, w, b: lk.linear_token_logprobs(h, w, lab, bias=b, backend="cuda", chunk_size=chunk),
             (h, w, b), fast_mode=True)
     assert torch.autograd.gradcheck(lambda h: lk.linear_token_logprobs(h, w.detach(), lab, backend="cuda"), (h,))
-    lg, cb = torch.randn(4, 6, **d), torch.randn(6, 3, **d)
-    for tau in (0.3, 1.7):
-        assert torch.autograd.gradcheck(
-            lambda a, e: lk.gumbel_softmax_codes(a, e, tau=tau, seed=11, offset=2**32, backend="cuda"), (lg, cb))
-    assert torch.autograd.gradcheck(
-        lambda e: lk.gumbel_softmax_codes(lg.detach(), e, hard=True, seed=3, backend="cuda")[1], (cb,))
-    pc, pr, rc, rr = (torch.randn(5, **d) for _ in range(4))
-    prior, post = torch.randn(5, 4, **d), torch.randn(5, 4, **d)
-    cl = torch.tensor([3, 1, 4, 2, 6], device=DEV)
-    rl = torch.tensor([2.0, 5.0, 1.0, 1.0, 3.0], dtype=torch.float64, device=DEV)
-    for loss_type in ("dpo", "ipo", "simpo"):
-        refs = loss_type != "simpo"
 
-        def f(*t, loss_type=loss_type, refs=refs):
-            rc_, rr_ = (t[2], t[3]) if refs else (None, None)
-            return tuple(lk.preference_loss(t[0], t[1], rc_, rr_, prior_logits=t[-2], posterior_logits=t[-1],
-                                            chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type, beta=0.3,
-                                            gamma=0.4 if loss_type == "simpo" else 0.0,
-                                            label_smoothing=0.0 if loss_type == "ipo" else 0.2, kl_weight=0.5,
-                                            backend="cuda"))
 
-        assert torch.autograd.gradcheck(f, (pc, pr, rc, rr, prior, post) if refs else (pc, pr, prior, post))
+def test_gradcheck_gumbel_softmax_codes_float64():
+    gradcheck_gumbel("cuda", DEV)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+def test_gradcheck_preference_loss_float64(loss_type):
+    gradcheck_preference("cuda", DEV, loss_type)
 
 
 # ---------------------------------------------------------------------- opcheck: public and raw ops
