@@ -198,27 +198,29 @@ def check_token_logprobs(logits, labels, ignore_index) -> None:
     _check_same_device({"logits": logits, "labels": labels})
 
 
-def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps=0.0) -> None:
+def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps=0.0, *,
+                                weight_name="weight", bias_name="bias", vocab="V") -> None:
+    """The names are the caller's (the vocab-parallel op checks ``weight_shard`` [V_local, H])."""
     _check_tensor("hidden", hidden)
-    _check_tensor("weight", weight, ndim=2)
+    _check_tensor(weight_name, weight, ndim=2)
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden must have shape [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
+        raise ValueError(f"hidden must have shape [..., H] with H = {weight_name}.shape[1] = {weight.shape[1]}, "
                          f"got {tuple(hidden.shape)}")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"weight must have shape [V, H] with V, H > 0, got {tuple(weight.shape)}")
+        raise ValueError(f"{weight_name} must have shape [{vocab}, H] with {vocab}, H > 0, got {tuple(weight.shape)}")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        raise TypeError(f"hidden ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
     if bias is not None:
-        _check_tensor("bias", bias, (weight.dtype,), ndim=1)
+        _check_tensor(bias_name, bias, (weight.dtype,), ndim=1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            raise ValueError(f"{bias_name} must have shape [{vocab}] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     _check_labels(labels, hidden.shape[:-1], "hidden")
     if labels.numel() == 0:
         raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)}): nothing to score")
     _check_int("ignore_index", ignore_index)
     _check_int("chunk_size", chunk_size, low=1)
     _check_float("filter_eps", filter_eps, low=0.0, high=1.0)
-    _check_same_device({"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
+    _check_same_device({"hidden": hidden, weight_name: weight, bias_name: bias, "labels": labels})
 
 
 def check_gumbel_softmax_codes(logits, codebook, tau, hard, seed, offset) -> None:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from .reference import DEFAULT_CHUNK_SIZE, compute_dtype
+from .reference import DEFAULT_CHUNK_SIZE, _chunks, compute_dtype
 
 __all__ = ["vocab_parallel_linear_token_logprobs"]
 
@@ -59,31 +59,11 @@ _META_FIELDS = ("vocab_start", "V_local", "H", "N", "dtype", "has_bias", "ignore
 def _check_local(hidden, weight_shard, labels, vocab_start, bias_shard, ignore_index, chunk_size,
                  reduce_hidden_grad) -> None:
     """Checks that need no other rank: types, shapes, dtypes, devices, scalar ranges."""
-    _ops._check_tensor("hidden", hidden)
-    _ops._check_tensor("weight_shard", weight_shard, ndim=2)
-    if weight_shard.shape[0] == 0 or weight_shard.shape[1] == 0:
-        raise ValueError(f"weight_shard must have shape [V_local, H] with V_local, H > 0, "
-                         f"got {tuple(weight_shard.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight_shard.shape[1]:
-        raise ValueError(f"hidden must have shape [..., H] with H = weight_shard.shape[1] = {weight_shard.shape[1]}, "
-                         f"got {tuple(hidden.shape)}")
-    if hidden.dtype != weight_shard.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight_shard ({weight_shard.dtype}) must have the same dtype")
-    if bias_shard is not None:
-        _ops._check_tensor("bias_shard", bias_shard, (weight_shard.dtype,), ndim=1)
-        if bias_shard.shape[0] != weight_shard.shape[0]:
-            raise ValueError(f"bias_shard must have shape [V_local] = [{weight_shard.shape[0]}], "
-                             f"got {tuple(bias_shard.shape)}")
-    _ops._check_labels(labels, hidden.shape[:-1], "hidden")
-    if labels.numel() == 0:
-        raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)}): nothing to score")
+    _ops.check_linear_token_logprobs(hidden, weight_shard, labels, bias_shard, ignore_index, chunk_size,
+                                     weight_name="weight_shard", bias_name="bias_shard", vocab="V_local")
     _ops._check_int("vocab_start", vocab_start, low=0)
-    _ops._check_int("ignore_index", ignore_index)
-    _ops._check_int("chunk_size", chunk_size, low=1)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
-    _ops._check_same_device({"hidden": hidden, "weight_shard": weight_shard, "bias_shard": bias_shard,
-                             "labels": labels})
 
 
 def _check_group(process_group, hidden) -> None:
@@ -224,8 +204,7 @@ class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
             g_w0 = torch.zeros_like(w0) if need_w else None
             g_b0 = torch.zeros((), dtype=cdt, device=w0.device)
             # bounded row chunks: the correction never holds more than [chunk, H] in the compute dtype
-            for s in range(0, hidden.shape[0], ctx.chunk_size):
-                e = min(s + ctx.chunk_size, hidden.shape[0])
+            for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
                 if need_h:  # drop the stand-in one-hot term g_i * W[0] from d hidden
                     gh[s:e] = (gh[s:e].to(cdt) - g_stand[s:e, None] * w0).to(gh.dtype)
                 if need_w or need_b:  # row 0 of d W / d b from scratch, in the compute dtype
