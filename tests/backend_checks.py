@@ -42,21 +42,22 @@ def reference_tol(dtype):
     return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 
 
-def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5):
-    """``|ours - truth| <= 2 * dtype_err + atol + rtol * |truth|`` elementwise on float64 copies, finite values
-    only (CCE-style tolerance).
+def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5, what=""):
+    """``|ours - truth| <= 2 * dtype_err + atol + rtol * |truth|`` elementwise on float64 CPU copies of the same
+    shape, finite values only (CCE-style tolerance); ``what`` labels the failure.
 
     ``truth`` is float64 math on the (dtype-rounded) inputs; ``dtype_err`` is the error of the same
-    computation done by PyTorch in float32, where fp32 rounding itself dominates (huge logits).
+    computation done by PyTorch in float32 (or the input dtype), where that rounding itself dominates.
     """
-    ours, truth = ours.detach().double(), truth.detach().double()
-    assert torch.isfinite(ours).all(), "non-finite values"
+    assert ours.shape == truth.shape, (what, ours.shape, truth.shape)
+    ours, truth = ours.detach().double().cpu(), truth.detach().double().cpu()
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
     err = (ours - truth).abs()
     bound = atol + rtol * truth.abs()
     if dtype_err is not None:
-        bound = bound + 2 * dtype_err
+        bound = bound + 2 * dtype_err.detach().double().cpu()
     worst = (err - bound).max()
-    assert worst <= 0, f"max error {err.max().item():.3e} exceeds the bound by {worst.item():.3e}"
+    assert worst <= 0, f"{what}: max error {err.max().item():.3e} exceeds the bound by {worst.item():.3e}"
 
 
 def check_preference_vs_float64(backend, device, case, b, k):
