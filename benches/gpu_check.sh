@@ -20,8 +20,7 @@
 #             shapes of every op first; benchmarks that would start after the step's deadline are skipped
 #             and listed as such (LPC_BENCH_DEADLINE), and SIGINT at the end still gets the JSON written.
 #             LPC_TRITON_AUTOTUNE_LOG=OUTDIR/autotune.json: the Triton kernels' chosen configs (at exit)
-#   dist      short DDP and FSDP2 runs of the trainer (torchrun --standalone --nproc-per-node 1, NCCL),
-#             only when `python3 -m lpc.train --help` mentions --strategy; skipped with the reason otherwise
+#   dist      short DDP and FSDP2 runs of the trainer (torchrun --standalone --nproc-per-node 1, NCCL)
 #   report    benches/report.py -> OUTDIR/report.md, summary.csv, *_scaling.png (if matplotlib exists)
 #
 # Time: each step gets min(its cap, what is left minus the minimum kept for the later wanted steps);
@@ -70,20 +69,14 @@ export PYTHONUNBUFFERED=1
 # and the most each step may take. GRACE: the seconds `timeout -k` waits after SIGINT before KILL; budget_for
 # subtracts it, so a step that ignores SIGINT still ends inside the budget.
 # Worst case, all non-bench steps at their caps: 30+45+180+45+150+90+60+30 = 630 s > 400, so the reserves
-# (5+5+45+20+60+40+60+40+10 = 285 s; dist's 40 only when the trainer has --strategy) decide: an early
-# step that overruns eats into the bench step first. Nominal on an H100 (400 s, dist present): GPU check
+# (5+5+45+20+60+40+60+40+10 = 285 s) decide: an early
+# step that overruns eats into the bench step first. Nominal on an H100 (400 s): GPU check
 # 5 s, env ~6, wheels ~17, build ~50 (limit ~145), probe ~20 (limit 45), test limit ~130, sanitize ~20
 # (at least 40 kept), then bench gets what is left (>= 60), dist <= 60, report ~2.
 declare -A RESERVE=([env]=5 [wheels]=5 [build]=45 [probe]=20 [test]=60 [sanitize]=40 [bench]=60 [dist]=40 [report]=10)
 declare -A CAP=([env]=30 [wheels]=45 [build]=180 [probe]=45 [test]=150 [sanitize]=90 [bench]=100000 [dist]=60 [report]=30)
 ORDER=(env wheels build probe test sanitize bench dist report)
 GRACE=10
-
-# dist runs only when the trainer has --strategy: without it, keep no time back for it (a cheap source
-# check here; the step itself asks `python3 -m lpc.train --help`).
-if [[ ",$STEPS," == *",dist,"* ]] && ! grep -qs -- '--strategy' "$ROOT"/lpc/*.py; then
-  RESERVE[dist]=0
-fi
 
 : > "$SUMMARY"
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*"; }
@@ -313,11 +306,7 @@ fi
 DIST_ARGS="--steps 5 --batch-size 8 --eval-size 16 --num-train 64"
 export DIST_ARGS
 step_dist() {
-  local help per rc=0 strat r tr cmd end=$(( $(date +%s) + STEP_T - 3 ))
-  help=$(timeout 60 "$PY" -m lpc.train --help 2>&1) || { echo "python3 -m lpc.train --help failed:"; echo "$help" | tail -n 20; return 1; }
-  if ! grep -q -- '--strategy' <<< "$help"; then
-    echo "dist: lpc.train --help does not mention --strategy: skipped"; return 0
-  fi
+  local per rc=0 strat r tr cmd end=$(( $(date +%s) + STEP_T - 3 ))
   tr=$(command -v torchrun || echo "$PY -m torch.distributed.run")
   for strat in ddp fsdp2; do
     # ddp gets 3/5 of what is left (it also trains and caches the tokenizer), fsdp2 the rest
@@ -338,10 +327,7 @@ step_dist() {
 }
 export -f step_dist
 if want dist; then
-  if [ ! -f lpc/train.py ]; then record dist SKIPPED 0s "lpc/train.py does not exist"
-  elif ! grep -qs -- '--strategy' lpc/*.py; then
-    record dist SKIPPED 0s "lpc.train has no --strategy option (no '--strategy' in lpc/*.py): nothing to run"
-  elif [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then run_step dist step_dist
+  if [ $HAVE_GPU = 1 ] || [ "$DRY" = 1 ]; then run_step dist step_dist
   else record dist SKIPPED 0s "no GPU: $GPU_REASON"; fi
 fi
 
