@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import math
 import os
 import platform
 import subprocess
@@ -573,11 +572,3 @@ def machine_info() -> dict:
         info.update(_nvidia_smi())
     return info
 
-
-def fmt_bytes(n: float) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"

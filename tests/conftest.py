@@ -16,3 +16,10 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer cache (``--cache-dir``) for the whole session: the synthetic tokenizer is trained once,
+    into a tmp dir (never the user's ~/.cache), then only read."""
+    return str(tmp_path_factory.mktemp("lpc-cache"))

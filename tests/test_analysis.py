@@ -240,7 +240,7 @@ def test_plots_without_matplotlib_warn_and_return_none(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------- latents
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(cache_dir):
     import torch
 
     from lpc.config import LPCConfig
@@ -248,7 +248,7 @@ def tiny(tmp_path_factory):
     from lpc.model import LPCModel, build_tiny_llama
     from lpc.tokenizer import load_synthetic_tokenizer
 
-    tok = load_synthetic_tokenizer(tmp_path_factory.mktemp("tok"))
+    tok = load_synthetic_tokenizer(cache_dir)
     rows = synthetic.generate_pairs(10, SyntheticConfig(seed=1), "eval")
     ds = PreferenceDataset(rows, tok)
     torch.manual_seed(0)

@@ -18,29 +18,10 @@ import torch
 from lpc import checkpoint as ckpt_lib
 from lpc.config import ConfigError, TrainConfig
 from lpc.train import main, train
+from run_helpers import TINY_ARGS, assert_same_metrics, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, threads=1, progress=False, num_codes=4)
-TINY_ARGS = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--threads", "1", "--no-progress",
-             "--num-codes", "4"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("lpc-cache"))
-
-
-def _metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def _assert_same_metrics(a, b, tol=1e-6):
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for x, y in zip(a, b):
-        assert set(x) == set(y)
-        for k in x:
-            if k != "tokens_per_s":  # wall-clock dependent
-                assert x[k] == pytest.approx(y[k], rel=tol, abs=tol), (x["step"], k, x[k], y[k])
 
 
 def test_optimizer_state_roundtrip_through_safetensors(tmp_path):
@@ -139,7 +120,7 @@ def test_resume_refuses_a_different_run(tmp_path, cache_dir):
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, cache_dir):
     out = train(TrainConfig(steps=2, batch_size=4, num_train=16, eval_size=4, resume="latest",
                             output_dir=str(tmp_path), cache_dir=cache_dir, **TINY))
-    assert out["resumed_from"] is None and len(_metrics(tmp_path / "metrics.jsonl")) == 2
+    assert out["resumed_from"] is None and len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
 
 
 # The killed process runs the real CLI; a wrapper only makes step 7 wait (so the kill lands mid-training
@@ -185,15 +166,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cache_dir):
             proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    assert not (run / "final").exists() and len(_metrics(run / "metrics.jsonl")) == 6
+    assert not (run / "final").exists() and len(read_jsonl(run / "metrics.jsonl")) == 6
     assert [s for s, _ in ckpt_lib.list_checkpoints(run)] == [4]
 
     res = subprocess.run([sys.executable, "-m", "lpc.train", *args, "--output-dir", str(run), "--resume", "latest"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr and "at step 4" in res.stderr
-    _assert_same_metrics(_metrics(run / "metrics.jsonl"), _metrics(tmp_path / "full" / "metrics.jsonl"))
-    _assert_same_metrics(_metrics(run / "eval.jsonl"), _metrics(tmp_path / "full" / "eval.jsonl"))
+    assert_same_metrics(read_jsonl(run / "metrics.jsonl"), read_jsonl(tmp_path / "full" / "metrics.jsonl"), 1e-6)
+    assert_same_metrics(read_jsonl(run / "eval.jsonl"), read_jsonl(tmp_path / "full" / "eval.jsonl"), 1e-6)
     a = json.loads((run / "eval.json").read_text())
     b = json.loads((tmp_path / "full" / "eval.json").read_text())
     for k in ("accuracy", "reward_margin", "loss", "prior_entropy"):

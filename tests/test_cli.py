@@ -11,15 +11,9 @@ import torch
 
 from lpc.config import TrainConfig
 from lpc.train import build_parser, main, parse_args, train
+from run_helpers import TINY_ARGS
 
-TINY_ARGS = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--threads", "1", "--no-progress",
-             "--num-codes", "4"]
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("lpc-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +112,15 @@ def test_help_documents_every_flag_with_its_default():
     assert len(flags) > 60
     for flag, body in entries:
         assert "default:" in " ".join(body.split()), flag
+    # the documented defaults of the main flags (--no-lpc shares the "--lpc, --no-lpc" entry)
+    entry_of = {flag: flag + body for flag, body in entries}
+    for flag, default in (("--loss", "dpo"), ("--num-codes", "32"), ("--kl-weight", "0.05"), ("--beta", "0.1"),
+                          ("--gamma", "0.5"), ("--tau", "1.0"), ("--seed", "0"), ("--backend", "auto"),
+                          ("--no-lpc", None)):
+        entry = entry_of.get(flag) or next(e for e in entry_of.values() if flag in e.strip().split("\n")[0])
+        assert "default:" in " ".join(entry.split()), flag
+        if default is not None:
+            assert f"default: {default})" in " ".join(entry.split()), (flag, entry)
     # one flag per TrainConfig field
     from dataclasses import fields
 

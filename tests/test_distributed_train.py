@@ -16,6 +16,7 @@ continues exactly as the 1-process run; a rank that raises stops the whole job w
 Every subprocess runs in its own session under a timeout, and is killed with its children past it.
 """
 
+import functools
 import json
 import os
 import re
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from lpc import distributed as D
-from spawned_jobs import run_spawned
+from spawned_jobs import check_verdict, run_cases, run_job
 from lpc.config import ConfigError, LPCConfig
 from lpc.data import PreferenceCollator, TokenizedPair
 
@@ -183,18 +183,14 @@ def _case_ddp_accum(ctx, tmp):
     _compare_step(ctx, "ddp", accum=2)
 
 
-def _case_fsdp2(ctx, tmp):
-    _compare_step(ctx, "fsdp2")
-
-
 def _case_fsdp2_accum(ctx, tmp):
     _compare_step(ctx, "fsdp2", accum=2)
 
 
 def _case_fsdp2_state_roundtrip(ctx, tmp):
-    """Full optimizer state gathered from FSDP2 = the 1-process optimizer's; loading full states into a fresh
-    sharded model + optimizer and stepping again matches one more 1-process step (resume across world
-    sizes, both ways)."""
+    """FSDP2 = one process over two AdamW steps (``_compare_step``); the full optimizer state gathered from
+    FSDP2 = the 1-process optimizer's; loading full states into a fresh sharded model + optimizer and stepping
+    again matches one more 1-process step (resume across world sizes, both ways)."""
     plain, plain_opt, wrapped, opt = _compare_step(ctx, "fsdp2")  # (compares the full model state too)
     full_opt = D.full_optimizer_state_dict(opt, ctx)
     if ctx.is_main:
@@ -308,55 +304,33 @@ def _case_eval_fsdp2(ctx, tmp):
 CASES = {name[len("_case_"):]: fn for name, fn in dict(globals()).items() if name.startswith("_case_")}
 
 
+def _run_case(name, fn, out_dir):
+    ctx = D.init_distributed("fsdp2" if "fsdp2" in name else "ddp", "cpu")  # takes the group set up in _job
+    torch.manual_seed(0)
+    fn(ctx, out_dir)
+
+
 def _job(rank, store_file, out_dir):
     """One rank: every case in order, each verdict 'ok' or its traceback, written as it goes."""
     torch.set_num_threads(1)  # two ranks on a shared 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=GLOO_TIMEOUT_S))
-    results = {}
-    for name, fn in CASES.items():
-        strategy = "fsdp2" if "fsdp2" in name else "ddp"
-        ctx = D.init_distributed(strategy, "cpu")  # takes the group set up above
-        started = time.perf_counter()
-        try:
-            torch.manual_seed(0)
-            fn(ctx, out_dir)
-            results[name] = "ok"
-        except Exception:  # recorded per case; the tests report it
-            results[name] = traceback.format_exc()
-        D.barrier(ctx)  # a failed case must not leave the other rank inside a collective of the next one
-        results[name + ".seconds"] = round(time.perf_counter() - started, 2)
-        tmp = os.path.join(out_dir, f"rank{rank}.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(results, fh)
-        os.replace(tmp, os.path.join(out_dir, f"rank{rank}.json"))
+    sync = D.init_distributed("ddp", "cpu")
+    run_cases(rank, out_dir, [(name, functools.partial(_run_case, name, fn, out_dir), None)
+                              for name, fn in CASES.items()], after_each=lambda: D.barrier(sync))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_train")
-    error = None
-    try:
-        run_spawned(_job, (str(tmp / "store"), str(tmp)), WORLD, JOB_TIMEOUT_S)
-    except Exception as exc:  # reported by every test, with what the ranks recorded before it
-        error = f"{type(exc).__name__}: {exc}"
-    results = {}
-    for r in range(WORLD):
-        path = tmp / f"rank{r}.json"
-        results[r] = json.loads(path.read_text()) if path.exists() else {}
-    return results, error
+    return run_job(_job, (str(tmp / "store"), str(tmp)), WORLD, JOB_TIMEOUT_S, str(tmp))
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks(job, case):
-    results, error = job
-    verdicts = {r: rows.get(case) for r, rows in results.items()}
-    if any(v is None for v in verdicts.values()):
-        pytest.fail(f"case {case} did not run on every rank ({verdicts}); job error: {error}")
-    for r, v in verdicts.items():
-        assert v == "ok", f"rank {r}, case {case}:\n{v}"
+    check_verdict(job, case)
 
 
 # ------------------------------------------------------------------- checks that need no other rank

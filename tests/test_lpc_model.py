@@ -18,8 +18,8 @@ from lpc.tokenizer import load_synthetic_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return load_synthetic_tokenizer(tmp_path_factory.mktemp("tok-cache"))
+def tokenizer(cache_dir):
+    return load_synthetic_tokenizer(cache_dir)
 
 
 @pytest.fixture(scope="module")

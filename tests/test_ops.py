@@ -189,15 +189,6 @@ def test_gumbel_same_seed_same_sample_across_backends(backend):
 
 
 # --------------------------------------------------------------------------------- preference_loss
-def _pref_inputs(b=6, k=5, dtype=torch.float32):
-    pc, pr, rc, rr = (torch.randn(b, dtype=dtype) * 5 - 20 for _ in range(4))
-    cl, rl = torch.randint(1, 30, (b,)), torch.randint(1, 30, (b,))
-    prior, post = torch.randn(b, k, dtype=dtype), torch.randn(b, k, dtype=dtype) * 2
-    return pc, pr, rc, rr, cl, rl, prior, post
-
-
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_preference_loss_forward_backward(backend, case):
@@ -207,7 +198,8 @@ def test_preference_loss_forward_backward(backend, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
 def test_one_code_zero_kl_weight_is_plain_loss(backend, loss_type):
-    pc, pr, rc, rr, cl, rl, _, _ = _pref_inputs()
+    pc, pr, rc, rr = (torch.randn(6) * 5 - 20 for _ in range(4))
+    cl, rl = torch.randint(1, 30, (6,)), torch.randint(1, 30, (6,))
     if loss_type == "simpo":
         rc = rr = None
     kw = dict(chosen_lengths=cl, rejected_lengths=rl, loss_type=loss_type, backend=backend)

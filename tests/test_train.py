@@ -10,19 +10,14 @@ import torch
 
 from lpc.config import TrainConfig
 from lpc.model import LPCModel
-from lpc.train import build_parser, main, train
+from lpc.train import main, train
+from run_helpers import WALL_CLOCK_KEYS, assert_same_metrics, read_jsonl
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, threads=1, progress=False)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("lpc-cache"))
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+def _metrics_wo_time(path):
+    return [{k: v for k, v in m.items() if k not in WALL_CLOCK_KEYS} for m in read_jsonl(path)]
 
 
 def test_short_lpc_dpo_run_learns_and_writes_outputs(tmp_path, cache_dir):
@@ -30,7 +25,7 @@ def test_short_lpc_dpo_run_learns_and_writes_outputs(tmp_path, cache_dir):
                       eval_every=30, output_dir=str(tmp_path / "run"), cache_dir=cache_dir, **TINY)
     summary = train(cfg)
     out = tmp_path / "run"
-    metrics = _read_jsonl(out / "metrics.jsonl")
+    metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 61))
     names = ["loss", "step", "lr", "tokens_per_s", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
              "rewards/margins", "logps/chosen", "logps/rejected", "lpc/kl", "lpc/prior_entropy",
@@ -49,7 +44,7 @@ def test_short_lpc_dpo_run_learns_and_writes_outputs(tmp_path, cache_dir):
     assert ev == summary["eval"] and ev["num_pairs"] == 128 and ev["accuracy"] > 0.6
     assert 0.0 <= ev["code_source_nmi"] <= 1.0 and set(ev["accuracy_by_source"]) == {
         "concise", "detailed", "formal", "casual"}
-    assert len(_read_jsonl(out / "eval.jsonl")) == 1  # step 30 (the last step is the final eval)
+    assert len(read_jsonl(out / "eval.jsonl")) == 1  # step 30 (the last step is the final eval)
     final = out / "final"
     for name in ("model.safetensors", "config.json", "lpc_heads.safetensors", "lpc_config.json",
                  "tokenizer.json", "train_config.json"):
@@ -65,7 +60,7 @@ def test_each_loss_with_and_without_lpc_runs(tmp_path, cache_dir, loss, lpc):
     cfg = TrainConfig(loss=loss, lpc=lpc, steps=3, batch_size=4, num_train=32, eval_size=8, num_codes=4,
                       output_dir=str(tmp_path), cache_dir=cache_dir, **TINY)
     summary = train(cfg)
-    metrics = _read_jsonl(tmp_path / "metrics.jsonl")
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert len(metrics) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert ("lpc/kl" in metrics[0]) == lpc
     assert summary["eval"]["num_pairs"] == 8 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
@@ -80,22 +75,6 @@ def test_cli_prints_accuracy_and_outputs(tmp_path, cache_dir, capsys):
     assert "held-out preference accuracy:" in text and str(tmp_path / "cli") in text
     saved = json.loads((tmp_path / "cli" / "train_config.json").read_text())
     assert saved["loss"] == "simpo" and saved["gamma"] == 0.3 and saved["lpc"] is True
-
-
-def test_help_documents_every_flag_with_its_default():
-    import re
-
-    text = build_parser().format_help().split("options:", 1)[1]
-    # one entry per option: from its "  --flag" line to the next option line
-    entries = {m.group(1): m.group(0) for m in re.finditer(r"\n  (--[\w-]+).*?(?=\n  -|\Z)", text, re.S)}
-    for flag, default in (("--loss", "dpo"), ("--steps", None), ("--batch-size", None), ("--lr", None),
-                          ("--num-codes", "32"), ("--kl-weight", "0.05"), ("--beta", "0.1"), ("--gamma", "0.5"),
-                          ("--tau", "1.0"), ("--seed", "0"), ("--output-dir", None), ("--backend", "auto"),
-                          ("--eval-size", None), ("--no-lpc", None)):
-        entry = entries.get(flag) or next(e for e in entries.values() if flag in e.strip().split("\n")[0])
-        assert "default:" in " ".join(entry.split()), flag  # every flag documents its default
-        if default is not None:
-            assert f"default: {default})" in " ".join(entry.split()), (flag, entry)
 
 
 def test_dataset_jsonl_and_chat_format(tmp_path, cache_dir):
@@ -127,24 +106,12 @@ def test_same_seed_gives_the_same_run(tmp_path, cache_dir):
     def run(name):
         train(TrainConfig(steps=3, batch_size=4, num_train=16, eval_size=4, num_codes=4, seed=11,
                           output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
-        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _read_jsonl(tmp_path / name /
-                                                                                        "metrics.jsonl")]
+        return _metrics_wo_time(tmp_path / name / "metrics.jsonl")
 
     assert run("a") == run("b")
 
 
 # ------------------------------------------------------------------------------ trainer features (issue 6)
-def _metrics_wo_time(path):
-    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _read_jsonl(path)]
-
-
-def _close(a, b, tol):
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for x, y in zip(a, b):
-        for k in x:
-            assert x[k] == pytest.approx(y[k], rel=tol, abs=tol), (x["step"], k, x[k], y[k])
-
-
 def test_lr_schedules_by_hand():
     from lpc.train import lr_factor
 
@@ -161,18 +128,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache_dir):
     def run(name, accum):
         train(TrainConfig(steps=3, batch_size=8, gradient_accumulation_steps=accum, num_train=32, eval_size=4,
                           num_codes=4, output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
-        return _metrics_wo_time(tmp_path / name / "metrics.jsonl")
+        return read_jsonl(tmp_path / name / "metrics.jsonl")
 
-    _close(run("one", 1), run("four", 4), 2e-5)  # same pairs, same Gumbel noise per pair, same update
+    assert_same_metrics(run("one", 1), run("four", 4), 2e-5)  # same pairs, same Gumbel noise per pair, same update
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path, cache_dir):
     def run(name, gc):
         train(TrainConfig(steps=2, batch_size=4, num_train=16, eval_size=4, num_codes=4, gradient_checkpointing=gc,
                           output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
-        return _metrics_wo_time(tmp_path / name / "metrics.jsonl")
+        return read_jsonl(tmp_path / name / "metrics.jsonl")
 
-    _close(run("plain", False), run("ckpt", True), 1e-5)
+    assert_same_metrics(run("plain", False), run("ckpt", True), 1e-5)
 
 
 def test_reference_logp_cache_equals_live_reference(tmp_path, cache_dir):
@@ -198,14 +165,14 @@ def test_reference_logp_cache_equals_live_reference(tmp_path, cache_dir):
             c, r = reference_logps(ref, collate([ds[i]]))
             assert float(cache[f"{split}.chosen"][i]) == pytest.approx(float(c[0]), abs=1e-5)
             assert float(cache[f"{split}.rejected"][i]) == pytest.approx(float(r[0]), abs=1e-5)
-    _close(_metrics_wo_time(tmp_path / "live" / "metrics.jsonl"),
-           _metrics_wo_time(tmp_path / "cached" / "metrics.jsonl"), 1e-5)
+    assert_same_metrics(read_jsonl(tmp_path / "live" / "metrics.jsonl"),
+                        read_jsonl(tmp_path / "cached" / "metrics.jsonl"), 1e-5)
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, cache_dir):
     summary = train(TrainConfig(steps=3, batch_size=4, num_train=16, eval_size=4, num_codes=4, dtype="bfloat16",
                                 output_dir=str(tmp_path), cache_dir=cache_dir, **TINY))
-    metrics = _read_jsonl(tmp_path / "metrics.jsonl")
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert metrics[0]["loss"] == pytest.approx(0.6931, abs=0.03)  # policy == reference at step 1, bf16 rounding
     from safetensors.torch import load_file

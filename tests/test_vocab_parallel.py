@@ -10,14 +10,12 @@ one pytest test per case reads the verdicts. The rank-failure test runs a real j
 Argument checks that need no other rank run in this process, with no process group.
 """
 
-import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from datetime import timedelta
 
 import pytest
@@ -26,7 +24,7 @@ import torch.distributed as dist
 
 import lpc_kernels as lk
 from formulas import f_linear_token_logprobs
-from spawned_jobs import run_spawned
+from spawned_jobs import check_verdict, run_cases, run_job
 from lpc_kernels import _ops
 
 WORLD = 2
@@ -311,48 +309,13 @@ def _job(rank, store_file, out_dir, world=WORLD, pg_backend="gloo", which="cpu")
         torch.cuda.set_device(0)
     dist.init_process_group(pg_backend, init_method=f"file://{store_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=GLOO_TIMEOUT_S))
-    results = {}
-    runs = _cpu_runs(rank) if which == "cpu" else _gpu_runs(rank, world)
-    for name, run, skip in runs:
-        started = time.perf_counter()
-        if skip is not None:  # the same on every rank: no rank enters a collective the other skips
-            results[name] = f"skipped: {skip}"
-        else:
-            try:
-                outcome = run()
-                results[name] = outcome if isinstance(outcome, str) else "ok"
-            except Exception:  # recorded per case; the tests below report it
-                results[name] = traceback.format_exc()
-        results[name + ".seconds"] = round(time.perf_counter() - started, 2)
-        with open(os.path.join(out_dir, f"rank{rank}.json.tmp"), "w") as fh:
-            json.dump(results, fh)
-        os.replace(os.path.join(out_dir, f"rank{rank}.json.tmp"), os.path.join(out_dir, f"rank{rank}.json"))
+    run_cases(rank, out_dir, _cpu_runs(rank) if which == "cpu" else _gpu_runs(rank, world))
     dist.destroy_process_group()
 
 
 def _run_job(tmp, world, pg_backend, which):
     """Run the spawned job; return ({rank: {case: verdict}}, job error or None)."""
-    error = None
-    try:
-        run_spawned(_job, (str(tmp / "store"), str(tmp), world, pg_backend, which), world, JOB_TIMEOUT_S)
-    except Exception as exc:  # reported by every test, with what the ranks recorded before it
-        error = f"{type(exc).__name__}: {exc}"
-    results = {}
-    for r in range(world):
-        path = tmp / f"rank{r}.json"
-        results[r] = json.loads(path.read_text()) if path.exists() else {}
-    return results, error
-
-
-def _verdict(job, case):
-    results, error = job
-    verdicts = {r: rows.get(case) for r, rows in results.items()}
-    if any(v is None for v in verdicts.values()):
-        pytest.fail(f"case {case} did not run on every rank ({verdicts}); job error: {error}")
-    for r, v in verdicts.items():
-        if v.startswith("skipped"):
-            pytest.skip(v)
-        assert v == "ok", f"rank {r}, case {case}:\n{v}"
+    return run_job(_job, (str(tmp / "store"), str(tmp), world, pg_backend, which), world, JOB_TIMEOUT_S, str(tmp))
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +340,7 @@ def gpu_nccl_results(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES) + OTHER_CASES)
 def test_two_ranks_match_single_process(job_results, case):
-    _verdict(job_results, case)
+    check_verdict(job_results, case)
 
 
 @pytest.mark.distributed
@@ -385,7 +348,7 @@ def test_two_ranks_match_single_process(job_results, case):
 @NO_GPU
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_two_ranks_gloo_match_single_process(gpu_gloo_results, case):
-    _verdict(gpu_gloo_results, case)
+    check_verdict(gpu_gloo_results, case)
 
 
 @pytest.mark.distributed
@@ -393,7 +356,7 @@ def test_gpu_two_ranks_gloo_match_single_process(gpu_gloo_results, case):
 @NO_GPU
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_one_rank_nccl_matches_single_process(gpu_nccl_results, case):
-    _verdict(gpu_nccl_results, case)
+    check_verdict(gpu_nccl_results, case)
 
 
 @pytest.mark.distributed
