@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from .io import atomic_directory, remove_stale_temps, write_json_atomic
-from .model import HEADS_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -239,28 +238,25 @@ def load_policy_weights(policy, directory: os.PathLike) -> None:
         raise ValueError(f"{directory}: checkpoint lacks weights {untied[:5]}")
 
 
-def load_model_state(path: os.PathLike, model) -> dict:
+def load_model_state(path: os.PathLike, model, *, state: Optional[dict] = None) -> dict:
     """Restore the policy weights and the codebook / heads of ``model`` from ``path``; returns its
-    ``trainer_state.json``. (Data-parallel runs load these before wrapping the model: FSDP2 then shards them.)"""
-    from safetensors.torch import load_file
-
+    ``trainer_state.json`` (``state``: that file as ``read_state`` already returned it). (Data-parallel runs
+    load these before wrapping the model: FSDP2 then shards them.)"""
     path = Path(path)
-    state = read_state(path)
+    state = read_state(path) if state is None else state
     if state.get("peft", False) != is_peft(model.policy):
         raise ValueError(f"{path}: checkpoint {'has' if state.get('peft') else 'has no'} LoRA adapter, this run "
                          f"{'uses' if is_peft(model.policy) else 'does not use'} LoRA (--lora-r)")
     load_policy_weights(model.policy, path)
     if model.lpc is not None:
-        heads = load_file(str(path / HEADS_FILE))
-        missing, unexpected = model.load_state_dict(heads, strict=False)
-        missing = [k for k in missing if not k.startswith("policy.")]
-        if missing or unexpected:
-            raise ValueError(f"{path / HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+        model.load_heads(path)
     return state
 
 
-def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_optimizer_state=None) -> dict:
-    """Restore optimizer and scheduler from ``path``; returns its ``trainer_state.json``.
+def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_optimizer_state=None,
+                        state: Optional[dict] = None) -> dict:
+    """Restore optimizer and scheduler from ``path``; returns its ``trainer_state.json`` (``state``: that
+    file as ``read_state`` already returned it).
 
     ``prepare_optimizer_state``: maps the saved state dict (the 1-process layout, full tensors) before
     ``optimizer.load_state_dict``; FSDP2 runs cut each tensor to their parameter's shard with it.
@@ -268,7 +264,7 @@ def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_opti
     from safetensors import safe_open
 
     path = Path(path)
-    state = read_state(path)
+    state = read_state(path) if state is None else state
     with safe_open(str(path / OPTIM_FILE), framework="pt") as f:
         meta = json.loads(f.metadata()["meta"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -276,16 +272,6 @@ def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_opti
     optimizer.load_state_dict(prepare_optimizer_state(sd) if prepare_optimizer_state is not None else sd)
     scheduler.load_state_dict(state["scheduler"])
     return state
-
-
-def load_checkpoint(path: os.PathLike, *, model, optimizer, scheduler) -> dict:
-    """Restore model, heads, optimizer and scheduler from ``path``; returns its ``trainer_state.json``.
-
-    The caller restores the data position from ``state["data"]`` and the RNG with ``load_rng``
-    (right before the first resumed step, after all setup that draws random numbers).
-    """
-    load_model_state(path, model)
-    return load_training_state(path, optimizer=optimizer, scheduler=scheduler)
 
 
 def load_rng(path: os.PathLike, state: dict) -> None:

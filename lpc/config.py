@@ -281,11 +281,6 @@ class TrainConfig:
             value = getattr(self, name)
             need(value is None or (isinstance(value, str) and value != ""), name, "None or a non-empty string")
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Pairs per forward/backward pass (``batch_size / gradient_accumulation_steps``)."""
-        return self.batch_size // self.gradient_accumulation_steps
-
     def lpc_config(self) -> Optional[LPCConfig]:
         """The ``LPCConfig`` these flags describe, or ``None`` with ``lpc=False``."""
         if not self.lpc:

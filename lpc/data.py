@@ -508,19 +508,8 @@ class EpochSampler:
         self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
 
 
-def batches(dataset: PreferenceDataset, batch_size: int, collator: PreferenceCollator, *,
-            generator: Optional[torch.Generator] = None, drop_last: bool = True) -> Iterator[dict]:
-    """Endless shuffled batches (a new permutation from ``generator`` per epoch) when ``generator`` is
-    given; one ordered pass otherwise (evaluation)."""
+def batches(dataset: PreferenceDataset, batch_size: int, collator: PreferenceCollator) -> Iterator[dict]:
+    """One ordered pass over ``dataset`` in batches of ``batch_size`` (the last may be shorter)."""
     n = len(dataset)
-    if generator is None:
-        for s in range(0, n, batch_size):
-            yield collator([dataset[i] for i in range(s, min(s + batch_size, n))])
-        return
-    if n < batch_size and drop_last:
-        raise ValueError(f"dataset has {n} pairs, fewer than batch_size={batch_size}")
-    while True:
-        perm = torch.randperm(n, generator=generator).tolist()
-        stop = n - batch_size + 1 if drop_last else n
-        for s in range(0, stop, batch_size):
-            yield collator([dataset[i] for i in perm[s:s + batch_size]])
+    for s in range(0, n, batch_size):
+        yield collator([dataset[i] for i in range(s, min(s + batch_size, n))])

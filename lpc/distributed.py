@@ -25,7 +25,7 @@ Everything the trainer needs to run on several processes, on PyTorch's own distr
   ``evaluate_sharded``): per-example tensors are gathered in rank order (= global batch order) so the
   step metrics are computed on the global batch exactly as in one process; held-out evaluation is split
   across ranks and its metrics are recombined with each rank weighted by its number of pairs.
-* **Rank 0 only** (``is_main``, ``main_first``, ``barrier``, ``broadcast_object``): files are written by
+* **Rank 0 only** (``DistContext.is_main``, ``main_first``, ``barrier``, ``broadcast_object``): files are written by
   rank 0; work that fills a shared cache runs on rank 0 first.
 * **Checkpoints** (``full_state_dict``, ``full_optimizer_state_dict``, ``shard_state_dict``,
   ``shard_optimizer_state_dict``): full (unsharded) state dicts gathered to rank 0, written in the
@@ -231,13 +231,6 @@ def process_group(strategy: str = "none", device: str = "auto", *,
 
 
 # ----------------------------------------------------------------------------------- rank-0 helpers
-def is_main(ctx: Optional[DistContext] = None) -> bool:
-    """True on rank 0 (and in a process without a group)."""
-    if ctx is not None:
-        return ctx.is_main
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op without a process group)."""
     if not ctx.distributed or ctx.world_size == 1:
@@ -521,10 +514,9 @@ class ShardedReference:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
-        dev = batch["chosen_input_ids"].device
-        ctx = (torch.autocast(dev.type, dtype=self.autocast_dtype)
-               if self.autocast_dtype not in (None, torch.float32) else contextlib.nullcontext())
-        with ctx:
+        from .reference import _autocast
+
+        with _autocast(batch["chosen_input_ids"].device, self.autocast_dtype):
             return self.scorer(batch)
 
 

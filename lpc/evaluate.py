@@ -196,8 +196,8 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     """
     from . import checkpoint as ckpt_lib
     from .config import TrainConfig
-    from .reference import CACHE_FILE, CachedReference, LiveReference, load_cache
-    from .train import (_autocast, _resolve_device, build_data, build_policy, load_reference_model,
+    from .reference import CACHE_FILE, CachedReference, LiveReference, _autocast, load_cache
+    from .train import (_autocast_dtype, _resolve_device, build_data, build_policy, load_reference_model,
                         reference_fingerprint)
 
     run_dir = Path(run)
@@ -232,7 +232,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
         train_set, eval_set, names, syn = build_data(cfg, tokenizer)
         collator = PreferenceCollator(tokenizer.pad_token_id)
         loss_cfg = cfg.loss_config()
-        autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        autocast_dtype = _autocast_dtype(cfg)
         ref = None
         if loss_cfg.needs_reference:
             cached = load_cache(run_dir / CACHE_FILE, reference_fingerprint(cfg, train_set, eval_set))
@@ -306,18 +306,8 @@ def _load_model(model_dir: Path, cfg, device: torch.device) -> LPCModel:
         from . import checkpoint as ckpt_lib
         from .train import apply_lora, build_policy
 
-        policy = apply_lora(build_policy(cfg)[0], cfg)
-        ckpt_lib.load_policy_weights(policy, model_dir)
-        model = LPCModel(policy, cfg.lpc_config(), backend=cfg.backend)
-        if model.lpc is not None:
-            from safetensors.torch import load_file
-
-            from .model import HEADS_FILE
-
-            missing, unexpected = model.load_state_dict(load_file(str(model_dir / HEADS_FILE)), strict=False)
-            missing = [k for k in missing if not k.startswith("policy.")]
-            if missing or unexpected:
-                raise ValueError(f"{model_dir / HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+        model = LPCModel(apply_lora(build_policy(cfg)[0], cfg), cfg.lpc_config(), backend=cfg.backend)
+        ckpt_lib.load_model_state(model_dir, model)  # the adapter, then the codebook and heads
         return model.to(device).eval()
     return LPCModel.from_pretrained(model_dir, backend=cfg.backend).to(device).eval()
 

@@ -218,12 +218,6 @@ def _noisy_real_dataset(clean: Path, out_dir: Path, fraction: float, marked: boo
     return path
 
 
-def _supports_flip_marker() -> bool:
-    from .config import TrainConfig
-
-    return "flip_marker" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 def run_one(run: dict, out_dir: str, base: dict) -> dict:
     """Train one run, analyse its held-out pairs and write ``result.json``; returns the result.
 
@@ -247,12 +241,6 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
         frac, marked = ov.pop("_flip_fraction"), ov.pop("_flip_marker")
         ov["dataset"] = str(_noisy_real_dataset(Path(base["dataset"]), out, frac, marked,
                                                 base.get("eval_size", TrainConfig().eval_size), run["seed"]))
-    if "flip_marker" in ov and not _supports_flip_marker():
-        if ov["flip_marker"]:  # marked flips are what the trainer does without the field
-            ov.pop("flip_marker")
-        else:
-            raise RuntimeError("this run needs TrainConfig.flip_marker (unmarked label noise, issue 6), which "
-                           "this checkout's lpc.config.TrainConfig does not have yet")
     cfg = TrainConfig(**{**base, **ov, "seed": run["seed"], "output_dir": str(rdir / "train"), "threads": 1,
                          "progress": False})
     summary = train(cfg)
@@ -265,7 +253,7 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
     policy, tokenizer = build_policy(cfg)  # the initial policy, seeded: identical to the trainer's reference
     ref_model = None
     if loss_cfg.needs_reference:
-        if getattr(cfg, "ref_model", None):
+        if cfg.ref_model:
             from .train import load_reference_model
 
             ref_model = load_reference_model(cfg)

@@ -25,11 +25,14 @@ from .cli import HelpFormatter
 from .model import LPCModel, decoder_of, lm_head_of
 
 
-def _decoder_step(decoder, ids: torch.Tensor, cache):
-    """``(last hidden [B, D], cache)``: one incremental pass; handles the ``cache`` / ``past_key_values``
-    keyword rename across transformers versions."""
-    params = inspect.signature(decoder.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"
+def _cache_keyword(decoder) -> str:
+    """The decoder's cache keyword: ``cache`` or ``past_key_values`` (renamed across transformers versions)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _decoder_step(decoder, ids: torch.Tensor, cache, key: str):
+    """``(last hidden [B, D], cache)``: one incremental pass, the cache passed as keyword ``key``
+    (``_cache_keyword``)."""
     out = decoder(input_ids=ids, use_cache=True, **{key: cache})
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
@@ -64,8 +67,9 @@ def generate(model: LPCModel, ids: list[int], *, z: Optional[torch.Tensor] = Non
     decoder = decoder_of(model.policy)
     weight, bias = lm_head_of(model.policy)
     rows = len(codes) if codes else 1
+    cache_key = _cache_keyword(decoder)
     x = torch.tensor([ids] * rows, device=device)
-    h, cache = _decoder_step(decoder, x, None)
+    h, cache = _decoder_step(decoder, x, None, cache_key)
     prior = torch.zeros(0)
     if model.lpc is not None:
         prior_logits = model.prior(h[:1].to(model.codebook.dtype))
@@ -79,9 +83,11 @@ def generate(model: LPCModel, ids: list[int], *, z: Optional[torch.Tensor] = Non
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[list[int]] = [[] for _ in range(rows)]
     done = torch.zeros(rows, dtype=torch.bool)
+    weight_t = weight.float().T  # the fp32 LM head, cast once for every token
+    bias_f = bias.float() if bias is not None else 0.0
     for _ in range(max_new_tokens):
         hz = h.float() + (z.float() if z is not None else 0.0)
-        logits = hz @ weight.float().T + (bias.float() if bias is not None else 0.0)
+        logits = hz @ weight_t + bias_f
         if temperature <= 0:
             nxt = logits.argmax(-1).cpu()
         else:
@@ -99,7 +105,7 @@ def generate(model: LPCModel, ids: list[int], *, z: Optional[torch.Tensor] = Non
                     done[r] = True
         if bool(done.all()):
             break
-        h, cache = _decoder_step(decoder, nxt.to(device)[:, None], cache)
+        h, cache = _decoder_step(decoder, nxt.to(device)[:, None], cache, cache_key)
     return out, prior
 
 

@@ -8,6 +8,7 @@ DPO / IPO / SimPO.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -35,22 +36,28 @@ def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejec
 
 @torch.no_grad()
 def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, float]:
-    """Batch-mean metrics with DESIGN.md's names (``lpc/*`` only when the model has the latent)."""
+    """Batch-mean metrics with DESIGN.md's names (``lpc/*`` only when the model has the latent).
+
+    The scalars are read to the host together (one device sync), in a dtype that holds each of them
+    exactly, so every value is the one ``float()`` of its own tensor gives.
+    """
     cr, rj = loss.chosen_rewards.float(), loss.rejected_rewards.float()
     m = {
-        "loss": float(loss.loss),
-        "rewards/chosen": float(cr.mean()),
-        "rewards/rejected": float(rj.mean()),
-        "rewards/accuracies": float((cr > rj).float().mean()),
-        "rewards/margins": float((cr - rj).mean()),
-        "logps/chosen": float(out.chosen_logps.mean()),
-        "logps/rejected": float(out.rejected_logps.mean()),
+        "loss": loss.loss,
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rj.mean(),
+        "rewards/accuracies": (cr > rj).float().mean(),
+        "rewards/margins": (cr - rj).mean(),
+        "logps/chosen": out.chosen_logps.mean(),
+        "logps/rejected": out.rejected_logps.mean(),
     }
     if out.prior_logits is not None:
         m.update({
-            "lpc/kl": float(loss.kl.mean()),
-            "lpc/prior_entropy": float(entropy_from_logits(out.prior_logits).mean()),
-            "lpc/posterior_entropy": float(entropy_from_logits(out.posterior_logits).mean()),
-            "lpc/code_perplexity": float(code_perplexity(out.posterior_logits)),
+            "lpc/kl": loss.kl.mean(),
+            "lpc/prior_entropy": entropy_from_logits(out.prior_logits).mean(),
+            "lpc/posterior_entropy": entropy_from_logits(out.posterior_logits).mean(),
+            "lpc/code_perplexity": code_perplexity(out.posterior_logits),
         })
-    return m
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in m.values()))
+    values = torch.stack([v.detach().reshape(()).to(dtype) for v in m.values()]).tolist()
+    return dict(zip(m, values))

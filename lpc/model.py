@@ -364,10 +364,22 @@ class LPCModel(nn.Module):
             self.write_files(tmp, tokenizer, extra_files, state_dict=state_dict)
         return path
 
+    def load_heads(self, directory: os.PathLike) -> None:
+        """Load the codebook and heads from ``directory/lpc_heads.safetensors`` (the policy is untouched).
+
+        Raises ``ValueError`` (``"<file>: missing [...], unexpected [...]"``) when the file does not hold
+        exactly this model's non-policy tensors."""
+        from safetensors.torch import load_file
+
+        file = Path(directory) / HEADS_FILE
+        missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
+        missing = [k for k in missing if not k.startswith("policy.")]
+        if missing or unexpected:
+            raise ValueError(f"{file}: missing {missing}, unexpected {unexpected}")
+
     @classmethod
     def from_pretrained(cls, path: os.PathLike, *, backend: str = "auto", **model_kwargs) -> "LPCModel":
         """Load what ``save_pretrained`` wrote (``model_kwargs`` go to ``AutoModelForCausalLM``)."""
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
         path = Path(path)
@@ -378,10 +390,7 @@ class LPCModel(nn.Module):
         lpc = LPCConfig(**meta["lpc"]) if meta.get("lpc") else None
         model = cls(policy, lpc, backend=backend)
         if lpc is not None:
-            missing, unexpected = model.load_state_dict(load_file(str(path / HEADS_FILE)), strict=False)
-            missing = [k for k in missing if not k.startswith("policy.")]
-            if missing or unexpected:
-                raise ValueError(f"{HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+            model.load_heads(path)
         return model
 
 

@@ -26,6 +26,8 @@ RefScorer = Callable[[dict], tuple[Tensor, Tensor]]
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for ``None`` / fp32 (the trainer's
+    ``--dtype``: see ``lpc.train._autocast_dtype``)."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -71,10 +73,9 @@ class CachedReference:
         self.chosen, self.rejected = chosen.float(), rejected.float()
 
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
-        idx = batch["index"]
+        idx = batch["index"].cpu()  # one copy to the host, then the bounds check there
         if bool((idx < 0).any()) or int(idx.max()) >= self.chosen.numel():
             raise IndexError(f"batch indices outside the cached reference log-probs (N={self.chosen.numel()})")
-        idx = idx.cpu()
         dev = batch["chosen_input_ids"].device
         return self.chosen[idx].to(dev), self.rejected[idx].to(dev)
 

@@ -146,14 +146,6 @@ def _sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + np.exp(-x)))
 
 
-def _flip_marker(cfg: SyntheticConfig) -> bool:
-    """``cfg.flip_marker`` (default True: the paper's protocol marks flipped prompts).
-
-    Read with ``getattr`` so configs that predate the field keep the old behaviour (always marked).
-    """
-    return bool(getattr(cfg, "flip_marker", True))
-
-
 def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
     """``n`` preference pairs of ``split`` (``"train"`` or ``"eval"``), a pure function of ``cfg.seed``.
 
@@ -194,7 +186,7 @@ def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
         # the flip coin is drawn from the same stream as before the marker became optional, so a marked
         # and an unmarked run with the same seed and flip_fraction flip exactly the same pairs
         if split == "train" and cfg.flip_fraction > 0 and rng.random() < cfg.flip_fraction:
-            marked = f"{prompt} {FLIP_MARKER}" if _flip_marker(cfg) else prompt
+            marked = f"{prompt} {FLIP_MARKER}" if cfg.flip_marker else prompt
             row.update(prompt=marked, chosen=row["rejected"], rejected=row["chosen"],
                        chosen_utility=u_lose, rejected_utility=u_win, flipped=True)
         rows.append(row)

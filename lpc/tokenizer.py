@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import synthetic
+from .io import umask
 
 
 def default_cache_dir() -> Path:
@@ -55,9 +56,7 @@ def load_synthetic_tokenizer(cache_dir: Optional[os.PathLike] = None):
     if not (path / "tokenizer.json").exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=root))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a shared cache entry should be readable
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a shared cache entry should be readable
         try:
             train_tokenizer().save_pretrained(tmp)
             try:

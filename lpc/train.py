@@ -54,7 +54,7 @@ from .evaluate import evaluate
 from .io import write_json_atomic, write_text_atomic
 from .losses import LossConfig, preference_objective, step_metrics
 from .model import LPCModel, LPCOutput, _quiet_transformers, build_tiny_llama, make_reference, prior_mix_weight
-from .reference import (CACHE_FILE, AdapterDisabledReference, CachedReference, LiveReference,
+from .reference import (CACHE_FILE, AdapterDisabledReference, CachedReference, LiveReference, _autocast,
                         compute_reference_logps, load_cache, save_cache)
 
 # fields that may differ between a checkpoint and the run resuming it (they do not change the numbers,
@@ -319,11 +319,6 @@ def lr_factor(step: int, warmup: int, total: int, kind: str = "cosine", min_rati
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """The first version's schedule (cosine to 0.1); kept for callers of that private helper."""
-    return lr_factor(step, warmup, total)
-
-
 def default_threads(cfg: TrainConfig) -> int:
     """Intra-op threads when ``--threads`` is not given.
 
@@ -350,10 +345,6 @@ def _resolve_device(name: str) -> torch.device:
 
 def _autocast_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
     return torch.bfloat16 if cfg.dtype == "bfloat16" else None
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _log(msg: str) -> None:
@@ -491,6 +482,12 @@ class Trainer:
     # (the DDP wrapper; under FSDP2 and without a strategy ``model`` itself)
     dist: dist_lib.DistContext = field(default_factory=dist_lib.DistContext)
     train_model: Optional[torch.nn.Module] = None
+    # every parameter the optimizer updates (what gradient clipping covers): fixed once the optimizer is
+    # built (loading its state on resume keeps the same parameter objects)
+    params: list = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.params = dist_lib._flat_params(self.optimizer)
 
     def autocast(self):
         """The forward-pass autocast context (``--dtype bfloat16``), or a no-op."""
@@ -666,7 +663,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
                                            eval_set, collator, device, autocast_dtype, out_dir, notes, ctx)
     model.train()
     if ckpt_path is not None:  # the weights before wrapping: FSDP2 shards what the model holds
-        ckpt_lib.load_model_state(ckpt_path, model)
+        ckpt_lib.load_model_state(ckpt_path, model, state=state)
     # DDP: a wrapper for the training forwards; FSDP2: model sharded in place (optimizer built after it).
     # A parameter can miss a gradient only through the prior head, when nothing but the mix uses it
     train_model = dist_lib.wrap_model(model, ctx, mixed_precision=autocast_dtype,
@@ -694,7 +691,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
         shard = ((lambda sd: dist_lib.shard_optimizer_state_dict(sd, optimizer)) if ctx.strategy == "fsdp2"
                  else None)
         state = ckpt_lib.load_training_state(ckpt_path, optimizer=optimizer, scheduler=scheduler,
-                                             prepare_optimizer_state=shard)
+                                             prepare_optimizer_state=shard, state=state)
         sampler.load_state_dict(state["data"])
         if state.get("gumbel_seed", gumbel_seed) != gumbel_seed:
             raise ValueError(f"{ckpt_path}: Gumbel seed differs from this run's (different --seed?)")
@@ -770,15 +767,15 @@ def train_step(tr: Trainer, step: int) -> dict:
     out, res = _merge_outputs(outs, results, accum)
     # the global batch's per-pair values, in global order, on every rank: the metrics are the 1-process ones
     out, res = dist_lib.gather_fields(out, ctx), dist_lib.gather_fields(res, ctx)
-    loss_value = float(res.loss)
+    metrics = step_metrics(out, res)  # of the detached outputs: the same before and after the update
+    loss_value = metrics["loss"]
     if not math.isfinite(loss_value):  # before the update: the last checkpoint stays a good one
         raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; lower --lr or check the data")
-    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
-    grad_norm = dist_lib.clip_grad_norm(params, cfg.max_grad_norm)  # global over FSDP2 shards
+    grad_norm = dist_lib.clip_grad_norm(tr.params, cfg.max_grad_norm)  # global over FSDP2 shards
     tr.optimizer.step()
     tr.scheduler.step()
     dt = time.perf_counter() - t0
-    m = {"step": step + 1, "epoch": tr.sampler.epoch_float, **step_metrics(out, res), "lr": lr,
+    m = {"step": step + 1, "epoch": tr.sampler.epoch_float, **metrics, "lr": lr,
          "grad_norm": float(grad_norm), "tokens_per_s": out.num_tokens / dt}
     if cfg.lpc:
         m["lpc/mix"] = mix

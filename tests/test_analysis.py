@@ -156,10 +156,7 @@ def test_flip_pairs_bad_inputs():
 
 def test_synthetic_flip_marker_optional_and_same_pairs_flipped():
     base = SyntheticConfig(num_train=300, flip_fraction=0.5, seed=5)
-    if "flip_marker" in {f.name for f in dataclasses.fields(SyntheticConfig)}:
-        unmarked_cfg = dataclasses.replace(base, flip_marker=False)
-    else:  # before the config field lands the generator reads it with getattr
-        unmarked_cfg = type("Cfg", (), {**dataclasses.asdict(base), "flip_marker": False})()
+    unmarked_cfg = dataclasses.replace(base, flip_marker=False)
     marked = synthetic.generate_pairs(300, base, "train")
     unmarked = synthetic.generate_pairs(300, unmarked_cfg, "train")
     assert 0.4 < sum(r["flipped"] for r in marked) / 300 < 0.6
