@@ -197,8 +197,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     from . import checkpoint as ckpt_lib
     from .config import TrainConfig
     from .reference import CACHE_FILE, CachedReference, LiveReference, _autocast, load_cache
-    from .train import (_autocast_dtype, _resolve_device, build_data, build_policy, load_reference_model,
-                        reference_fingerprint)
+    from .train import _autocast_dtype, _resolve_device, build_data, initial_reference, reference_fingerprint
 
     run_dir = Path(run)
     cfg_path = run_dir / "train_config.json"
@@ -239,13 +238,8 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
             if cached is not None:
                 ref = CachedReference(cached["eval.chosen"], cached["eval.rejected"])
             if ref is None:
-                if cfg.ref_model is not None:
-                    ref_model = load_reference_model(cfg)
-                else:  # the initial policy (for LoRA runs: the base model)
-                    from .model import make_reference
-
-                    ref_model = make_reference(build_policy(cfg)[0])
-                ref = LiveReference(ref_model.to(dev), backend=cfg.backend, autocast_dtype=autocast_dtype)
+                ref = LiveReference(initial_reference(cfg).to(dev), backend=cfg.backend,
+                                    autocast_dtype=autocast_dtype)
         with _autocast(dev, autocast_dtype):
             result, arrays = evaluate(model, ref, eval_set, collator, loss_cfg,
                                       batch_size=batch_size or cfg.eval_batch_size, source_names=names,

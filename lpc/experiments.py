@@ -228,8 +228,8 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
 
     from .config import TrainConfig
     from .data import PreferenceCollator, load_jsonl
-    from .model import LPCModel, make_reference
-    from .train import build_data, build_policy, train
+    from .model import LPCModel
+    from .train import build_data, build_policy, initial_reference, train
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -251,14 +251,7 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
     model = LPCModel.from_pretrained(summary["checkpoint"], backend=cfg.backend)
     loss_cfg = cfg.loss_config()
     policy, tokenizer = build_policy(cfg)  # the initial policy, seeded: identical to the trainer's reference
-    ref_model = None
-    if loss_cfg.needs_reference:
-        if cfg.ref_model:
-            from .train import load_reference_model
-
-            ref_model = load_reference_model(cfg)
-        else:
-            ref_model = make_reference(policy)
+    ref_model = initial_reference(cfg, policy) if loss_cfg.needs_reference else None
     del policy
     eval_cfg = dataclasses.replace(cfg, num_train=0)  # held-out pairs do not depend on num_train
     _, eval_set, source_names, _ = build_data(eval_cfg, tokenizer)

@@ -431,6 +431,15 @@ def load_reference_model(cfg: TrainConfig) -> torch.nn.Module:
         return make_reference(AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=dtype))
 
 
+def initial_reference(cfg: TrainConfig, policy=None) -> torch.nn.Module:
+    """A run's frozen DPO/IPO reference rebuilt after training (evaluation, the study): ``--ref-model``, else a
+    copy of the initial policy (``policy``, default ``build_policy(cfg)``: seeded, so the trainer's; for LoRA
+    runs the base model)."""
+    if cfg.ref_model is not None:
+        return load_reference_model(cfg)
+    return make_reference(policy if policy is not None else build_policy(cfg)[0])
+
+
 def apply_lora(policy, cfg: TrainConfig):
     """Wrap ``policy`` with ``peft`` LoRA adapters (fp32 adapters on possibly-bf16 frozen weights)."""
     try:
