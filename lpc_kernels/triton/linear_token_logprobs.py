@@ -107,6 +107,17 @@ D_CHUNK_ELEMS = 1 << 27  # split backward: at most this many D entries per V chu
 
 _MAX_BLOCK_V = 256  # the largest BLOCK_V in the GPU configs: split boundaries are multiples of it
 
+
+def _configs(tiles, blocks, **fixed):
+    """A ``triton.Config`` per ``(*block sizes, num_warps, num_stages)`` tuple of ``tiles``: the block sizes
+    under the names ``blocks``, then the ``fixed`` meta-parameters."""
+    return [triton.Config({**dict(zip(blocks, t[:-2])), **fixed}, num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+
+
+# block-size names of the tile tuples: the logits recompute, the gradient products, the atomic backward
+_RECOMPUTE = ("BLOCK_N", "BLOCK_V", "BLOCK_H")
+_MM = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_BWD = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "BLOCK_HB")
 # Hopper (H100/H200), bf16/fp16: 128x128 / 128x256 tiles with a 64-wide K step are the wgmma sweet spot.
 # Lists pruned to what fits shared memory (``num_stages`` copies of both operand tiles), so fp32 inputs
 # ("ieee" dots, 4-byte tiles) keep the smaller ones. (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages):
@@ -114,55 +125,29 @@ _RECOMPUTE_TILES = (
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
     (64, 256, 64, 4, 4), (128, 128, 64, 4, 5), (64, 128, 64, 4, 4), (128, 256, 32, 8, 5),
 )
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=nw, num_stages=ns)
-    for bn, bv, bh, nw, ns in _RECOMPUTE_TILES
-]
+_FWD_CONFIGS = _configs(_RECOMPUTE_TILES, _RECOMPUTE)
 # the split backward's logits-gradient kernel: the forward's tile loop plus an elementwise epilogue and a store
-_DLOGITS_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "GROUP_N": 8}, num_warps=nw, num_stages=ns)
-    for bn, bv, bh, nw, ns in _RECOMPUTE_TILES
-]
+_DLOGITS_CONFIGS = _configs(_RECOMPUTE_TILES, _RECOMPUTE, GROUP_N=8)
 # the split backward's gradient products: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_MM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
-    for bm, bn, bk, nw, ns in (
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 5),
-        (64, 128, 32, 4, 4),  # the one that fits shared memory with fp32 operands too
-    )
-]
+_MM_CONFIGS = _configs((
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 5),
+    (64, 128, 32, 4, 4),  # the one that fits shared memory with fp32 operands too
+), _MM, GROUP_M=8)
 # BLOCK_HB: the H step of the atomic kernel's scatter phase (D_tile @ W, D_tile.T @ h, atomics), a divisor
 # of BLOCK_H. Narrower than the recompute's K step because each step holds an fp32 [BLOCK, BLOCK_HB] result
 # and a block of 64-bit atomic addresses in registers. Spills per thread in the sm_90 ptxas build (bf16,
 # cuobjdump): 0.5-1.7 KiB with BLOCK_HB = 64, 56-600 bytes with 32 or 16 (80 bytes for the first config).
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "BLOCK_HB": hb, "GROUP_N": 8}, num_warps=nw,
-                  num_stages=ns)
-    for bn, bv, bh, hb, nw, ns in (
-        (128, 128, 64, 16, 8, 3), (128, 128, 64, 32, 8, 3), (64, 256, 64, 32, 8, 3), (128, 64, 64, 32, 4, 3),
-        (64, 128, 64, 32, 4, 3), (128, 256, 64, 16, 8, 3), (64, 64, 64, 32, 4, 4), (128, 128, 64, 32, 8, 4),
-    )
-]
+_BWD_CONFIGS = _configs((
+    (128, 128, 64, 16, 8, 3), (128, 128, 64, 32, 8, 3), (64, 256, 64, 32, 8, 3), (128, 64, 64, 32, 4, 3),
+    (64, 128, 64, 32, 4, 3), (128, 256, 64, 16, 8, 3), (64, 64, 64, 32, 4, 4), (128, 128, 64, 32, 8, 4),
+), _BWD, GROUP_N=8)
 # fp64: 8-byte tiles; the lists above exceed shared memory (and registers) in fp64
 _F64_TILES = ((32, 64, 32, 4, 2), (64, 64, 32, 4, 2), (32, 32, 32, 4, 2))
-_FWD_CONFIGS_F64 = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=nw, num_stages=ns)
-    for bn, bv, bh, nw, ns in _F64_TILES
-]
-_DLOGITS_CONFIGS_F64 = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "GROUP_N": 8}, num_warps=nw, num_stages=ns)
-    for bn, bv, bh, nw, ns in _F64_TILES
-]
-_MM_CONFIGS_F64 = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
-    for bm, bn, bk, nw, ns in _F64_TILES
-]
-_BWD_CONFIGS_F64 = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "BLOCK_HB": bh, "GROUP_N": 8}, num_warps=nw,
-                  num_stages=ns)
-    for bn, bv, bh, nw, ns in ((32, 64, 32, 4, 2), (32, 32, 32, 4, 2))
-]
+_FWD_CONFIGS_F64 = _configs(_F64_TILES, _RECOMPUTE)
+_DLOGITS_CONFIGS_F64 = _configs(_F64_TILES, _RECOMPUTE, GROUP_N=8)
+_MM_CONFIGS_F64 = _configs(_F64_TILES, _MM, GROUP_M=8)
+_BWD_CONFIGS_F64 = _configs(((32, 64, 32, 32, 4, 2), (32, 32, 32, 32, 4, 2)), _BWD, GROUP_N=8)  # BLOCK_HB = BLOCK_H
 
 
 def _recompute_smem(c, elem):  # the pipelined h and W.T tiles of the logits recompute
@@ -222,6 +207,34 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, offs_v, V, H, stride_h, stride_w,
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_vc).to(CDT)[None, :]
     return acc
+
+
+@triton.jit
+def _dlogits_tile(h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, grad_ptr, offs_n, n_mask, offs_v, v_mask,
+                  NV, V, H, stride_h, stride_w,
+                  HAS_BIAS: tl.constexpr, EVEN_H: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  CDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``(rows, mask, d, p, is_label)`` for one tile: ``D = g (onehot - p)``, ``p = exp(x - lse)``, both zero
+    outside ``mask``; ``rows`` are the original rows of the compacted rows ``offs_n``."""
+    rows = tl.load(rows_ptr + tl.minimum(offs_n, NV - 1)).to(tl.int64)  # padded rows: the last valid row
+    labels = tl.load(labels_ptr + rows)
+    lse = tl.load(lse_ptr + rows).to(CDT)  # a real lse: exp(x - lse) stays <= 1 on padded rows too
+    g = tl.load(grad_ptr + rows).to(CDT)
+    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, offs_v, V, H, stride_h, stride_w,
+                     HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
+    mask = n_mask[:, None] & v_mask[None, :]
+    p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
+    is_label = offs_v[None, :] == labels[:, None]
+    d = g[:, None] * (tl.where(is_label, 1.0, 0.0) - p)  # fp32: the true-class 1 - p does not cancel
+    d = tl.where(mask, d, 0.0)
+    return rows, mask, d, p, is_label
+
+
+@triton.jit
+def _tile_kept(mask, p, is_label, filter_eps):
+    """The gradient filter (module docstring): whether a tile holds a row's label or any ``p >= filter_eps``."""
+    holds_label = tl.max(tl.where(is_label & mask, 1, 0)) > 0
+    return holds_label | (tl.max(p) >= filter_eps)
 
 
 _EVEN_H = triton.heuristics({"EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0})
@@ -309,25 +322,14 @@ def _lin_bwd_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < NV
-    rows = tl.load(rows_ptr + tl.minimum(offs_n, NV - 1)).to(tl.int64)  # padded rows: the last valid row
-    labels = tl.load(labels_ptr + rows)
-    lse = tl.load(lse_ptr + rows).to(CDT)  # a real lse: exp(x - lse) stays <= 1 on padded rows too
-    g = tl.load(grad_ptr + rows).to(CDT)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < V
-
-    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, offs_v, V, H, stride_h, stride_w,
-                     HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
-    mask = n_mask[:, None] & v_mask[None, :]
-    p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
-    is_label = offs_v[None, :] == labels[:, None]
-    d = g[:, None] * (tl.where(is_label, 1.0, 0.0) - p)  # fp32: the true-class 1 - p does not cancel
-    d = tl.where(mask, d, 0.0)
-
+    rows, mask, d, p, is_label = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, grad_ptr,
+                                               offs_n, n_mask, offs_v, v_mask, NV, V, H, stride_h, stride_w,
+                                               HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
     keep = True
     if FILTER:
-        holds_label = tl.max(tl.where(is_label & mask, 1, 0)) > 0
-        keep = holds_label | (tl.max(p) >= filter_eps)
+        keep = _tile_kept(mask, p, is_label, filter_eps)
     if keep:
         if NEED_B:
             tl.atomic_add(gb_ptr + offs_v, tl.sum(d, axis=0).to(CDT), mask=v_mask, sem="relaxed")
@@ -394,25 +396,13 @@ def _lin_dlogits_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < NV
-    rows = tl.load(rows_ptr + tl.minimum(offs_n, NV - 1)).to(tl.int64)  # padded rows: the last valid row
-    labels = tl.load(labels_ptr + rows)
-    lse = tl.load(lse_ptr + rows).to(CDT)
-    g = tl.load(grad_ptr + rows).to(CDT)
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
     c_mask = offs_c < VC  # the host keeps v0 + VC <= V
-    offs_v = v0 + offs_c
-
-    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, offs_v, V, H, stride_h, stride_w,
-                     HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
-    mask = n_mask[:, None] & c_mask[None, :]
-    p = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
-    is_label = offs_v[None, :] == labels[:, None]
-    d = g[:, None] * (tl.where(is_label, 1.0, 0.0) - p)  # fp32: the true-class 1 - p does not cancel
-    d = tl.where(mask, d, 0.0)
+    _, mask, d, p, is_label = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, grad_ptr,
+                                            offs_n, n_mask, v0 + offs_c, c_mask, NV, V, H, stride_h, stride_w,
+                                            HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
     if FILTER:  # the whole tile becomes zeros (see the module docstring for the error bound)
-        holds_label = tl.max(tl.where(is_label & mask, 1, 0)) > 0
-        keep = holds_label | (tl.max(p) >= filter_eps)
-        d = tl.where(keep, d, 0.0)
+        d = tl.where(_tile_kept(mask, p, is_label, filter_eps), d, 0.0)
     if NEED_B:
         tl.store(db_ptr + pid_n.to(tl.int64) * stride_db + offs_c, tl.sum(d, axis=0), mask=c_mask)
     if STORE_D:
@@ -592,7 +582,7 @@ def _bwd_split(g, hidden, weight, bias, rows, labels, lse, need_hidden, need_wei
     gh_acc = None
     if need_hidden:  # fp32 accumulator over chunks; the output dtype directly when there is one chunk
         gh_acc = torch.empty(nv, h, dtype=cdt if n_chunks > 1 else hidden.dtype, device=dev)
-    dummy = torch.zeros(1, dtype=cdt, device=dev)
+    dummy = torch.empty(1, dtype=cdt, device=dev)  # never read: stands for D / db when not stored
     for ci in range(n_chunks):
         v0 = ci * chunk
         vc = min(chunk, v - v0)
@@ -633,7 +623,7 @@ def _bwd_atomic(g, hidden, weight, bias, rows, labels, lse, need_hidden, need_we
     gh = torch.zeros(n, h, dtype=cdt, device=dev) if need_hidden else None
     gw = torch.zeros(v, h, dtype=cdt, device=dev) if need_weight else None
     gb = torch.zeros(v, dtype=cdt, device=dev) if need_bias else None
-    dummy = torch.zeros(1, dtype=cdt, device=dev)  # stands for an accumulator not asked for
+    dummy = torch.empty(1, dtype=cdt, device=dev)  # stands for an accumulator not asked for: never read
     prec, upcast = _flags(hidden)
     g_h, g_w, g_b = (gh if gh is not None else dummy, gw if gw is not None else dummy,
                      gb if gb is not None else dummy)

@@ -154,18 +154,31 @@ def _online_lse_step(x, m, s):
 
 
 @triton.jit
+def _kl_tile(prior_ptr, post_ptr, rows, r_mask, offs_k, K, lse_q, lse_p, CDT: tl.constexpr, ONE_TILE: tl.constexpr):
+    """``(lq, lp, k_mask, kl)`` of the K tile ``offs_k``: ``log q``, ``log p`` (``-inf`` in columns >= K), the
+    column mask and the tile's part of ``KL`` per row. ``ONE_TILE``: the tile holds the whole rows and is
+    normalised here (``lse_q``, ``lse_p`` unused); otherwise the streamed rows' ``lse_q``, ``lse_p`` are
+    subtracted."""
+    k_mask = (offs_k < K)[None, :]
+    if ONE_TILE:
+        lq = _log_softmax_tile(_load_logits(post_ptr, rows, r_mask, offs_k, K, CDT))
+        lp = _log_softmax_tile(_load_logits(prior_ptr, rows, r_mask, offs_k, K, CDT))
+    else:
+        lq = _load_logits(post_ptr, rows, r_mask, offs_k, K, CDT) - lse_q[:, None]
+        lp = _load_logits(prior_ptr, rows, r_mask, offs_k, K, CDT) - lse_p[:, None]
+    q, _, log_ratio = _kl_parts(lq, lp, k_mask)
+    return lq, lp, k_mask, tl.sum(q * log_ratio, axis=1)
+
+
+@triton.jit
 def _kl_stats(prior_ptr, post_ptr, rows, r_mask, K, CDT: tl.constexpr, ONE_TILE: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """``(lse_q, lse_p, kl)`` per row (``lse`` only filled on the streamed path)."""
     if ONE_TILE:
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = (offs_k < K)[None, :]
-        lq = _log_softmax_tile(_load_logits(post_ptr, rows, r_mask, offs_k, K, CDT))
-        lp = _log_softmax_tile(_load_logits(prior_ptr, rows, r_mask, offs_k, K, CDT))
-        q, _, log_ratio = _kl_parts(lq, lp, k_mask)
-        kl = tl.sum(q * log_ratio, axis=1)
         lse_q = tl.zeros([BLOCK_B], CDT)
         lse_p = tl.zeros([BLOCK_B], CDT)
+        _, _, _, kl = _kl_tile(prior_ptr, post_ptr, rows, r_mask, tl.arange(0, BLOCK_K), K, lse_q, lse_p, CDT,
+                               ONE_TILE)
     else:
         m_q = tl.full([BLOCK_B], float("-inf"), CDT)
         m_p = tl.full([BLOCK_B], float("-inf"), CDT)
@@ -179,20 +192,19 @@ def _kl_stats(prior_ptr, post_ptr, rows, r_mask, K, CDT: tl.constexpr, ONE_TILE:
         lse_p = m_p + tl.log(s_p)
         kl = tl.zeros([BLOCK_B], CDT)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = (offs_k < K)[None, :]
-            lq = _load_logits(post_ptr, rows, r_mask, offs_k, K, CDT) - lse_q[:, None]
-            lp = _load_logits(prior_ptr, rows, r_mask, offs_k, K, CDT) - lse_p[:, None]
-            q, _, log_ratio = _kl_parts(lq, lp, k_mask)
-            kl += tl.sum(q * log_ratio, axis=1)
+            _, _, _, kl_k = _kl_tile(prior_ptr, post_ptr, rows, r_mask, k0 + tl.arange(0, BLOCK_K), K, lse_q, lse_p,
+                                     CDT, ONE_TILE)
+            kl += kl_k
     return lse_q, lse_p, kl
 
 
 @triton.jit
-def _kl_grads_tile(lq, lp, kl, gk, k_mask, mask, idx, d_prior_ptr, d_post_ptr):
+def _kl_grads_tile(lq, lp, kl, gk, rows, r_mask, offs_k, k_mask, K, d_prior_ptr, d_post_ptr):
     q, p, log_ratio = _kl_parts(lq, lp, k_mask)
     d_post = gk[:, None] * q * (log_ratio - kl[:, None])
     d_prior = gk[:, None] * (p - q)
+    mask = r_mask[:, None] & k_mask
+    idx = rows.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(d_post_ptr + idx, cast_out(d_post, d_post_ptr.dtype.element_ty), mask=mask)
     tl.store(d_prior_ptr + idx, cast_out(d_prior, d_prior_ptr.dtype.element_ty), mask=mask)
 
@@ -272,27 +284,18 @@ def _pref_bwd_kernel(
         gk = g_each * kl_weight + tl.load(g_kl_ptr + rows, mask=r_mask, other=0.0).to(CDT)
         if ONE_TILE:  # each logits tile is loaded once
             offs_k = tl.arange(0, BLOCK_K)
-            k_mask = (offs_k < K)[None, :]
-            mask = r_mask[:, None] & k_mask
-            idx = rows.to(tl.int64)[:, None] * K + offs_k[None, :]
-            lq = _log_softmax_tile(_load_logits(post_ptr, rows, r_mask, offs_k, K, CDT))
-            lp = _log_softmax_tile(_load_logits(prior_ptr, rows, r_mask, offs_k, K, CDT))
-            q, _, log_ratio = _kl_parts(lq, lp, k_mask)
-            kl = tl.sum(q * log_ratio, axis=1)
-            _kl_grads_tile(lq, lp, kl, gk, k_mask, mask, idx, d_prior_ptr, d_post_ptr)
+            lq, lp, k_mask, kl = _kl_tile(prior_ptr, post_ptr, rows, r_mask, offs_k, K, None, None, CDT, ONE_TILE)
+            _kl_grads_tile(lq, lp, kl, gk, rows, r_mask, offs_k, k_mask, K, d_prior_ptr, d_post_ptr)
         else:  # streamed: statistics pass(es), then a gradient pass
             lse_q, lse_p, kl = _kl_stats(prior_ptr, post_ptr, rows, r_mask, K, CDT, ONE_TILE, BLOCK_B, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = (offs_k < K)[None, :]
-                mask = r_mask[:, None] & k_mask
-                idx = rows.to(tl.int64)[:, None] * K + offs_k[None, :]
-                lq = _load_logits(post_ptr, rows, r_mask, offs_k, K, CDT) - lse_q[:, None]
-                lp = _load_logits(prior_ptr, rows, r_mask, offs_k, K, CDT) - lse_p[:, None]
-                _kl_grads_tile(lq, lp, kl, gk, k_mask, mask, idx, d_prior_ptr, d_post_ptr)
+                lq, lp, k_mask, _ = _kl_tile(prior_ptr, post_ptr, rows, r_mask, offs_k, K, lse_q, lse_p, CDT,
+                                             ONE_TILE)
+                _kl_grads_tile(lq, lp, kl, gk, rows, r_mask, offs_k, k_mask, K, d_prior_ptr, d_post_ptr)
 
 
-def _blocks(b: int, k: int, has_kl: bool):
+def _blocks(k: int, has_kl: bool):
     """(ONE_TILE, BLOCK_B, BLOCK_K, num_warps)."""
     if not has_kl:
         return True, (INTERPRET_BLOCK_B if INTERPRET else 1024), 1, 4
@@ -324,7 +327,7 @@ def preference_loss_fwd(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, ga
     rj = torch.empty(b, dtype=cdt, device=dev)
     kl = torch.empty(b, dtype=cdt, device=dev)
     loss = torch.empty((), dtype=cdt, device=dev)
-    one_tile, block_b, block_k, num_warps = _blocks(b, k, has_kl)
+    one_tile, block_b, block_k, num_warps = _blocks(k, has_kl)
     n_prog = triton.cdiv(b, block_b)
     partial = torch.empty(n_prog, dtype=cdt, device=dev)
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -353,7 +356,7 @@ def preference_loss_bwd(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, 
     d_rr = torch.empty_like(rr) if has_ref else None
     d_prior = torch.empty_like(prior) if has_kl else None
     d_post = torch.empty_like(post) if has_kl else None
-    one_tile, block_b, block_k, num_warps = _blocks(b, k, has_kl)
+    one_tile, block_b, block_k, num_warps = _blocks(k, has_kl)
     vals, scal, f64 = _scalars(loss_type, beta, gamma, label_smoothing, kl_weight, cdt, dev)
     g = [t.to(cdt).contiguous() for t in (g_loss, g_losses, g_cr, g_rj, g_kl)]
     with device_guard(pc):
