@@ -1,6 +1,9 @@
-"""Calls of every compiled kernel (``torch.ops.lpc.*``) for opcheck, shared by the CPU and CUDA tests."""
+"""opcheck cases shared by the backend tests: calls of every compiled kernel (``torch.ops.lpc.*``, CPU and CUDA
+tests) and of every public custom op with its backward ops (test_ops, test_cuda, test_triton)."""
 
 import torch
+
+from lpc_kernels import _ops
 
 OPS = torch.ops.lpc
 KERNEL_SCHEMAS = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_", "linear_token_logprobs_fwd",
@@ -107,4 +110,53 @@ def bad_raw_calls(device):
                                                    "dpo", 0.1, 0.0, 0.0, 0.0, True)),
         ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
                                                  None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+    ]
+
+
+def public_op_cases(backend, device):
+    """(op, args) pairs for every public custom op of ``lpc_kernels._ops`` and its backward ops on ``backend``:
+    both token modes, bias with and without a gradient, soft and hard samples, the three losses, and backward
+    calls with outputs not asked for (their ``[0]`` placeholders must not alias)."""
+    dev = dict(device=device)
+    x = torch.randn(4, 33, **dev, requires_grad=True)
+    labels = torch.tensor([0, 32, -100, 5], **dev)
+    h, w = torch.randn(4, 8, **dev, requires_grad=True), torch.randn(33, 8, **dev, requires_grad=True)
+    b, b_grad = torch.randn(33, **dev), torch.randn(33, **dev, requires_grad=True)
+    lg, cb = torch.randn(3, 6, **dev, requires_grad=True), torch.randn(6, 4, **dev, requires_grad=True)
+    pc, pr, rc, rr = (torch.randn(3, **dev, requires_grad=True) for _ in range(4))
+    prior, post = torch.randn(3, 6, **dev, requires_grad=True), torch.randn(3, 6, **dev, requires_grad=True)
+    lengths = torch.tensor([2, 3, 4], **dev)
+    lse = _ops.token_logprobs_op(x, labels, -100, False, backend)[1].detach()
+    lin_lse = _ops.linear_token_logprobs_op(h, w, b, labels, -100, 2, backend)[1].detach()
+    weights, _, soft = _ops.gumbel_softmax_codes_op(lg, cb, 0.8, True, 3, 0, backend)
+    g4, g3 = torch.randn(4, **dev), torch.randn(3, **dev)
+    dpo = ("dpo", 0.1, 0.0, 0.1, 0.05, True, backend)
+    return [
+        (_ops.token_logprobs_op, (x, labels, -100, False, backend)),
+        (_ops.token_logprobs_op, (x, labels, -100, True, backend)),
+        (_ops.token_logprobs_backward_op, (g4, x.detach(), labels, lse, -100, backend)),
+        (_ops.token_logprobs_backward_inplace_op, (g4, x.detach().clone(), labels, lse, -100, backend)),
+        (_ops.linear_token_logprobs_op, (h, w, b, labels, -100, 2, backend)),
+        (_ops.linear_token_logprobs_op, (h, w, b_grad, labels, -100, 2, backend)),
+        (_ops.linear_token_logprobs_op, (h, w, None, labels, -100, 16, backend)),
+        (_ops.linear_token_logprobs_backward_op,
+         (g4, h.detach(), w.detach(), b.detach(), labels, lin_lse, -100, 2, True, False, True, backend)),
+        (_ops.linear_token_logprobs_backward_op,
+         (g4, h.detach(), w.detach(), None, labels, lin_lse, -100, 2, True, False, False, backend)),
+        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, False, 3, 0, backend)),
+        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, True, 3, 0, backend)),
+        (_ops.gumbel_softmax_codes_backward_op, (torch.randn(3, 6, **dev), torch.randn(3, 4, **dev),
+                                                 weights.detach(), soft.detach(), cb.detach(), 0.8, True, True,
+                                                 backend)),
+        (_ops.gumbel_softmax_codes_backward_op, (torch.randn(3, 6, **dev), torch.randn(3, 4, **dev),
+                                                 torch.softmax(lg.detach(), -1), torch.empty(0, **dev),
+                                                 cb.detach(), 0.8, False, False, backend)),
+        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, *dpo)),
+        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "ipo", 0.1, 0.0, 0.0, 0.05, True,
+                                   backend)),
+        (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
+                                   True, backend)),
+        (_ops.preference_loss_backward_op, (torch.randn((), **dev), g3, g3, g3, g3, pc.detach(), pr.detach(),
+                                            rc.detach(), rr.detach(), lengths, lengths, prior.detach(), post.detach(),
+                                            *dpo)),
     ]

@@ -22,7 +22,7 @@ from backend_checks import close64 as _close
 from backend_checks import leaf as _leaf
 from backend_checks import reference_tol as _tol
 from formulas import PREF_CASES, f_linear_token_logprobs, f_token_logprobs
-from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, raw_op_cases
+from raw_op_cases import KERNEL_SCHEMAS, bad_raw_calls, public_op_cases, raw_op_cases
 from lpc_kernels import _ops, philox, reference
 
 pytestmark = [pytest.mark.cuda,
@@ -366,37 +366,13 @@ def test_gradcheck_preference_loss_float64(loss_type):
 
 
 # ---------------------------------------------------------------------- opcheck: public and raw ops
-def _public_cases():
-    x = torch.randn(4, 33, device=DEV, requires_grad=True)
-    labels = torch.tensor([0, 32, -100, 5], device=DEV)
-    h = torch.randn(4, 8, device=DEV, requires_grad=True)
-    w = torch.randn(33, 8, device=DEV, requires_grad=True)
-    b = torch.randn(33, device=DEV)
-    lg, cb = torch.randn(3, 6, device=DEV, requires_grad=True), torch.randn(6, 4, device=DEV, requires_grad=True)
-    pc, pr, rc, rr = (torch.randn(3, device=DEV, requires_grad=True) for _ in range(4))
-    prior = torch.randn(3, 6, device=DEV, requires_grad=True)
-    post = torch.randn(3, 6, device=DEV, requires_grad=True)
-    lengths = torch.tensor([2, 3, 4], device=DEV)
-    return [
-        (_ops.token_logprobs_op, (x, labels, -100, False, "cuda")),
-        (_ops.linear_token_logprobs_op, (h, w, b, labels, -100, 2, "cuda")),
-        (_ops.linear_token_logprobs_op, (h, w, None, labels, -100, 16, "cuda")),
-        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, False, 3, 0, "cuda")),
-        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, True, 3, 0, "cuda")),
-        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True,
-                                   "cuda")),
-        (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
-                                   True, "cuda")),
-    ]
-
-
 def _count(cases):
     return range(len(cases())) if torch.cuda.is_available() else []
 
 
-@pytest.mark.parametrize("case", _count(_public_cases))
+@pytest.mark.parametrize("case", _count(lambda: public_op_cases("cuda", DEV)))
 def test_opcheck_public_ops(case):
-    op, args = _public_cases()[case]
+    op, args = public_op_cases("cuda", DEV)[case]
     opcheck(op, args)
 
 

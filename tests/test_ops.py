@@ -16,6 +16,7 @@ from torch.library import opcheck
 import lpc_kernels as lk
 from backend_checks import check_compiled_step_matches_eager, check_preference_vs_float64, truth_close
 from backend_checks import leaf as _leaf
+from raw_op_cases import public_op_cases
 from formulas import PREF_CASES, f_gumbel, f_linear_token_logprobs, f_token_logprobs
 from lpc_kernels import _ops
 
@@ -240,36 +241,9 @@ def test_gradcheck_float64(backend):
         (pc, pr, prior, post))
 
 
-def _opcheck_cases(backend):
-    x = torch.randn(4, 33, requires_grad=True)
-    labels = torch.tensor([0, 32, -100, 5])
-    h, w, b = torch.randn(4, 8, requires_grad=True), torch.randn(33, 8, requires_grad=True), torch.randn(33)
-    lg, cb = torch.randn(3, 6, requires_grad=True), torch.randn(6, 4, requires_grad=True)
-    pc, pr, rc, rr = (torch.randn(3, requires_grad=True) for _ in range(4))
-    prior, post = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
-    lengths = torch.tensor([2, 3, 4])
-    return [
-        (_ops.token_logprobs_op, (x, labels, -100, False, backend)),
-        (_ops.linear_token_logprobs_op, (h, w, b, labels, -100, 2, backend)),
-        (_ops.linear_token_logprobs_op, (h, w, None, labels, -100, 16, backend)),
-        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, False, 3, 0, backend)),
-        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, True, 3, 0, backend)),
-        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True,
-                                   backend)),
-        (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
-                                   True, backend)),
-        # backward ops with several outputs not asked for ([0]-shaped placeholders must not alias)
-        (_ops.linear_token_logprobs_backward_op,
-         (torch.randn(4), h.detach(), w.detach(), None, labels, torch.randn(4), -100, 2, True, False, False, backend)),
-        (_ops.gumbel_softmax_codes_backward_op,
-         (torch.randn(3, 6), torch.randn(3, 4), torch.softmax(lg.detach(), -1), torch.empty(0), cb.detach(), 0.8,
-          False, False, backend)),
-    ]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    for op, args in _opcheck_cases(backend):
+    for op, args in public_op_cases(backend, CPU):
         opcheck(op, args)
 
 

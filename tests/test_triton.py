@@ -23,6 +23,7 @@ from torch.library import opcheck
 
 import lpc_kernels as lk
 from backend_checks import truth_close
+from raw_op_cases import public_op_cases
 from lpc_kernels import _ops
 from lpc_kernels import reference as R
 
@@ -561,48 +562,9 @@ def test_public_api_autograd_matches_reference():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _op_cases():
-    dev = dict(device=DEVICE)
-    x = torch.randn(4, 33, **dev, requires_grad=True)
-    labels = torch.tensor([0, 32, -100, 5], **dev)
-    h, w = torch.randn(4, 8, **dev, requires_grad=True), torch.randn(33, 8, **dev, requires_grad=True)
-    b = torch.randn(33, **dev, requires_grad=True)
-    lg, cb = torch.randn(3, 6, **dev, requires_grad=True), torch.randn(6, 4, **dev, requires_grad=True)
-    pc, pr, rc, rr = (torch.randn(3, **dev, requires_grad=True) for _ in range(4))
-    prior, post = torch.randn(3, 6, **dev, requires_grad=True), torch.randn(3, 6, **dev, requires_grad=True)
-    lengths = torch.tensor([2, 3, 4], **dev)
-    lse = lk._ops.token_logprobs_op(x, labels, -100, False, "triton")[1].detach()
-    lin_lse = lk._ops.linear_token_logprobs_op(h, w, b, labels, -100, 2, "triton")[1].detach()
-    weights, _, soft = lk._ops.gumbel_softmax_codes_op(lg, cb, 0.8, True, 3, 0, "triton")
-    g4, g3 = torch.randn(4, **dev), torch.randn(3, **dev)
-    return [
-        (_ops.token_logprobs_op, (x, labels, -100, False, "triton")),
-        (_ops.token_logprobs_op, (x, labels, -100, True, "triton")),
-        (_ops.token_logprobs_backward_op, (g4, x.detach(), labels, lse, -100, "triton")),
-        (_ops.token_logprobs_backward_inplace_op, (g4, x.detach().clone(), labels, lse, -100, "triton")),
-        (_ops.linear_token_logprobs_op, (h, w, b, labels, -100, 2, "triton")),
-        (_ops.linear_token_logprobs_op, (h, w, None, labels, -100, 16, "triton")),
-        (_ops.linear_token_logprobs_backward_op, (g4, h.detach(), w.detach(), b.detach(), labels, lin_lse, -100, 2,
-                                                  True, False, True, "triton")),
-        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, False, 3, 0, "triton")),
-        (_ops.gumbel_softmax_codes_op, (lg, cb, 0.8, True, 3, 0, "triton")),
-        (_ops.gumbel_softmax_codes_backward_op, (torch.randn(3, 6, **dev), torch.randn(3, 4, **dev),
-                                                 weights.detach(), soft.detach(), cb.detach(), 0.8, True, True,
-                                                 "triton")),
-        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "dpo", 0.1, 0.0, 0.1, 0.05, True,
-                                   "triton")),
-        (_ops.preference_loss_op, (pc, pr, rc, rr, lengths, lengths, prior, post, "ipo", 0.1, 0.0, 0.0, 0.05, True,
-                                   "triton")),
-        (_ops.preference_loss_op, (pc, pr, None, None, lengths, lengths, None, None, "simpo", 2.0, 0.5, 0.0, 0.0,
-                                   True, "triton")),
-        (_ops.preference_loss_backward_op, (torch.randn((), **dev), g3, g3, g3, g3, pc.detach(), pr.detach(),
-                                            rc.detach(), rr.detach(), lengths, lengths, prior.detach(), post.detach(),
-                                            "dpo", 0.1, 0.0, 0.1, 0.05, True, "triton")),
-    ]
-
-
+@pytest.mark.skipif(INTERPRETED, reason="under the interpreter test_ops.test_opcheck[triton] runs these cases")
 def test_opcheck_triton_ops():
-    for op, args in _op_cases():
+    for op, args in public_op_cases("triton", DEVICE):
         opcheck(op, args)
 
 
