@@ -1,13 +1,19 @@
 """Checks shared by the backend test files (test_ops.py for CPU tensors, test_cpp_backend.py, test_cuda.py):
 each takes the backend and the device, so every backend is held to the same assertions."""
 
+import os
+
 import torch
 
 import lpc_kernels as lk
 from formulas import f_preference
-from lpc_kernels import philox, reference
+from lpc_kernels import _ops, philox, reference
 
 LOW = (torch.bfloat16, torch.float16)
+# the backends that take CPU tensors in this process (triton under TRITON_INTERPRET=1), narrowed by
+# LPC_TEST_BACKENDS=reference,cpu: the table of test_ops and test_bad_inputs
+CPU_BACKENDS = [b for b in _ops.BACKENDS if _ops._unavailable_reason(b, torch.device("cpu")) is None
+                and b in os.environ.get("LPC_TEST_BACKENDS", ",".join(_ops.BACKENDS)).split(",")]
 
 
 def leaf(t, dtype=None):

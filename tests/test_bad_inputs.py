@@ -1,16 +1,12 @@
 """Bad input gets a ValueError/TypeError naming the argument, before any kernel runs, on every backend."""
 
-import os
-
 import pytest
 import torch
 
 import lpc_kernels as lk
-from lpc_kernels import _ops
+from backend_checks import CPU_BACKENDS as BACKENDS
 
 CPU = torch.device("cpu")
-BACKENDS = [b for b in _ops.BACKENDS if _ops._unavailable_reason(b, CPU) is None
-            and b in os.environ.get("LPC_TEST_BACKENDS", ",".join(_ops.BACKENDS)).split(",")]
 
 V, H, B, K, D = 11, 6, 4, 5, 3
 

@@ -7,22 +7,18 @@ The table runs every backend that can take CPU tensors in this process: ``refere
 Shapes stay small: the Triton interpreter costs milliseconds per program instance.
 """
 
-import os
-
 import pytest
 import torch
 from torch.library import opcheck
 
 import lpc_kernels as lk
 from backend_checks import check_compiled_step_matches_eager, check_preference_vs_float64, truth_close
+from backend_checks import CPU_BACKENDS as BACKENDS
 from backend_checks import leaf as _leaf
 from raw_op_cases import public_op_cases
 from formulas import PREF_CASES, f_gumbel, f_linear_token_logprobs, f_token_logprobs
-from lpc_kernels import _ops
 
 CPU = torch.device("cpu")
-BACKENDS = [b for b in _ops.BACKENDS if _ops._unavailable_reason(b, CPU) is None
-            and b in os.environ.get("LPC_TEST_BACKENDS", ",".join(_ops.BACKENDS)).split(",")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
