@@ -156,32 +156,14 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 
 
 def prepare_real_dataset(path: os.PathLike, out_dir: Path) -> tuple[Path, list[str]]:
-    """Copy a preference JSONL into ``out_dir/data/clean.jsonl`` with string prompts/answers and integer
-    sources; returns ``(copy, source_names)``. String sources (UltraFeedback) are numbered in sorted order,
-    integer sources kept, missing ones become -1."""
-    from .data import normalize_row
+    """Copy a preference dataset file into ``out_dir/data/clean.jsonl`` with string prompts/answers and integer
+    sources; returns ``(copy, source_names)``. Rows are read by ``data.load_preference_rows`` (strict: a
+    malformed row raises, naming its line) and numbered by ``data.assign_source_ids`` (string sources in
+    sorted order, integer sources kept, missing ones -1)."""
+    from .data import assign_source_ids, load_preference_rows
 
-    rows, raw_sources = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            src = row.pop("source", None)
-            try:
-                norm = normalize_row(row)
-            except (KeyError, ValueError) as exc:
-                raise ValueError(f"{path}:{i + 1}: {exc}") from exc
-            rows.append(norm)
-            raw_sources.append(src)
-    if not rows:
-        raise ValueError(f"--dataset {path} has no rows")
-    strings = sorted({str(s) for s in raw_sources if s is not None and not isinstance(s, int)})
-    ints = sorted({s for s in raw_sources if isinstance(s, int) and s >= 0})
-    names = strings if strings else [str(s) for s in range(max(ints) + 1)] if ints else []
-    index = {n: i for i, n in enumerate(strings)}
-    for row, src in zip(rows, raw_sources):
-        row["source"] = -1 if src is None else index[str(src)] if strings else int(src)
+    rows = load_preference_rows(path, strict=True)[0]
+    names = assign_source_ids(rows) or []
     out = out_dir / "data" / "clean.jsonl"
     _write_rows_atomic(out, rows)
     return out, names
