@@ -1,0 +1,276 @@
+"""Synthetic preference data with known ground truth.
+
+Several preference *sources* (annotators) judge pairs of answers. Every answer is a short token string
+built from six hidden attributes, each observable in the text (``parse_attributes`` recovers them):
+
+* ``length``: clauses ``"<connector> <topic|they> <verb> <adjective>"``, n in 1..4, value (n - 1) / 3
+* ``polite``: the answer opens with ``"thanks for asking ,"`` (0 / 1)
+* ``formal``: connectors ``indeed/moreover/...`` (1) vs ``yeah/like/...`` (0)
+* ``bullets``: clauses start with ``"-"`` (1) instead of being joined by ``"and"`` (0)
+* ``hedge``: ``"maybe"`` before the first clause (0 / 1)
+* ``typo``: one adjective replaced by a garbled word such as ``"teh"`` (0 / 1)
+
+Source ``s`` scores an answer with utility ``u = w_s . a`` (``SOURCE_WEIGHTS``). The sources agree that
+typos are bad and disagree elsewhere: *concise* vs *detailed* on length, *formal* vs *casual* on
+formality, hedging and politeness. A pair's label comes from its source's utilities (deterministic or
+Bradley-Terry). A prompt names its source with probability ``hint_prob`` and its topic leans towards the
+source's favourite topics, so the source is (mostly) inferable from the prompt: exactly what LPC's prior
+``p(z | x)`` has to learn, while the posterior ``q(z | x, y_w > y_l)`` can read it off the answers.
+
+Everything is a pure function of the seed: one ``numpy`` generator per split, seeded from
+``(seed, split)``, so the training and held-out splits are independent and reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..config import SyntheticConfig
+
+ATTRIBUTES = ("length", "polite", "formal", "bullets", "hedge", "typo")
+SOURCES = ("concise", "detailed", "formal", "casual")
+# rows: sources; columns: ATTRIBUTES. Conflicts: 0 vs 1 on length (and bullets), 2 vs 3 on formal/hedge/polite.
+SOURCE_WEIGHTS = np.array([
+    # length polite formal bullets hedge  typo
+    [-2.0,   1.0,   0.0,   -0.5,    0.0,  -1.5],   # concise
+    [2.0,    0.0,   0.0,    1.0,    0.0,  -1.5],   # detailed
+    [0.0,    0.5,   2.0,    0.0,   -1.0,  -1.5],   # formal
+    [0.0,   -0.5,  -2.0,    0.0,    1.0,  -1.5],   # casual
+])
+
+TOPICS = ("cats", "dogs", "rain", "music", "coffee", "trains", "gardens", "chess", "bread", "rivers", "stars",
+          "bikes", "oceans", "books", "cities", "forests", "tea", "robots", "winter", "markets")
+VERBS = ("are", "seem", "feel", "look", "stay", "become")
+ADJECTIVES = ("calm", "bright", "useful", "strange", "old", "quick", "quiet", "warm", "complex", "simple",
+              "popular", "rare")
+FORMAL_CONNECTORS = ("indeed", "moreover", "furthermore", "therefore")
+CASUAL_CONNECTORS = ("yeah", "like", "honestly", "anyway")
+TYPOS = ("teh", "recieve", "definately", "seperate")
+POLITE_PREFIX = ("thanks", "for", "asking", ",")
+HEDGE_WORD = "maybe"
+BULLET = "-"
+FLIP_MARKER = "[flip]"
+ANON_SOURCE = "someone"
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+MAX_CLAUSES = 4
+
+
+def source_hint(source: int) -> str:
+    return f"user_{source}"
+
+
+def lexicon() -> list[str]:
+    """Every word the generator can emit (the tokenizer's vocabulary, minus special tokens)."""
+    words = ["asks", ":", "tell", "me", "about", ".", "and", "they", HEDGE_WORD, BULLET, FLIP_MARKER, ANON_SOURCE]
+    words += [source_hint(s) for s in range(len(SOURCES))]
+    words += list(POLITE_PREFIX) + list(TOPICS) + list(VERBS) + list(ADJECTIVES)
+    words += list(FORMAL_CONNECTORS) + list(CASUAL_CONNECTORS) + list(TYPOS)
+    return list(dict.fromkeys(words))  # unique, in a fixed order
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The hidden attributes of one answer; ``text`` renders them, ``vector`` feeds the utility."""
+
+    n_clauses: int
+    polite: int
+    formal: int
+    bullets: int
+    hedge: int
+    typo: int
+
+    def vector(self) -> np.ndarray:
+        """``[len(ATTRIBUTES)]`` float64, in ``ATTRIBUTES`` order."""
+        return np.array([(self.n_clauses - 1) / (MAX_CLAUSES - 1), self.polite, self.formal, self.bullets,
+                         self.hedge, self.typo], dtype=np.float64)
+
+
+def render_answer(a: Answer, topic: str, rng: np.random.Generator) -> str:
+    """Token string for ``a`` about ``topic``; the free word choices (verbs, adjectives) come from ``rng``."""
+    words: list[str] = list(POLITE_PREFIX) if a.polite else []
+    if a.hedge:
+        words.append(HEDGE_WORD)
+    connectors = FORMAL_CONNECTORS if a.formal else CASUAL_CONNECTORS
+    # one vectorised draw for all free word choices (indexing tuples beats rng.choice per word ~10x)
+    pick = rng.integers(0, 1 << 30, size=3 * a.n_clauses + 2)
+    clauses = []
+    for i in range(a.n_clauses):
+        # every clause opens with a connector, so formality is visible even in one-clause answers
+        clauses.append([connectors[pick[3 * i] % len(connectors)], topic if i == 0 else "they",
+                        VERBS[pick[3 * i + 1] % len(VERBS)], ADJECTIVES[pick[3 * i + 2] % len(ADJECTIVES)]])
+    if a.typo:  # replace one adjective by a garbled word
+        clauses[pick[-2] % a.n_clauses][-1] = TYPOS[pick[-1] % len(TYPOS)]
+    for i, clause in enumerate(clauses):
+        if a.bullets:
+            words.append(BULLET)
+        elif i > 0:
+            words.append("and")
+        words.extend(clause)
+    words.append(".")
+    return " ".join(words)
+
+
+def parse_attributes(text: str) -> Answer:
+    """Recover the hidden attributes from an answer's text (ground truth is observable)."""
+    words = text.split()
+    polite = int(words[:len(POLITE_PREFIX)] == list(POLITE_PREFIX))
+    n_clauses = sum(w in VERBS for w in words)
+    return Answer(n_clauses=n_clauses, polite=polite, formal=int(any(w in FORMAL_CONNECTORS for w in words)),
+                  bullets=int(BULLET in words), hedge=int(HEDGE_WORD in words),
+                  typo=int(any(w in TYPOS for w in words)))
+
+
+def utility(source: int, answer: Answer) -> float:
+    """``w_source . attributes`` (float)."""
+    v = answer.vector()
+    w = SOURCE_WEIGHTS[source]
+    return float(sum(w[i] * v[i] for i in range(len(ATTRIBUTES))))  # plain floats: no tiny-matmul overhead
+
+
+def _random_answer(rng: np.random.Generator) -> Answer:
+    """Attributes i.i.d.: clauses uniform in 1..4, polite/formal/bullets/hedge 1/2, typo 0.3."""
+    n, pol, form, bul, hed, typo = rng.random(6)
+    return Answer(n_clauses=1 + int(n * MAX_CLAUSES), polite=int(pol < 0.5), formal=int(form < 0.5),
+                  bullets=int(bul < 0.5), hedge=int(hed < 0.5), typo=int(typo < 0.3))
+
+
+def _favourite_topics(source: int) -> Sequence[str]:
+    per = len(TOPICS) // len(SOURCES)
+    return TOPICS[source * per:(source + 1) * per]
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
+    """``n`` preference pairs of ``split`` (``"train"`` or ``"eval"``), a pure function of ``cfg.seed``.
+
+    Each row: ``prompt``, ``chosen``, ``rejected`` (strings), ``source`` (int), ``source_name``,
+    ``chosen_utility``, ``rejected_utility`` (under the row's source), ``flipped`` (bool).
+
+    Label noise: each *training* pair is flipped (chosen and rejected swapped) with probability
+    ``cfg.flip_fraction``; with ``cfg.flip_marker`` (default True, the paper's protocol) its prompt also gets
+    ``" [flip]"`` (the paper writes ``[FLIP]``; the word-level tokenizer's lexicon has the lower-case form).
+    Without the marker the flip is invisible: plain label noise. Held-out pairs are never flipped.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    # independent streams per split: held-out pairs never depend on how many training pairs were drawn
+    rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1])
+    rows = []
+    for _ in range(n):
+        u_src, u_bias, u_topic, u_hint = rng.random(4)
+        source = int(u_src * len(SOURCES))
+        topics = _favourite_topics(source) if u_bias < cfg.topic_bias else TOPICS
+        topic = topics[int(u_topic * len(topics))]
+        who = source_hint(source) if u_hint < cfg.hint_prob else ANON_SOURCE
+        prompt = f"{who} asks : tell me about {topic} ."
+        while True:
+            a, b = _random_answer(rng), _random_answer(rng)
+            ua, ub = utility(source, a), utility(source, b)
+            if abs(ua - ub) >= cfg.min_gap:
+                break
+        if cfg.label_mode == "deterministic":
+            a_wins = ua > ub
+        else:
+            a_wins = rng.random() < _sigmoid((ua - ub) / cfg.bt_temperature)
+        win, lose = (a, b) if a_wins else (b, a)
+        u_win, u_lose = (ua, ub) if a_wins else (ub, ua)
+        row = {"prompt": prompt, "chosen": render_answer(win, topic, rng), "rejected": render_answer(lose, topic, rng),
+               "source": source, "source_name": SOURCES[source], "chosen_utility": u_win,
+               "rejected_utility": u_lose, "flipped": False}
+        # the flip coin is drawn from the same stream as before the marker became optional, so a marked
+        # and an unmarked run with the same seed and flip_fraction flip exactly the same pairs
+        if split == "train" and cfg.flip_fraction > 0 and rng.random() < cfg.flip_fraction:
+            marked = f"{prompt} {FLIP_MARKER}" if cfg.flip_marker else prompt
+            row.update(prompt=marked, chosen=row["rejected"], rejected=row["chosen"],
+                       chosen_utility=u_lose, rejected_utility=u_win, flipped=True)
+        rows.append(row)
+    return rows
+
+
+def make_splits(cfg: Optional[SyntheticConfig] = None) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` for ``cfg`` (default ``SyntheticConfig()``)."""
+    cfg = cfg or SyntheticConfig()
+    return generate_pairs(cfg.num_train, cfg, "train"), generate_pairs(cfg.num_eval, cfg, "eval")
+
+
+def corpus(seed: int = 0, n: int = 256) -> Iterator[str]:
+    """Texts to train the tokenizer on: the whole lexicon once, then sample prompts and answers."""
+    yield " ".join(lexicon())
+    for row in generate_pairs(n, SyntheticConfig(seed=seed, hint_prob=0.5, flip_fraction=0.1), "train"):
+        yield from (row["prompt"], row["chosen"], row["rejected"])
+
+
+def _answer_space() -> list[tuple[Answer, float]]:
+    """Every attribute combination with its probability under ``_random_answer``."""
+    space = []
+    for n, pol, form, bul, hed, typo in np.ndindex(MAX_CLAUSES, 2, 2, 2, 2, 2):
+        p = (1 / MAX_CLAUSES) * 0.5 ** 4 * (0.3 if typo else 0.7)
+        space.append((Answer(n + 1, pol, form, bul, hed, typo), p))
+    return space
+
+
+def _keep_probability(source: int, min_gap: float) -> float:
+    """P(|u_s(a) - u_s(b)| >= min_gap) for two independent random answers (the resampling acceptance)."""
+    space = _answer_space()
+    u = np.array([utility(source, a) for a, _ in space])
+    p = np.array([q for _, q in space])
+    return float((p[:, None] * p[None, :] * (np.abs(u[:, None] - u[None, :]) >= min_gap)).sum())
+
+
+def source_posterior(prompt: str, cfg: SyntheticConfig) -> np.ndarray:
+    """``P(source | prompt)`` under the generator: exact from the hint, else from the topic alone."""
+    words = prompt.split()
+    for s in range(len(SOURCES)):
+        if words[0] == source_hint(s):
+            return np.eye(len(SOURCES))[s]
+    topic = words[words.index("about") + 1]
+    fav = np.array([topic in _favourite_topics(s) for s in range(len(SOURCES))], dtype=np.float64)
+    per = len(TOPICS) // len(SOURCES)
+    like = cfg.topic_bias * fav / per + (1 - cfg.topic_bias) / len(TOPICS)
+    return like / like.sum()
+
+
+def bayes_accuracy(rows: Sequence[dict], cfg: SyntheticConfig) -> float:
+    """Accuracy of the Bayes-optimal predictor that knows the generator (the ceiling for any model).
+
+    For each pair it weighs the sources by ``P(s | prompt, {a, b}) ~ P(s | prompt) * 1[pair kept under s]
+    / P(kept | s)`` (pairs are resampled until their utility gap reaches ``min_gap``) and picks the answer
+    that wins under more of that weight (deterministic labels; for Bradley-Terry labels it uses the
+    expected win probability). Flipped training rows count against it, as they would against a model.
+    """
+    if not rows:
+        return 0.0
+    keep = np.array([_keep_probability(s, cfg.min_gap) for s in range(len(SOURCES))])
+    correct = 0
+    for row in rows:
+        a, b = parse_attributes(row["chosen"]), parse_attributes(row["rejected"])
+        ua = np.array([utility(s, a) for s in range(len(SOURCES))])
+        ub = np.array([utility(s, b) for s in range(len(SOURCES))])
+        weight = source_posterior(row["prompt"], cfg) * (np.abs(ua - ub) >= cfg.min_gap) / keep
+        if cfg.label_mode == "deterministic":
+            p_win = (ua > ub).astype(np.float64)
+        else:
+            p_win = 1.0 / (1.0 + np.exp(-(ua - ub) / cfg.bt_temperature))
+        score = float((weight * p_win).sum() / weight.sum())
+        correct += score > 0.5  # a tie (0.5) counts as wrong: the margin must be > 0
+    return correct / len(rows)
+
+
+def source_agreement(rows: Sequence[dict]) -> float:
+    """Fraction of pairs whose label every source would agree with (the source-free part of the task)."""
+    agree = 0
+    for row in rows:
+        a, b = parse_attributes(row["chosen"]), parse_attributes(row["rejected"])
+        agree += all(utility(s, a) > utility(s, b) for s in range(len(SOURCES)))
+    return agree / max(len(rows), 1)
+
+
+__all__ = ["ATTRIBUTES", "SOURCES", "SOURCE_WEIGHTS", "FLIP_MARKER", "Answer", "render_answer", "parse_attributes",
+           "utility", "generate_pairs", "make_splits", "corpus", "lexicon", "source_agreement", "source_posterior",
+           "bayes_accuracy", "SPECIAL_TOKENS"]
