@@ -143,9 +143,9 @@ def ours_backend(impl: str) -> str:
 def require_ours(backend: str, device: torch.device = None) -> None:
     """Raise Unavailable unless our ``backend`` runs on ``device`` (lpc_kernels' own reason is kept)."""
     device = device or DEVICE
-    from lpc_kernels import _ops
+    from lpc_kernels.backends import unavailable_reason
 
-    reason = _ops._unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device)
     if reason is not None:
         raise Unavailable(f"lpc_kernels backend {backend!r} unavailable on {device.type}: {reason}")
     if backend == "triton" and device.type == "cpu":
@@ -556,12 +556,12 @@ def machine_info() -> dict:
     }
     try:
         import lpc_kernels
-        from lpc_kernels import _ops
+        from lpc_kernels import backends
 
         info["lpc_kernels"] = lpc_kernels.__version__
-        info["lpc_extension"] = "loaded" if _ops._EXT_ERROR is None else _ops._EXT_ERROR
+        info["lpc_extension"] = "loaded" if backends.EXTENSION_ERROR is None else backends.EXTENSION_ERROR
         info["lpc_available_backends"] = lpc_kernels.available_backends()
-        info["lpc_auto_backend"] = _ops.resolve_backend("auto", DEVICE)
+        info["lpc_auto_backend"] = backends.resolve_backend("auto", DEVICE)
     except Exception as exc:  # the suite still reports what it can
         info["lpc_kernels"] = f"import failed: {exc}"
     if torch.cuda.is_available():

@@ -11,10 +11,11 @@
 #             --no-deps, into $GPU_CHECK_SITE, default /tmp/lpc_site, put on PYTHONPATH) when not importable
 #   build     python3 setup.py build_ext --inplace with the machine's torch (CUDA extension), then
 #             python3 -m lpc_kernels.info
-#   probe     scripts/cuda_bad_input_probe.py: every bad-input case of tests/test_cuda.py in its own
+#   probe     scripts/cuda_bad_input_probe.py: every bad-input case of tests/backends/test_cuda_kernels.py in its own
 #             process (a segfault there once killed the whole test run); crashes rerun under cuda-gdb,
 #             backtraces in OUTDIR/probe/gdb_*.txt, table in OUTDIR/probe/probe.txt
-#   test      pytest -m "cuda or triton" per GPU test file (TRITON_INTERPRET=0: Triton runs natively)
+#   test      pytest -m "cuda or triton" per test file of tests/ops and tests/backends (TRITON_INTERPRET=0:
+#             Triton runs natively)
 #   sanitize  compute-sanitizer --tool memcheck python3 scripts/cuda_smoke.py (if both exist)
 #   bench     the GPU benchmark set: one pytest run over benches/ -> OUTDIR/bench.json, the target
 #             shapes of every op first; benchmarks that would start after the step's deadline are skipped
@@ -202,7 +203,7 @@ export -f step_build
 if want build; then run_step build step_build; fi
 
 # ------------------------------------------------------------------------------------------ probe
-# Every bad-input case of tests/test_cuda.py in its own process: which raise, which crash (and where,
+# Every bad-input case of tests/backends/test_cuda_kernels.py in its own process: which raise, which crash (and where,
 # from cuda-gdb). Early, so a crash that would kill the test step is already characterised.
 step_probe() {
   local dry="" budget=$((STEP_T - 5))
@@ -223,9 +224,9 @@ step_test() {
   eval "pytest_args=(${GPU_CHECK_PYTEST_ARGS:-})"
   if [ $HAVE_GPU = 1 ]; then
     # no autotune sweeps for the many small test shapes (LPC_TRITON_AUTOTUNE=0); the benchmarks tune.
-    # One process per test file, so a crash (a segfault was seen in test_cuda.py) cannot hide the rest.
+    # One process per test file, so a crash (a segfault was seen in the CUDA kernel tests) cannot hide the rest.
     local rc=0 f
-    for f in tests/test_cuda.py tests/test_triton.py tests/test_philox.py; do
+    for f in tests/backends/test_*.py tests/ops/test_*.py; do
       echo "== $f"
       LPC_TRITON_AUTOTUNE=${LPC_TRITON_AUTOTUNE_TESTS:-0} \
       "$PY" -m pytest -m "cuda or triton" ${GPU_CHECK_FAILFAST:--x} -q -rfs --tb=short -p no:cacheprovider \

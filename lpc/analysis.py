@@ -1,4 +1,4 @@
-"""Analysis helpers for LPC runs: code/source statistics, label-noise injection, latents, plots.
+"""Analysis helpers for LPC runs: code/source statistics, label-noise injection, projections, latents.
 
 Pure-numpy metrics (no scikit-learn needed):
 
@@ -14,29 +14,29 @@ Latents: ``collect_latents(model, dataset, collator, batch_size)`` runs a traine
 held-out pairs and returns, per pair, prior and posterior probabilities, the latents ``z`` from both, the
 argmax codes and the true source.
 
-Plots (matplotlib's object API, no pyplot state, so it is safe in worker processes and without a
-display): ``plot_code_usage``, ``plot_projection`` with ``project_2d`` (t-SNE when scikit-learn is
-installed, PCA otherwise). Every plot is written to a temp file beside its target and renamed, so a
-killed process never leaves a truncated image; without matplotlib they warn and return ``None``.
+Projections: ``project_2d`` (t-SNE when scikit-learn is installed, PCA otherwise), drawn by
+``lpc.plots.plot_projection``.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
+import importlib.util
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
-from .io import atomic_file
+from .data import batches, to_device
+from .losses import preference_objective
+from .model import reference_logps
 
 __all__ = ["normalized_mutual_information", "code_histogram", "perplexity", "entropy", "flip_mask",
-           "flip_pairs", "project_2d", "collect_pairs", "collect_latents", "plot_code_usage", "plot_projection",
-           "plot_bars", "plot_lines", "save_figure", "mean_std"]
+           "flip_pairs", "project_2d", "collect_pairs", "collect_latents", "mean_std", "as_labels"]
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def _as_labels(x, name: str) -> np.ndarray:
+def as_labels(x, name: str) -> np.ndarray:
+    """``x`` as a 1-D numpy array of labels (``ValueError`` naming ``name`` otherwise)."""
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of labels, got shape {arr.shape}")
@@ -64,7 +64,7 @@ def normalized_mutual_information(a, b) -> float:
     Raises:
         ValueError: ``a`` or ``b`` is not 1-D, they differ in length, or they are empty.
     """
-    a, b = _as_labels(a, "a"), _as_labels(b, "b")
+    a, b = as_labels(a, "a"), as_labels(b, "b")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must label the same items: got lengths {a.shape[0]} and {b.shape[0]}")
     if a.shape[0] == 0:
@@ -95,7 +95,7 @@ def code_histogram(codes, num_codes: int) -> np.ndarray:
     """
     if isinstance(num_codes, bool) or not isinstance(num_codes, (int, np.integer)) or num_codes < 1:
         raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
-    arr = _as_labels(codes, "codes")
+    arr = as_labels(codes, "codes")
     if arr.size == 0:
         return np.zeros(int(num_codes), dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
@@ -218,8 +218,6 @@ def project_2d(x, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]
         raise ValueError("x must be finite")
     use_tsne = method == "tsne"
     if method == "auto":
-        import importlib.util
-
         use_tsne = importlib.util.find_spec("sklearn") is not None and x.shape[0] > 5
     if use_tsne:
         from sklearn.manifold import TSNE
@@ -247,10 +245,6 @@ def collect_pairs(model, dataset, collator, batch_size: int = 128, *, ref_model=
     Raises:
         ValueError: ``batch_size`` < 1, or a loss that needs the reference model without ``ref_model``.
     """
-    import torch
-
-    from .data import batches, to_device
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if loss_cfg is not None and loss_cfg.needs_reference and ref_model is None:
@@ -271,9 +265,6 @@ def collect_pairs(model, dataset, collator, batch_size: int = 128, *, ref_model=
                 out = model(batch, use_prior=True)  # prior latent; posterior logits come from the same pass
                 add("source", batch["source"])
                 if loss_cfg is not None:
-                    from .losses import preference_objective
-                    from .model import reference_logps
-
                     if not loss_cfg.needs_reference:
                         ref = (None, None)
                     elif isinstance(ref_model, torch.nn.Module):
@@ -322,178 +313,3 @@ def collect_latents(model, dataset, collator, batch_size: int = 128) -> dict:
                "prior_code": np.zeros(0, np.int64), "posterior_code": np.zeros(0, np.int64),
                "source": np.zeros(0, np.int64)}
     return out
-
-
-# ------------------------------------------------------------------------------------------------ plots
-def _figure_module():
-    """``matplotlib.figure`` or None (with a warning) when matplotlib is not installed."""
-    try:
-        import matplotlib.figure
-        return matplotlib.figure
-    except ImportError:
-        warnings.warn("matplotlib is not installed: plot skipped", RuntimeWarning, stacklevel=3)
-        return None
-
-
-def save_figure(fig, path) -> Path:
-    """``fig.savefig`` into a temp file beside ``path`` (same suffix, so the format is inferred), then rename."""
-    path = Path(path)
-    with atomic_file(path, suffix=path.suffix or ".png") as tmp:
-        fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"), dpi=110, bbox_inches="tight")
-    return path
-
-
-def plot_code_usage(histograms: Mapping[str, np.ndarray], path) -> Optional[Path]:
-    """Bar plots of code-usage histograms, one panel per entry (title: name and perplexity).
-
-    Returns the written path, or ``None`` with a ``RuntimeWarning`` when matplotlib is missing.
-
-    Raises:
-        ValueError: ``histograms`` is empty or an entry is not a 1-D non-negative count vector.
-    """
-    if not histograms:
-        raise ValueError("histograms must contain at least one entry")
-    hists = {}
-    for name, h in histograms.items():
-        arr = np.asarray(h, dtype=np.float64)
-        if arr.ndim != 1 or arr.size == 0 or (arr < 0).any() or not np.isfinite(arr).all():
-            raise ValueError(f"histograms[{name!r}] must be a non-empty 1-D non-negative count vector")
-        hists[str(name)] = arr
-    figure = _figure_module()
-    if figure is None:
-        return None
-    n = len(hists)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig = figure.Figure(figsize=(4.2 * cols, 2.8 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (name, h) in zip(axes.flat, hists.items()):
-        total = h.sum()
-        ppl = perplexity(h / total) if total > 0 else float("nan")
-        ax.bar(np.arange(h.size), h, width=0.9, color="tab:blue")
-        ax.set_title(f"{name}\nperplexity {ppl:.2f} of K={h.size}", fontsize=9)
-        ax.set_xlabel("code")
-        ax.set_ylabel("count")
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_projection(panels: Mapping[str, np.ndarray], labels, path, *, label_names: Optional[Sequence[str]] = None,
-                    title: Optional[str] = None) -> Optional[Path]:
-    """Scatter plots of 2-D points coloured by label, one panel per entry of ``panels`` (``[N, 2]`` each).
-
-    ``labels`` (``[N]`` ints, shared by every panel) index ``label_names`` when given. Returns the path, or
-    ``None`` with a warning when matplotlib is missing.
-
-    Raises:
-        ValueError: ``panels`` empty, a panel not ``[N, 2]``, or ``labels`` not ``[N]``.
-    """
-    if not panels:
-        raise ValueError("panels must contain at least one entry")
-    labels = _as_labels(labels, "labels")
-    pts = {}
-    for name, xy in panels.items():
-        arr = np.asarray(xy, dtype=np.float64)
-        if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] != labels.shape[0]:
-            raise ValueError(f"panels[{name!r}] must be [N={labels.shape[0]}, 2], got shape {arr.shape}")
-        pts[str(name)] = arr
-    figure = _figure_module()
-    if figure is None:
-        return None
-    n = len(pts)
-    fig = figure.Figure(figsize=(4.6 * n, 4.2))
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    uniq = sorted(set(labels.tolist()))
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-              "tab:gray", "tab:olive", "tab:cyan"]
-    for ax, (name, xy) in zip(axes, pts.items()):
-        for j, lab in enumerate(uniq):
-            sel = labels == lab
-            if label_names is not None and isinstance(lab, (int, np.integer)) and 0 <= lab < len(label_names):
-                text = label_names[lab]
-            else:
-                text = str(lab)
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=7, alpha=0.7, color=colors[j % len(colors)], label=text)
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0].legend(fontsize=7, markerscale=2, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_bars(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
-              ylabel: str, title: Optional[str] = None, ylim: Optional[tuple[float, float]] = None,
-              hlines: Optional[Mapping[str, float]] = None) -> Optional[Path]:
-    """Grouped bar chart with error bars: ``series[name] = (means per group, stds per group)``.
-
-    Raises:
-        ValueError: empty ``groups``/``series`` or a series whose lengths differ from ``groups``.
-    """
-    if not groups or not series:
-        raise ValueError("groups and series must be non-empty")
-    for name, (m, s) in series.items():
-        if len(m) != len(groups) or len(s) != len(groups):
-            raise ValueError(f"series[{name!r}] must have {len(groups)} means and stds")
-    figure = _figure_module()
-    if figure is None:
-        return None
-    fig = figure.Figure(figsize=(max(5.0, 1.1 * len(groups) * max(1, len(series)) * 0.6 + 2), 3.8))
-    ax = fig.subplots()
-    width = 0.8 / len(series)
-    x = np.arange(len(groups))
-    for j, (name, (m, s)) in enumerate(series.items()):
-        ax.bar(x + (j - (len(series) - 1) / 2) * width, m, width, yerr=s, capsize=3, label=name)
-    for name, y in (hlines or {}).items():
-        ax.axhline(y, color="k", linestyle="--", linewidth=0.8)
-        ax.text(len(groups) - 0.5, y, f" {name}", va="bottom", ha="right", fontsize=7)
-    ax.set_xticks(x)
-    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
-               xlabel: str, ylabel: str, title: Optional[str] = None, logx: bool = False,
-               xticklabels: Optional[Sequence[str]] = None) -> Optional[Path]:
-    """Lines with error bands: ``series[name] = (means at x, stds at x)``.
-
-    Raises:
-        ValueError: empty ``x``/``series`` or a series whose lengths differ from ``x``.
-    """
-    if len(x) == 0 or not series:
-        raise ValueError("x and series must be non-empty")
-    for name, (m, s) in series.items():
-        if len(m) != len(x) or len(s) != len(x):
-            raise ValueError(f"series[{name!r}] must have {len(x)} means and stds")
-    figure = _figure_module()
-    if figure is None:
-        return None
-    fig = figure.Figure(figsize=(5.2, 3.6))
-    ax = fig.subplots()
-    xs = np.asarray(x, dtype=np.float64)
-    for name, (m, s) in series.items():
-        m, s = np.asarray(m, dtype=np.float64), np.asarray(s, dtype=np.float64)
-        ax.errorbar(xs, m, yerr=s, marker="o", capsize=3, label=name)
-    if logx:
-        ax.set_xscale("log")
-    if xticklabels is not None:
-        ax.set_xticks(xs)
-        ax.set_xticklabels(xticklabels, fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)

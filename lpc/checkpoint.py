@@ -15,6 +15,10 @@ Each checkpoint is written into a temp directory beside its final name and renam
 (``lpc.io.atomic_directory``): a run killed mid-save leaves the previous checkpoint intact and only a
 ``.step-*.tmp-*`` directory, which the next save removes. Loading uses ``safetensors`` and ``json``
 only, so a checkpoint from an untrusted source cannot run code.
+
+Resume rules (``find_resume``, ``inherited_settings``, ``check_resume_compatible``): a resumed run takes the
+checkpoint's settings unless given, may change only the settings whose field says ``resume="free"``
+(``lpc.config``), and never inherits how the saved run was launched (``resume="launch"``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .io import atomic_directory, remove_stale_temps, write_json_atomic
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import RESUME_FREE, RESUME_LAUNCH, ConfigError, TrainConfig
+from .io import atomic_directory, remove_stale_temps, write_json_atomic, write_text_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -163,8 +171,6 @@ def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimi
     (``lpc.distributed.full_state_dict`` / ``full_optimizer_state_dict``), written instead of the model's and
     optimizer's own (shards); called on rank 0 only. Returns the checkpoint path.
     """
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)  # leftovers of a save that was killed
@@ -194,8 +200,6 @@ def read_state(path: os.PathLike) -> dict:
 
 
 def _load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         return load_file(str(single))
@@ -215,8 +219,6 @@ def load_policy_weights(policy, directory: os.PathLike) -> None:
     Full models: every tensor of the HF-layout safetensors; keys missing from the file must be tied to a
     loaded one (``save_pretrained`` drops tied duplicates such as a tied LM head). LoRA: the adapter.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if is_peft(policy):
         from peft import set_peft_model_state_dict
@@ -261,8 +263,6 @@ def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_opti
     ``prepare_optimizer_state``: maps the saved state dict (the 1-process layout, full tensors) before
     ``optimizer.load_state_dict``; FSDP2 runs cut each tensor to their parameter's shard with it.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     state = read_state(path) if state is None else state
     with safe_open(str(path / OPTIM_FILE), framework="pt") as f:
@@ -276,6 +276,71 @@ def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_opti
 
 def load_rng(path: os.PathLike, state: dict) -> None:
     """Restore the global RNG states saved with the checkpoint at ``path``."""
-    from safetensors.torch import load_file
-
     restore_rng(load_file(str(Path(path) / RNG_FILE)), state["rng"])
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def find_resume(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict], Optional[Path], list[str]]:
+    """``(checkpoint, its trainer_state.json, run directory, notes)`` for ``cfg.resume``; the checkpoint and
+    state are ``None`` without ``--resume`` (or with ``latest`` and no checkpoint yet: a fresh start), the run
+    directory ``None`` when neither ``--output-dir`` nor a checkpoint names it.
+
+    Raises:
+        ConfigError: ``--resume`` names nothing usable, or a checkpoint whose settings differ from ``cfg`` in a
+            setting a resumed run may not change.
+    """
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    if not cfg.resume:
+        return None, None, out_dir, []
+    try:
+        path = resolve_resume(cfg.resume, out_dir)
+    except ValueError as exc:
+        raise ConfigError("resume", str(exc)) from None
+    if path is None:
+        return None, None, out_dir, [f"--resume latest: no checkpoint under {out_dir}, starting from step 0"]
+    state = read_state(path)
+    notes = check_resume_compatible(cfg, state["config"], path)
+    return path, state, out_dir or run_dir_of(path), notes
+
+
+def inherited_settings(resume: str, output_dir: Optional[str]) -> dict:
+    """The settings a run resumed from ``resume`` takes from its checkpoint (all but the launch ones), with the
+    run directory; ``{}`` when there is no checkpoint yet (``latest``). Raises ``ValueError`` like
+    ``resolve_resume``."""
+    found = resolve_resume(resume, output_dir)
+    if found is None:
+        return {}
+    launch = TrainConfig.fields_with(RESUME_LAUNCH)
+    saved = {k: v for k, v in read_state(found)["config"].items() if k not in launch}
+    return {**saved, "output_dir": output_dir or str(run_dir_of(found))}
+
+
+def check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path) -> list[str]:
+    """Raise on settings that would make the resumed run a different run; return notes on free ones."""
+    now = cfg.to_dict()
+    free = TrainConfig.fields_with(RESUME_FREE) | TrainConfig.fields_with(RESUME_LAUNCH)
+    bad = [k for k in now if k not in free and k in saved and saved[k] != now[k]]
+    if bad:
+        raise ConfigError("resume", f"{path} was trained with " + ", ".join(
+            f"{k}={saved[k]!r}" for k in bad) + "; this run has " + ", ".join(f"{k}={now[k]!r}" for k in bad)
+            + ". Resume with the checkpoint's settings, or start a new run (another --output-dir)")
+    notes = []
+    if saved.get("steps") != cfg.steps:
+        notes.append(f"steps changed {saved.get('steps')} -> {cfg.steps}: the learning-rate schedule and the "
+                     "prior mix follow the new total from here")
+    return notes
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines of a metrics file with ``step <= max_step`` (what a killed run wrote after its last
+    checkpoint is redone by the resumed run)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    write_text_atomic(path, "".join(f"{line}\n" for line in keep))

@@ -1,7 +1,10 @@
-"""Configuration dataclasses for the LPC model, the synthetic data and the training loop.
+"""Configuration dataclasses: the LPC latent, the preference loss, the synthetic data, and the training run.
 
-Defaults marked (paper) come from Gong et al. (ICML 2025, arXiv 2505.04993); the rest are our choices
-(see ``../shared/DESIGN.md`` section 1), each exposed as a field so ablations need no code change.
+Every ``TrainConfig`` setting is written once, as a field with its default and, in the field's metadata,
+its help text, its ``--help`` group, its allowed values and its rule on resume (``setting``). The command
+line (``lpc.cli``) is generated from these fields, so a new field is a new flag, a config-file key and a
+``train_config.json`` entry at once. Defaults marked (paper) come from Gong et al. (ICML 2025, arXiv
+2505.04993); the rest are our choices (``docs/design.md`` section 1).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
+
+import torch
 
 PRIOR_MIX = ("linear", "none")
 PRIOR_SAMPLE = ("expected", "gumbel")
@@ -19,6 +24,12 @@ DTYPES = ("float32", "bfloat16")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
+
+# the --help groups of the training flags, in order
+GROUPS = ("objective", "latent (with --lpc)", "optimisation", "model", "data", "evaluation, checkpoints and output")
+# what a resumed run may change (RESUME_FREE: the numbers do not depend on it, or, for steps, the user asks to
+# extend or shorten the run) and what it never takes from the checkpoint (LAUNCH: how this invocation is started)
+RESUME_SAME, RESUME_FREE, RESUME_LAUNCH = "same", "free", "launch"
 
 
 class ConfigError(ValueError):
@@ -34,53 +45,103 @@ class ConfigError(ValueError):
         return "--" + self.field.replace("_", "-")
 
 
+# ---------------------------------------------------------------------------------------- value checks
+# A check is (predicate, what): ConfigError(field, f"must be {what}, got {value!r}") when the predicate fails.
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def int_at_least(low: int) -> Check:
+    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+
+
+def number_above(low: float) -> Check:
+    return (lambda v: _is_number(v) and v > low), f"a number > {low:g}"
+
+
+def number_at_least(low: float) -> Check:
+    return (lambda v: _is_number(v) and v >= low), f"a number >= {low:g}"
+
+
+def in_unit_interval() -> Check:
+    return (lambda v: _is_number(v) and 0.0 <= v <= 1.0), "a number in [0, 1]"
+
+
+def in_half_open(low: float, high: float) -> Check:
+    return (lambda v: _is_number(v) and low <= v < high), f"in [{low:g}, {high:g})"
+
+
+def optional(check: Check) -> Check:
+    pred, what = check
+    return (lambda v: v is None or pred(v)), f"None or {what}"
+
+
+NON_EMPTY_STRING: Check = optional(((lambda v: isinstance(v, str) and v != ""), "a non-empty string"))
+
+
+def setting(default, help: str, *, group: str, choices: Optional[tuple] = None, check: Optional[Check] = None,
+            resume: str = RESUME_SAME):
+    """A config field: ``default`` and what the command line needs to know about it (see the module doc)."""
+    if choices is not None:
+        check = ((lambda v: v in choices), f"one of {list(choices)}")
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                                        "check": check, "resume": resume})
+
+
+def check_fields(obj) -> None:
+    """Run every field's own check (``setting(check=...)``), in declaration order."""
+    for f in dataclasses.fields(obj):
+        check = f.metadata.get("check")
+        value = getattr(obj, f.name)
+        if check is not None and not check[0](value):
+            raise ConfigError(f.name, f"must be {check[1]}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------- configs
+LATENT = GROUPS[1]
+
+
 @dataclass
 class LPCConfig:
     """The latent part of LPC: codebook, prior and posterior heads, and how ``z`` is drawn.
 
-    Attributes:
-        num_codes: K, codebook size (paper: 32; accuracy peaked at K = 32-64).
-        head_hidden: width of the hidden layer of the prior and posterior MLPs; ``None`` = hidden size D
-            (the paper does not publish its widths).
-        codebook_init_std: std of the normal init of the codebook. ``z`` is added to final hidden states
-            that leave an RMSNorm with unit scale, so a small init starts the policy close to the
-            unconditioned one while still giving the heads a gradient through ``E``.
-        tau: Gumbel-softmax temperature (ours: 1.0). hard: one-hot samples with straight-through grads.
-        prior_mix: ``"linear"`` moves ``z`` from posterior-based (g=0) to prior-based (g=1) linearly
-            over training (paper); ``"none"`` always uses the posterior sample (g=0).
-        prior_sample: how ``z_prior`` is formed inside the mix. ``"expected"`` (default) uses the expected
-            embedding ``softmax(prior_logits) @ E``: it is exactly what inference uses, so at the end of
-            training (g=1) the policy is trained on the same ``z`` it is evaluated with. ``"gumbel"`` draws
-            a Gumbel-softmax sample of the prior logits with noise independent of the posterior's.
-        inference: ``"expected"`` (default) ``z = softmax(prior_logits) @ E``; ``"argmax"`` the most
-            probable code ``E[argmax prior_logits]``.
-        detach_features: stop gradients from the heads into the backbone through ``h_x, h_w, h_l``.
+    Attributes (each field's help says the rest):
+        codebook_init_std: ``z`` is added to final hidden states that leave an RMSNorm with unit scale, so a
+            small init starts the policy close to the unconditioned one while still giving the heads a
+            gradient through ``E``.
+        prior_sample: ``"expected"`` uses the expected embedding ``softmax(prior_logits) @ E``: exactly what
+            inference uses, so at the end of training (g=1) the policy is trained on the ``z`` it is evaluated
+            with. ``"gumbel"`` draws a sample of the prior with noise independent of the posterior's.
     """
 
-    num_codes: int = 32
-    head_hidden: Optional[int] = None
-    codebook_init_std: float = 0.02
-    tau: float = 1.0
-    hard: bool = False
-    prior_mix: str = "linear"
-    prior_sample: str = "expected"
-    inference: str = "expected"
-    detach_features: bool = False
+    num_codes: int = setting(32, "codebook size K (paper: 32)", group=LATENT, check=int_at_least(1))
+    codebook_init_std: float = setting(0.02, "std of the codebook's normal init", group=LATENT,
+                                       check=number_at_least(0))
+    head_hidden: Optional[int] = setting(None, "prior/posterior MLP width (default: hidden size)", group=LATENT,
+                                         check=optional(int_at_least(1)))
+    tau: float = setting(1.0, "Gumbel-softmax temperature", group=LATENT, check=number_above(0))
+    hard: bool = setting(False, "one-hot (straight-through) Gumbel samples", group=LATENT)
+    prior_mix: str = setting("linear", "z = g*z_prior + (1-g)*z_post with g rising linearly 0->1 over training, "
+                                       "or g = 0", group=LATENT, choices=PRIOR_MIX)
+    prior_sample: str = setting("expected", "z_prior in the mix: expected embedding softmax(prior) @ E, or a Gumbel "
+                                            "sample of the prior", group=LATENT, choices=PRIOR_SAMPLE)
+    inference: str = setting("expected", "evaluation z: expected prior embedding, or the argmax prior code",
+                             group=LATENT, choices=INFERENCE_CODE)
+    detach_features: bool = setting(False, "stop head gradients from flowing into the backbone through h_x, h_w, "
+                                           "h_l", group=LATENT)
 
     def __post_init__(self) -> None:
-        if self.num_codes < 1:
-            raise ValueError(f"num_codes must be >= 1, got {self.num_codes}")
-        if self.head_hidden is not None and self.head_hidden < 1:
-            raise ValueError(f"head_hidden must be >= 1 or None, got {self.head_hidden}")
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-        for name, allowed in (("prior_mix", PRIOR_MIX), ("prior_sample", PRIOR_SAMPLE),
-                              ("inference", INFERENCE_CODE)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        check_fields(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LPCConfig)}
 
 
 @dataclass
@@ -102,7 +163,7 @@ class LossConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The built-in synthetic preference data (see ``lpc.synthetic``).
+    """The built-in synthetic preference data (see ``lpc.data.synthetic``).
 
     Attributes:
         num_train / num_eval: pairs in the training and held-out splits (independent random streams).
@@ -141,123 +202,131 @@ class SyntheticConfig:
             raise ValueError("num_train and num_eval must be >= 0")
 
 
+OBJECTIVE, OPTIM, MODEL, DATA, OUTPUT = GROUPS[0], GROUPS[2], GROUPS[3], GROUPS[4], GROUPS[5]
+
+
 @dataclass
-class TrainConfig:
-    """Everything ``python -m lpc.train`` takes; the CLI flags map one-to-one onto these fields
-    (``batch_size`` <-> ``--batch-size``). ``python -m lpc.train --help`` documents each with its default.
+class TrainConfig(LPCConfig):
+    """Everything ``python -m lpc.train`` takes: the LPC latent settings (inherited from ``LPCConfig``) and the
+    run's; one CLI flag per field (``batch_size`` <-> ``--batch-size``), generated by ``lpc.cli``.
 
     Batch semantics: ``batch_size`` pairs per optimizer step (the global batch), split into
     ``gradient_accumulation_steps`` equal micro-batches; so the loss, the schedule and the Gumbel noise of
     each example do not depend on how the batch is split.
     """
 
-    loss: str = "dpo"
-    lpc: bool = True
-    steps: int = 800
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    lr: float = 3e-3
-    head_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    num_codes: int = 32
-    codebook_init_std: float = 0.02
-    head_hidden: Optional[int] = None
-    kl_weight: float = 0.05
-    beta: float = 0.1
-    gamma: float = 0.5
-    label_smoothing: float = 0.0
-    ipo_average: bool = True
-    tau: float = 1.0
-    hard: bool = False
-    prior_mix: str = "linear"
-    prior_sample: str = "expected"
-    inference: str = "expected"
-    detach_features: bool = False
-    seed: int = 0
-    output_dir: Optional[str] = None
-    backend: str = "auto"
-    device: str = "auto"
-    strategy: str = "none"
-    eval_size: int = 512
-    eval_every: int = 0
-    eval_batch_size: int = 128
+    # objective
+    loss: str = setting("dpo", "pairwise preference loss", group=OBJECTIVE, choices=LOSS_TYPES)
+    lpc: bool = setting(True, "learn the latent codebook with prior/posterior heads (--no-lpc: plain "
+                              "DPO/IPO/SimPO)", group=OBJECTIVE)
+    beta: float = setting(0.1, "DPO/IPO/SimPO beta", group=OBJECTIVE, check=number_above(0))
+    gamma: float = setting(0.5, "SimPO target margin gamma (used by --loss simpo only)", group=OBJECTIVE,
+                           check=number_at_least(0))
+    label_smoothing: float = setting(0.0, "conservative DPO/SimPO epsilon", group=OBJECTIVE,
+                                     check=in_half_open(0, 0.5))
+    ipo_average: bool = setting(True, "IPO on length-averaged log-probs (TRL); --no-ipo-average: the IPO paper's "
+                                      "sums", group=OBJECTIVE)
+    kl_weight: float = setting(0.05, "weight of KL(posterior || prior) (paper: 0.05)", group=OBJECTIVE,
+                               check=number_at_least(0))
+    # optimisation
+    steps: int = setting(800, "optimizer steps", group=OPTIM, check=int_at_least(1), resume=RESUME_FREE)
+    batch_size: int = setting(32, "preference pairs per optimizer step (the global batch, split by "
+                                  "--gradient-accumulation-steps)", group=OPTIM, check=int_at_least(1))
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (each of batch-size / N pairs); "
+                                                  "must divide --batch-size", group=OPTIM, check=int_at_least(1))
+    lr: float = setting(3e-3, "peak AdamW learning rate", group=OPTIM, check=number_above(0))
+    head_lr: Optional[float] = setting(None, "learning rate of codebook and heads (default: --lr)", group=OPTIM,
+                                       check=optional(number_above(0)))
+    weight_decay: float = setting(0.0, "AdamW weight decay", group=OPTIM, check=number_at_least(0))
+    lr_scheduler: str = setting("cosine", "after linear warmup: cosine or linear decay to --min-lr-ratio of the "
+                                          "peak, or constant", group=OPTIM, choices=LR_SCHEDULERS)
+    warmup_steps: int = setting(30, "linear learning-rate warmup steps", group=OPTIM, check=int_at_least(0))
+    min_lr_ratio: float = setting(0.1, "final learning rate / peak (cosine, linear)", group=OPTIM,
+                                  check=in_unit_interval())
+    max_grad_norm: float = setting(1.0, "gradient clipping (0 disables)", group=OPTIM, check=number_at_least(0))
+    dtype: str = setting("float32", "compute dtype: bfloat16 runs the model under autocast with fp32 master weights "
+                                    "(with LoRA the frozen base weights and the reference are stored in bf16); "
+                                    "codebook and heads stay fp32", group=OPTIM, choices=DTYPES)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less activation "
+                                                  "memory, more compute)", group=OPTIM)
+    seed: int = setting(0, "seed of model init, data order and Gumbel noise", group=OPTIM, check=int_at_least(0))
     # model
-    model: Optional[str] = None
-    ref_model: Optional[str] = None
-    precompute_ref_logps: bool = False
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
+    model: Optional[str] = setting(None, "HF causal LM: a local directory or a hub id (default: a tiny random-init "
+                                         "Llama)", group=MODEL, check=NON_EMPTY_STRING)
+    ref_model: Optional[str] = setting(None, "DPO/IPO reference model (default: a frozen copy of the initial "
+                                             "policy; with LoRA the policy with adapters disabled)", group=MODEL,
+                                       check=NON_EMPTY_STRING)
+    precompute_ref_logps: bool = setting(False, "score the dataset with the reference once before training, cache "
+                                                "the log-probs in <run>/ref_logps.safetensors and free the reference "
+                                                "model (DPO/IPO)", group=MODEL, resume=RESUME_FREE)
+    lora_r: int = setting(0, "LoRA rank through peft (0: full fine-tuning)", group=MODEL, check=int_at_least(0))
+    lora_alpha: float = setting(16.0, "LoRA alpha", group=MODEL, check=number_above(0))
+    lora_dropout: float = setting(0.0, "LoRA dropout", group=MODEL, check=in_half_open(0, 1))
+    lora_target_modules: str = setting("all-linear", "modules LoRA adapts: all-linear (every linear layer but the "
+                                                     "LM head) or a comma-separated list", group=MODEL)
+    hidden_size: int = setting(64, "tiny Llama hidden size D (without --model)", group=MODEL, check=int_at_least(1))
+    num_layers: int = setting(2, "tiny Llama layers (without --model)", group=MODEL, check=int_at_least(1))
+    num_heads: int = setting(4, "tiny Llama attention heads (without --model)", group=MODEL, check=int_at_least(1))
     # data
-    dataset: Optional[str] = None
-    dataset_split: str = "train"
-    eval_dataset: Optional[str] = None
-    eval_split: Optional[str] = None
-    max_length: int = 512
-    max_prompt_length: Optional[int] = None
-    strict: bool = False
-    # checkpoints
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: Optional[str] = None
-    # tiny-model shape (only used without --model)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    # synthetic data (only used without --dataset)
-    num_train: int = 16384
-    hint_prob: float = 0.5
-    flip_fraction: float = 0.0
-    flip_marker: bool = True
-    threads: Optional[int] = None
-    cache_dir: Optional[str] = None
-    progress: bool = True
+    dataset: Optional[str] = setting(None, "local .jsonl/.json/.parquet with prompt/chosen/rejected (strings or "
+                                           "chat-message lists, UltraFeedback-binarized layout, optional source "
+                                           "column) or a `datasets` name (default: the built-in synthetic data)",
+                                     group=DATA, check=NON_EMPTY_STRING)
+    dataset_split: str = setting("train", "split of a named dataset (e.g. train_prefs)", group=DATA)
+    eval_dataset: Optional[str] = setting(None, "held-out file or dataset name (default: --eval-size pairs held out "
+                                                "of --dataset)", group=DATA, check=NON_EMPTY_STRING)
+    eval_split: Optional[str] = setting(None, "held-out split of the named dataset (e.g. test_prefs) (default: held "
+                                              "out of the training split)", group=DATA)
+    eval_size: int = setting(512, "held-out preference pairs (a seeded random subset of --dataset, or the first N "
+                                  "of the eval split)", group=DATA, check=int_at_least(0))
+    max_length: int = setting(512, "max tokens per prompt+answer sequence", group=DATA, check=int_at_least(2))
+    max_prompt_length: Optional[int] = setting(None, "prompts keep their last N tokens; answers are then cut to fit "
+                                                     "--max-length (default: prompts are cut to half of --max-length "
+                                                     "only when a pair does not fit)", group=DATA)
+    strict: bool = setting(False, "stop with an error at the first malformed row (default: skip and count them)",
+                           group=DATA, resume=RESUME_FREE)
+    num_train: int = setting(16384, "synthetic training pairs", group=DATA, check=int_at_least(0))
+    hint_prob: float = setting(0.5, "synthetic: probability a prompt names its source", group=DATA,
+                               check=in_unit_interval())
+    flip_fraction: float = setting(0.0, "synthetic: fraction of training labels flipped", group=DATA,
+                                   check=in_unit_interval())
+    flip_marker: bool = setting(True, "append the [flip] marker to flipped prompts (the paper's protocol); "
+                                      "--no-flip-marker: unmarked label noise", group=DATA)
+    # evaluation, checkpoints and output
+    eval_every: int = setting(0, "evaluate every N steps (0: only at the end)", group=OUTPUT, check=int_at_least(0),
+                              resume=RESUME_FREE)
+    eval_batch_size: int = setting(128, "pairs per evaluation batch", group=OUTPUT, check=int_at_least(1),
+                                   resume=RESUME_FREE)
+    output_dir: Optional[str] = setting(None, "run directory (default: runs/<loss>-<lpc|nolpc>-<time>)",
+                                        group=OUTPUT, check=NON_EMPTY_STRING, resume=RESUME_FREE)
+    save_every: int = setting(0, "write a checkpoint every N steps (0: none)", group=OUTPUT, check=int_at_least(0),
+                              resume=RESUME_FREE)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0: all)", group=OUTPUT, check=int_at_least(0),
+                                    resume=RESUME_FREE)
+    resume: Optional[str] = setting(None, "continue from a checkpoint dir, a run dir (its newest checkpoint) or "
+                                          "'latest' (newest under --output-dir; starts fresh when there is none). "
+                                          "Settings come from the checkpoint unless given (default: none)",
+                                    group=OUTPUT, check=NON_EMPTY_STRING, resume=RESUME_LAUNCH)
+    backend: str = setting("auto", "lpc_kernels backend", group=OUTPUT, choices=BACKENDS, resume=RESUME_FREE)
+    device: str = setting("auto", "torch device (auto: cuda when available, else cpu; under torchrun each rank "
+                                  "takes cuda:LOCAL_RANK)", group=OUTPUT, resume=RESUME_FREE)
+    strategy: str = setting("none", "data parallelism under torchrun (torchrun --nproc-per-node N -m lpc.train ...): "
+                                    "ddp replicates the model, fsdp2 shards it (fully_shard per decoder layer); each "
+                                    "rank takes its slice of the same global --batch-size, so the run matches a "
+                                    "1-process run. NCCL on GPU, gloo on CPU; none: one process", group=OUTPUT,
+                            choices=STRATEGIES, resume=RESUME_LAUNCH)
+    threads: Optional[int] = setting(None, "torch CPU threads (default: 1 for the tiny model, else min(cores, 8))",
+                                     group=OUTPUT, check=optional(int_at_least(1)), resume=RESUME_FREE)
+    cache_dir: Optional[str] = setting(None, "tokenizer cache (default: $LPC_CACHE_DIR or ~/.cache/lpc-kernels)",
+                                       group=OUTPUT, check=NON_EMPTY_STRING, resume=RESUME_FREE)
+    progress: bool = setting(True, "show the progress bar", group=OUTPUT, resume=RESUME_FREE)
 
     def __post_init__(self) -> None:
-        def need(cond: bool, field: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(field, f"must be {what}, got {getattr(self, field)!r}")
-
-        def num(field: str) -> bool:
-            v = getattr(self, field)
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name, allowed in (("loss", LOSS_TYPES), ("prior_mix", PRIOR_MIX), ("prior_sample", PRIOR_SAMPLE),
-                              ("inference", INFERENCE_CODE), ("dtype", DTYPES), ("lr_scheduler", LR_SCHEDULERS),
-                              ("backend", BACKENDS), ("strategy", STRATEGIES)):
-            need(getattr(self, name) in allowed, name, f"one of {list(allowed)}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "num_codes", "eval_batch_size",
-                     "hidden_size", "num_layers", "num_heads"):
-            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                 and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup_steps", "eval_size", "eval_every", "save_every", "keep_checkpoints", "num_train",
-                     "lora_r", "seed"):
-            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                 and getattr(self, name) >= 0, name, "an integer >= 0")
-        for name in ("lr", "beta", "tau", "lora_alpha"):
-            need(num(name) and getattr(self, name) > 0, name, "a number > 0")
-        for name in ("weight_decay", "max_grad_norm", "kl_weight", "gamma", "codebook_init_std"):
-            need(num(name) and getattr(self, name) >= 0, name, "a number >= 0")
-        for name in ("min_lr_ratio", "hint_prob", "flip_fraction"):
-            need(num(name) and 0.0 <= getattr(self, name) <= 1.0, name, "a number in [0, 1]")
-        need(num("label_smoothing") and 0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)")
-        need(num("lora_dropout") and 0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
-        need(self.head_lr is None or (num("head_lr") and self.head_lr > 0), "head_lr", "None or a number > 0")
-        need(self.head_hidden is None or (isinstance(self.head_hidden, int) and self.head_hidden >= 1),
-             "head_hidden", "None or an integer >= 1")
-        need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1), "threads",
-             "None or an integer >= 1")
-        need(isinstance(self.max_length, int) and self.max_length >= 2, "max_length", "an integer >= 2")
-        if self.max_prompt_length is not None:
-            need(isinstance(self.max_prompt_length, int) and 1 <= self.max_prompt_length < self.max_length,
-                 "max_prompt_length", f"None or an integer in [1, max_length={self.max_length})")
+        check_fields(self)
+        if self.max_prompt_length is not None and not (
+                _is_int(self.max_prompt_length) and 1 <= self.max_prompt_length < self.max_length):
+            raise ConfigError("max_prompt_length", f"must be None or an integer in [1, max_length={self.max_length}), "
+                                                   f"got {self.max_prompt_length!r}")
         if self.batch_size % self.gradient_accumulation_steps:
             raise ConfigError("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} (the "
                               f"pairs per optimizer step) into equal micro-batches, got "
@@ -266,7 +335,7 @@ class TrainConfig:
             raise ConfigError("num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
         if self.device != "auto":
             try:
-                torch_device(self.device)
+                torch.device(self.device)
             except (RuntimeError, ValueError) as exc:
                 raise ConfigError("device", f"must be 'auto' or a torch device such as cpu, cuda, cuda:1; "
                                             f"got {self.device!r} ({exc})") from None
@@ -277,21 +346,15 @@ class TrainConfig:
                                           "replicates the frozen base once and all-reduces only the adapters")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "must name the modules LoRA adapts (e.g. all-linear)")
-        for name in ("model", "ref_model", "dataset", "eval_dataset", "output_dir", "resume", "cache_dir"):
-            value = getattr(self, name)
-            need(value is None or (isinstance(value, str) and value != ""), name, "None or a non-empty string")
 
     def lpc_config(self) -> Optional[LPCConfig]:
-        """The ``LPCConfig`` these flags describe, or ``None`` with ``lpc=False``."""
+        """The ``LPCConfig`` these settings describe, or ``None`` with ``lpc=False``."""
         if not self.lpc:
             return None
-        return LPCConfig(num_codes=self.num_codes, codebook_init_std=self.codebook_init_std,
-                         head_hidden=self.head_hidden, tau=self.tau, hard=self.hard, prior_mix=self.prior_mix,
-                         prior_sample=self.prior_sample, inference=self.inference,
-                         detach_features=self.detach_features)
+        return LPCConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LPCConfig)})
 
     def loss_config(self) -> LossConfig:
-        """The ``LossConfig`` of the preference objective these flags describe."""
+        """The ``LossConfig`` of the preference objective these settings describe."""
         return LossConfig(loss_type=self.loss, beta=self.beta, gamma=self.gamma,
                           label_smoothing=self.label_smoothing, kl_weight=self.kl_weight,
                           ipo_average=self.ipo_average, backend=self.backend)
@@ -310,9 +373,7 @@ class TrainConfig:
             raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(sorted(names))})")
         return cls(**{k: v for k, v in d.items() if k in names})
 
-
-def torch_device(name: str):
-    """``torch.device(name)`` (imported lazily so this module stays importable without torch)."""
-    import torch
-
-    return torch.device(name)
+    @classmethod
+    def fields_with(cls, resume: str) -> set[str]:
+        """The names of the fields whose rule on resume is ``resume`` (``RESUME_FREE``, ``RESUME_LAUNCH``)."""
+        return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resume") == resume}

@@ -8,23 +8,23 @@ Everything the trainer needs to run on several processes, on PyTorch's own distr
   error it names the failing rank on stderr, tears the group down without waiting for the other ranks
   (NCCL: abort) and re-raises, so the process exits non-zero with its traceback and ``torchrun`` stops
   the rest of the job. Without ``torchrun`` a ``--strategy ddp|fsdp2`` run is a 1-process group.
-* **Strategies** (``wrap_model``, ``wrap_reference``): DDP replicates the ``LPCModel`` (policy, LM head,
+* **Strategies** (``wrap_model``, ``fsdp2_shard``): DDP replicates the ``LPCModel`` (policy, LM head,
   codebook and heads) and all-reduces gradients; FSDP2 shards each decoder layer, the transformer body
   (embeddings, final norm; unless the embeddings are tied to the LM head) and the root ``LPCModel`` (LM
   head, codebook, prior/posterior heads) over all ranks, with a ``MixedPrecisionPolicy`` under
   ``--dtype bfloat16`` (bf16 compute in the transformer, fp32 gradient reduction; the root unit keeps
   fp32 parameters: the heads and the KL always run in fp32, and the LM head is cast by autocast exactly
   as in a 1-process run). The frozen reference model is replicated under DDP and sharded the same way
-  under FSDP2.
+  under FSDP2 (``lpc.reference.wrap_reference``). A module sharded by ``fsdp2_shard`` names the submodules to
+  shard before it through its ``fsdp_units()`` method (``LPCModel``, ``lpc.reference.ReferenceScorer``).
 * **Same global batch as one process** (``rank_slice``, ``shard_batch``): every rank draws the same
   global batch from the seeded sampler and takes its contiguous slice, so the optimizer sees the same
   gradient (the mean over the global batch) as the 1-process run and the loss curve matches. Each
   example keeps its GLOBAL index for its Gumbel ``(seed, offset)`` (``LPCModel.gumbel_offsets``), so a
   2-process run draws the same codes as the 1-process run.
-* **Metrics** (``gather_rows``, ``gather_fields``, ``all_reduce_scalar``, ``reduce_eval_results``,
-  ``evaluate_sharded``): per-example tensors are gathered in rank order (= global batch order) so the
-  step metrics are computed on the global batch exactly as in one process; held-out evaluation is split
-  across ranks and its metrics are recombined with each rank weighted by its number of pairs.
+* **Metrics** (``gather_rows``, ``gather_fields``, ``all_reduce_scalar``, ``gather_objects``): per-example
+  tensors are gathered in rank order (= global batch order) so the step metrics are computed on the global
+  batch exactly as in one process (held-out evaluation split across ranks: ``lpc.evaluate.evaluate_sharded``).
 * **Rank 0 only** (``DistContext.is_main``, ``main_first``, ``barrier``, ``broadcast_object``): files are written by
   rank 0; work that fills a shared cache runs on rank 0 first.
 * **Checkpoints** (``full_state_dict``, ``full_optimizer_state_dict``, ``shard_state_dict``,
@@ -42,22 +42,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import inspect
 import math
 import os
+import shutil
 import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import STRATEGIES, ConfigError
+from .runtime import resolve_device
 
 # torchrun sets these for every worker (torch.distributed.elastic)
 _ENV_RANK, _ENV_WORLD, _ENV_LOCAL = "RANK", "WORLD_SIZE", "LOCAL_RANK"
@@ -109,31 +116,6 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError("strategy", f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """This rank's device for ``--device name``: ``auto`` / ``cuda`` -> ``cuda:LOCAL_RANK`` when CUDA is
-    available; an explicit ``cuda:N`` is accepted for one process only (each rank needs its own GPU)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("device", f"{name!r} is not a torch device") from None
-    if dev.type != "cuda":
-        return dev
-    if not torch.cuda.is_available():
-        raise ConfigError("device", f"{name!r} requested but torch sees no CUDA device")
-    if dev.index is not None:
-        if world_size > 1:
-            raise ConfigError("device", f"{name!r} names one GPU but {world_size} processes run: pass --device "
-                                        "cuda (or auto) and each rank takes cuda:LOCAL_RANK")
-        return dev
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ConfigError("device", f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: start at "
-                                    f"most {count} processes per node (--nproc-per-node)")
-    return torch.device("cuda", local_rank)
-
-
 def init_distributed(strategy: str = "none", device: str = "auto", *,
                      timeout: Optional[timedelta] = None) -> DistContext:
     """Start the process group for ``strategy`` and pick this rank's device.
@@ -156,7 +138,7 @@ def init_distributed(strategy: str = "none", device: str = "auto", *,
         if world > 1:
             raise ConfigError("strategy", f"torchrun started {world} processes but --strategy is none: each would "
                                           "train its own copy of the model; pass --strategy ddp or fsdp2")
-        return DistContext(device=resolve_device(device))
+        return DistContext(device=resolve_device(device))  # no job: "cuda" stays the current device
     if not dist.is_available():
         raise ConfigError("strategy", f"--strategy {strategy} needs torch.distributed, which this torch build lacks")
     dev = resolve_device(device, local_rank, world)
@@ -191,8 +173,6 @@ def destroy_distributed(ctx: DistContext, *, error: bool = False) -> None:
         return
     # free what still holds the group (FSDP2 states, DDP reducers: reference cycles) while it exists,
     # rather than during interpreter shutdown, where native destructors run in an arbitrary order
-    import gc
-
     gc.collect()
     try:
         if error and ctx.backend == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
@@ -203,8 +183,6 @@ def destroy_distributed(ctx: DistContext, *, error: bool = False) -> None:
         print(f"[rank {ctx.rank}] destroying the process group failed: {exc}", file=sys.stderr, flush=True)
     finally:
         if ctx._store_dir is not None:
-            import shutil
-
             shutil.rmtree(ctx._store_dir, ignore_errors=True)
 
 
@@ -374,30 +352,6 @@ def gather_fields(obj: Any, ctx: DistContext) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- wrapping
-def decoder_layers(policy: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of an HF causal LM: the modules whose class is in ``_no_split_modules``
-    (how HF / accelerate name them, e.g. ``LlamaDecoderLayer``), else the body's ``layers`` list."""
-    from .model import decoder_of
-
-    names: set[str] = set()
-    for m in policy.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    found = [m for m in policy.modules() if type(m).__name__ in names]
-    if found:
-        return found
-    layers = getattr(decoder_of(policy), "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers):
-        return list(layers)
-    raise ValueError(f"cannot find the decoder layers of {type(policy).__name__} to shard with FSDP2 (no "
-                     "_no_split_modules and no .layers list)")
-
-
-def _embeddings_tied(policy: nn.Module) -> bool:
-    inp = policy.get_input_embeddings() if hasattr(policy, "get_input_embeddings") else None
-    out = policy.get_output_embeddings() if hasattr(policy, "get_output_embeddings") else None
-    return inp is not None and out is not None and inp.weight is out.weight
-
-
 @torch.no_grad()
 def broadcast_module_(module: nn.Module, ctx: DistContext, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place).
@@ -417,8 +371,6 @@ def broadcast_module_(module: nn.Module, ctx: DistContext, src: int = 0) -> None
 
 
 def _fsdp_mp_policies(mixed_precision: Optional[torch.dtype]):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     if mixed_precision is None:
         return MixedPrecisionPolicy(), MixedPrecisionPolicy()
     body = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
@@ -426,26 +378,17 @@ def _fsdp_mp_policies(mixed_precision: Optional[torch.dtype]):
     return body, MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
-def fsdp2_shard(root: nn.Module, policy: nn.Module, ctx: DistContext, *,
-                mixed_precision: Optional[torch.dtype] = None) -> nn.Module:
-    """``fully_shard`` every decoder layer of ``policy``, its transformer body (embeddings and final norm;
-    not when the input embeddings are tied to the LM head, whose weight the root's forward reads), then
-    ``root`` (everything left: the LM head and, for an ``LPCModel``, the codebook and heads). ``root``
-    must be the module whose ``forward`` the trainer calls: FSDP2 gathers a unit's parameters in that
-    unit's forward hook, and the LM head weight is read directly, not through ``lm_head.forward``.
-    Sharded in place; returns ``root``."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from .model import decoder_of
-
+def fsdp2_shard(root: nn.Module, ctx: DistContext, *, mixed_precision: Optional[torch.dtype] = None) -> nn.Module:
+    """``fully_shard`` each of ``root.fsdp_units()`` (for an ``LPCModel``: every decoder layer of its policy, then
+    the transformer body: ``lpc.model.shard_units``), then ``root`` itself (everything left: the LM head and, for
+    an ``LPCModel``, the codebook and heads). ``root`` must be the module whose ``forward`` the trainer calls:
+    FSDP2 gathers a unit's parameters in that unit's forward hook, and the LM head weight is read directly, not
+    through ``lm_head.forward``. Sharded in place; returns ``root``."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     body_mp, root_mp = _fsdp_mp_policies(mixed_precision)
     broadcast_module_(root, ctx)
-    for layer in decoder_layers(policy):
-        fully_shard(layer, mesh=mesh, mp_policy=body_mp)
-    if not _embeddings_tied(policy):
-        fully_shard(decoder_of(policy), mesh=mesh, mp_policy=body_mp)
+    for unit in root.fsdp_units():
+        fully_shard(unit, mesh=mesh, mp_policy=body_mp)
     fully_shard(root, mesh=mesh, mp_policy=root_mp)
     return root
 
@@ -467,70 +410,23 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, mixed_precision: Optional[
     if ctx.strategy == "none":
         return model
     if ctx.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # no buffer broadcast before every forward: the model's buffers (rotary tables) are computed, never
         # trained, hence equal on every rank; the flag was renamed in recent torch (the old name warns)
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})
-        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_sync)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_sync)
     if ctx.strategy == "fsdp2":
         # LPCModel returns views (the chosen / rejected halves of one [2B] pass); FSDP2 warns that an in-place
         # op on such a view would skip its backward hook. The trainer never modifies outputs in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        return fsdp2_shard(model, model.policy, ctx, mixed_precision=mixed_precision)
+        return fsdp2_shard(model, ctx, mixed_precision=mixed_precision)
     raise ConfigError("strategy", f"must be one of {list(STRATEGIES)}, got {ctx.strategy!r}")
 
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module under a DDP wrapper (FSDP2 shards in place: the module is its own)."""
     return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
-
-
-class ReferenceScorer(nn.Module):
-    """A frozen reference model as a module whose ``forward(batch)`` returns ``(chosen [B], rejected [B])``
-    summed answer log-probs: the unit FSDP2 shards, so that its forward hook gathers the LM head weight
-    that ``lpc.model.reference_logps`` reads directly."""
-
-    def __init__(self, ref_model: nn.Module, backend: str = "auto"):
-        super().__init__()
-        self.ref = ref_model
-        self.backend = backend
-
-    def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
-        from .model import reference_logps
-
-        return reference_logps(self.ref, batch, backend=self.backend)
-
-
-class ShardedReference:
-    """The ``batch -> (chosen, rejected)`` scorer of an FSDP2-sharded reference (``wrap_reference``): no
-    gradients, under ``autocast_dtype`` like ``lpc.reference.LiveReference``. Every rank must call it the
-    same number of times (each call all-gathers the reference's shards)."""
-
-    def __init__(self, scorer: ReferenceScorer, autocast_dtype: Optional[torch.dtype] = None):
-        self.scorer, self.autocast_dtype = scorer, autocast_dtype
-
-    @torch.no_grad()
-    def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
-        from .reference import _autocast
-
-        with _autocast(batch["chosen_input_ids"].device, self.autocast_dtype):
-            return self.scorer(batch)
-
-
-def wrap_reference(ref_model: nn.Module, ctx: DistContext, *, backend: str = "auto",
-                   autocast_dtype: Optional[torch.dtype] = None) -> Callable:
-    """An FSDP2-sharded scorer of the frozen ``ref_model`` (on ``ctx.device``), for ``--strategy fsdp2``.
-    Under DDP the reference is simply replicated: use ``lpc.reference.LiveReference``."""
-    if ctx.strategy != "fsdp2":
-        raise ValueError(f"wrap_reference shards for fsdp2; under {ctx.strategy!r} replicate the reference")
-    ref_model.eval().requires_grad_(False)
-    scorer = ReferenceScorer(ref_model, backend)
-    # the reference's weights are stored in their compute dtype already (bf16 with --dtype bfloat16)
-    fsdp2_shard(scorer, ref_model, ctx, mixed_precision=None)
-    return ShardedReference(scorer, autocast_dtype)
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
@@ -575,7 +471,7 @@ def full_state_dict(module: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
     return out
 
 
-def _flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+def flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
@@ -600,8 +496,6 @@ def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, ctx: DistContext
 def _shard_like(full: Tensor, param: Tensor) -> Tensor:
     """``full`` cut to ``param``'s sharding (a DTensor with the same placements), or moved to its device."""
     if _is_dtensor(param):
-        from torch.distributed.tensor import distribute_tensor
-
         if tuple(full.shape) != tuple(param.shape):
             raise ValueError(f"a saved tensor of shape {tuple(full.shape)} cannot fill a parameter of shape "
                              f"{tuple(param.shape)}")
@@ -614,8 +508,6 @@ def _shard_like(full: Tensor, param: Tensor) -> Tensor:
 
 def _clone_dtensor(t: Tensor) -> Tensor:
     """A DTensor with the same placements over a copy of ``t``'s local shard."""
-    from torch.distributed.tensor import DTensor
-
     return DTensor.from_local(t.to_local().clone(), t.device_mesh, t.placements, run_check=False,
                               shape=t.shape, stride=t.stride())
 
@@ -636,7 +528,7 @@ def shard_optimizer_state_dict(full: dict, optimizer: torch.optim.Optimizer) -> 
     for ``optimizer.load_state_dict`` on an optimizer over FSDP2-sharded parameters. The parameter order
     must be the one the state was saved with (the trainer builds its param groups the same way at any
     world size)."""
-    params = _flat_params(optimizer)
+    params = flat_params(optimizer)
     state = {}
     for pid, st in full["state"].items():
         idx = int(pid)
@@ -656,94 +548,10 @@ def shard_optimizer_state_dict(full: dict, optimizer: torch.optim.Optimizer) -> 
     return {"state": state, "param_groups": full["param_groups"]}
 
 
-# ------------------------------------------------------------------------------------- evaluation
-class IndexView:
-    """``dataset[indices]`` as a sequence (what ``lpc.data.batches`` needs); pairs keep their own index."""
-
-    def __init__(self, dataset, indices: Sequence[int]):
-        self.dataset, self.indices = dataset, list(indices)
-        self.rows = [dataset.rows[i] for i in self.indices] if hasattr(dataset, "rows") else None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.dataset[self.indices[i]]
-
-
-def _gather_objects(obj: Any, ctx: DistContext) -> list:
+def gather_objects(obj: Any, ctx: DistContext) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group)."""
     if not ctx.distributed or ctx.world_size == 1:
         return [obj]
     out: list = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def reduce_eval_results(local: dict, arrays: dict, ctx: DistContext,
-                        source_names: Optional[Sequence[str]] = None) -> dict:
-    """Combine the rank-local results of ``lpc.evaluate.evaluate(..., return_arrays=True)`` into what one
-    process evaluating all the pairs returns (the same keys, equal values up to float rounding).
-
-    Means of per-pair quantities (``loss``, ``prior_entropy``) are weighted by each rank's pair count;
-    ``accuracy``, ``reward_margin``, ``accuracy_by_source`` and ``code_source_nmi`` are recomputed from
-    the gathered per-pair arrays; ``prior_code_perplexity`` (usage of the mean prior distribution) from
-    the gathered prior probabilities. Any other float metric is combined as a weighted mean.
-    """
-    import numpy as np
-
-    from .model import code_perplexity
-
-    gathered = _gather_objects((local, arrays), ctx)
-    counts = [int(r.get("num_pairs", 0)) for r, _ in gathered]
-    total = sum(counts)
-    if total == 0:
-        return {"num_pairs": 0}
-    parts = [(r, a) for (r, a), n in zip(gathered, counts) if n > 0]
-    cat = {k: np.concatenate([a[k] for _, a in parts]) for k in parts[0][1]}
-    margin = torch.from_numpy(cat["margin"]).float()
-    correct = (margin > 0).float()
-    src = torch.from_numpy(cat["source"])
-    result: dict = {"num_pairs": total, "accuracy": float(correct.mean()), "reward_margin": float(margin.mean())}
-    float_keys = [k for k, v in parts[0][0].items() if isinstance(v, float) and k not in result]
-    for key in float_keys:
-        if key == "prior_code_perplexity" and "prior_probs" in cat:
-            probs = torch.from_numpy(cat["prior_probs"]).float()
-            result[key] = float(code_perplexity(torch.log(probs.clamp_min(1e-30))))
-        elif key == "code_source_nmi" and "prior_code" in cat:
-            from .analysis import normalized_mutual_information
-
-            result[key] = normalized_mutual_information(cat["prior_code"], cat["source"]) if len(src) else 0.0
-        else:  # a mean over pairs: weight each rank's mean by its pair count
-            result[key] = sum(r[key] * int(r["num_pairs"]) for r, _ in parts) / total
-    if bool((src >= 0).any()):
-        from .evaluate import accuracy_by_source
-
-        result["accuracy_by_source"] = accuracy_by_source(correct, src, source_names)
-    # keep evaluate()'s key order (what eval.json readers see)
-    order = list(parts[0][0])
-    return {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}
-
-
-def evaluate_sharded(evaluate_fn: Callable, model: nn.Module, ref: Any, dataset, collator, loss_cfg, ctx: DistContext,
-                     *, batch_size: int, source_names: Optional[Sequence[str]] = None) -> dict:
-    """Held-out evaluation split across ranks: each rank runs ``evaluate_fn`` (``lpc.evaluate.evaluate``)
-    on its contiguous share of ``dataset`` (``split_evenly``) and the results are combined on every rank
-    (``reduce_eval_results``). Under FSDP2 every forward is collective, so a rank with fewer batches runs
-    dummy batches (one pair each, results discarded) until all ranks have run the same number."""
-    if not ctx.distributed or ctx.world_size == 1:
-        return evaluate_fn(model, ref, dataset, collator, loss_cfg, batch_size=batch_size, source_names=source_names)
-    share = IndexView(dataset, split_evenly(len(dataset), ctx.rank, ctx.world_size))
-    local, arrays = ({"num_pairs": 0}, {})
-    if len(share):
-        local, arrays = evaluate_fn(model, ref, share, collator, loss_cfg, batch_size=batch_size,
-                                    source_names=source_names, return_arrays=True)
-    if ctx.strategy == "fsdp2" and len(dataset):
-        # every rank knows every share's size, so no collective here: one would interleave with the
-        # forwards' all-gathers of a rank that is still evaluating
-        mine = math.ceil(len(share) / batch_size)
-        most = max(math.ceil(len(split_evenly(len(dataset), r, ctx.world_size)) / batch_size)
-                   for r in range(ctx.world_size))
-        if most > mine:
-            evaluate_fn(model, ref, IndexView(dataset, [0] * (most - mine)), collator, loss_cfg, batch_size=1,
-                        source_names=source_names)
-    return reduce_eval_results(local, arrays, ctx, source_names)

@@ -20,17 +20,25 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .analysis import code_histogram, normalized_mutual_information, perplexity, plot_code_usage, save_figure
+from . import checkpoint as ckpt_lib
+from . import distributed as dist_lib
+from .analysis import code_histogram, normalized_mutual_information, perplexity
+from .builders import build_data, build_lpc_model, build_policy, initial_reference, load_tokenizer
 from .cli import HelpFormatter
-from .data import PreferenceCollator, PreferenceDataset, batches, to_device
+from .config import TrainConfig
+from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, synthetic, to_device
+from .io import write_json_atomic
 from .losses import LossConfig, preference_objective
 from .model import LPCModel, code_perplexity, entropy_from_logits, reference_logps
+from .plots import plot_code_usage, plot_margins, plot_source_accuracy, plot_training_curves
+from .reference import LiveReference, cached_eval_reference
+from .runtime import autocast, autocast_dtype, resolve_device, threads_for
 
 
 def _nmi(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,63 +122,69 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
     return (result, arrays) if return_arrays else result
 
 
+# ----------------------------------------------------------------------------------- data-parallel
+def reduce_eval_results(local: dict, arrays: dict, ctx: dist_lib.DistContext,
+                        source_names: Optional[Sequence[str]] = None) -> dict:
+    """Combine the rank-local results of ``evaluate(..., return_arrays=True)`` into what one
+    process evaluating all the pairs returns (the same keys, equal values up to float rounding).
+
+    Means of per-pair quantities (``loss``, ``prior_entropy``) are weighted by each rank's pair count;
+    ``accuracy``, ``reward_margin``, ``accuracy_by_source`` and ``code_source_nmi`` are recomputed from
+    the gathered per-pair arrays; ``prior_code_perplexity`` (usage of the mean prior distribution) from
+    the gathered prior probabilities. Any other float metric is combined as a weighted mean.
+    """
+    gathered = dist_lib.gather_objects((local, arrays), ctx)
+    counts = [int(r.get("num_pairs", 0)) for r, _ in gathered]
+    total = sum(counts)
+    if total == 0:
+        return {"num_pairs": 0}
+    parts = [(r, a) for (r, a), n in zip(gathered, counts) if n > 0]
+    cat = {k: np.concatenate([a[k] for _, a in parts]) for k in parts[0][1]}
+    margin = torch.from_numpy(cat["margin"]).float()
+    correct = (margin > 0).float()
+    src = torch.from_numpy(cat["source"])
+    result: dict = {"num_pairs": total, "accuracy": float(correct.mean()), "reward_margin": float(margin.mean())}
+    float_keys = [k for k, v in parts[0][0].items() if isinstance(v, float) and k not in result]
+    for key in float_keys:
+        if key == "prior_code_perplexity" and "prior_probs" in cat:
+            probs = torch.from_numpy(cat["prior_probs"]).float()
+            result[key] = float(code_perplexity(torch.log(probs.clamp_min(1e-30))))
+        elif key == "code_source_nmi" and "prior_code" in cat:
+            result[key] = normalized_mutual_information(cat["prior_code"], cat["source"]) if len(src) else 0.0
+        else:  # a mean over pairs: weight each rank's mean by its pair count
+            result[key] = sum(r[key] * int(r["num_pairs"]) for r, _ in parts) / total
+    if bool((src >= 0).any()):
+        result["accuracy_by_source"] = accuracy_by_source(correct, src, source_names)
+    # keep evaluate()'s key order (what eval.json readers see)
+    order = list(parts[0][0])
+    return {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}
+
+
+def evaluate_sharded(model: nn.Module, ref: Any, dataset, collator, loss_cfg, ctx: dist_lib.DistContext,
+                     *, batch_size: int, source_names: Optional[Sequence[str]] = None) -> dict:
+    """Held-out evaluation split across ranks: each rank runs ``evaluate`` on its contiguous share of
+    ``dataset`` (``split_evenly``) and the results are combined on every rank (``reduce_eval_results``). Under FSDP2 every forward is collective, so a rank with fewer batches runs
+    dummy batches (one pair each, results discarded) until all ranks have run the same number."""
+    if not ctx.distributed or ctx.world_size == 1:
+        return evaluate(model, ref, dataset, collator, loss_cfg, batch_size=batch_size, source_names=source_names)
+    share = IndexView(dataset, dist_lib.split_evenly(len(dataset), ctx.rank, ctx.world_size))
+    local, arrays = ({"num_pairs": 0}, {})
+    if len(share):
+        local, arrays = evaluate(model, ref, share, collator, loss_cfg, batch_size=batch_size,
+                                 source_names=source_names, return_arrays=True)
+    if ctx.strategy == "fsdp2" and len(dataset):
+        # every rank knows every share's size, so no collective here: one would interleave with the
+        # forwards' all-gathers of a rank that is still evaluating
+        mine = math.ceil(len(share) / batch_size)
+        most = max(math.ceil(len(dist_lib.split_evenly(len(dataset), r, ctx.world_size)) / batch_size)
+                   for r in range(ctx.world_size))
+        if most > mine:
+            evaluate(model, ref, IndexView(dataset, [0] * (most - mine)), collator, loss_cfg, batch_size=1,
+                     source_names=source_names)
+    return reduce_eval_results(local, arrays, ctx, source_names)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
-def _figure():
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure
-
-
-def plot_margins(margin: np.ndarray, path: Path) -> Optional[Path]:
-    """Histogram of held-out reward margins (> 0: the pair is ranked correctly)."""
-    Figure = _figure()
-    if Figure is None:
-        return None
-    fig = Figure(figsize=(5, 3))
-    ax = fig.subplots()
-    ax.hist(margin, bins=40, color="tab:blue")
-    ax.axvline(0.0, color="black", lw=1)
-    ax.set_xlabel("reward margin r(x, y_w) - r(x, y_l)")
-    ax.set_ylabel("pairs")
-    ax.set_title(f"held-out: {float((margin > 0).mean()):.3f} ranked correctly", fontsize=9)
-    return save_figure(fig, path)
-
-
-def plot_source_accuracy(by_source: dict, path: Path) -> Optional[Path]:
-    """Bar chart of per-source held-out accuracy."""
-    Figure = _figure()
-    if Figure is None or not by_source:
-        return None
-    fig = Figure(figsize=(max(4, 0.8 * len(by_source) + 2), 3))
-    ax = fig.subplots()
-    ax.bar(list(by_source), list(by_source.values()), color="tab:green")
-    ax.axhline(0.5, color="black", lw=1, ls="--")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.tick_params(axis="x", rotation=30)
-    return save_figure(fig, path)
-
-
-def plot_training_curves(metrics_path: Path, path: Path) -> Optional[Path]:
-    """Loss and reward accuracy per step from ``metrics.jsonl``."""
-    Figure = _figure()
-    if Figure is None or not metrics_path.exists():
-        return None
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    if not rows:
-        return None
-    steps = [r["step"] for r in rows]
-    fig = Figure(figsize=(9, 3))
-    axes = fig.subplots(1, 2)
-    for ax, key in zip(axes, ("loss", "rewards/accuracies")):
-        ax.plot(steps, [r[key] for r in rows], lw=0.8)
-        ax.set_xlabel("step")
-        ax.set_title(key, fontsize=9)
-    return save_figure(fig, path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m lpc.evaluate`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m lpc.evaluate", formatter_class=HelpFormatter,
@@ -194,11 +208,6 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     reference comes from the run's reference cache when it has one, else it is rebuilt (``--ref-model``,
     or the initial policy: ``--model`` or the tiny model from ``--seed``).
     """
-    from . import checkpoint as ckpt_lib
-    from .config import TrainConfig
-    from .reference import CACHE_FILE, CachedReference, LiveReference, _autocast, load_cache
-    from .train import _autocast_dtype, _resolve_device, build_data, initial_reference, reference_fingerprint
-
     run_dir = Path(run)
     cfg_path = run_dir / "train_config.json"
     if not cfg_path.is_file():
@@ -215,42 +224,25 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     if not (model_dir / "lpc_config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved LPC model (no lpc_config.json); finished runs have "
                                 "final/, use --checkpoint latest for an unfinished one")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
-    threads = torch.get_num_threads()
-    from .train import default_threads
-
-    torch.set_num_threads(cfg.threads or default_threads(cfg))
-    try:
+    with threads_for(cfg):
         model = _load_model(model_dir, cfg, dev)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(model_dir)
         train_set, eval_set, names, syn = build_data(cfg, tokenizer)
         collator = PreferenceCollator(tokenizer.pad_token_id)
         loss_cfg = cfg.loss_config()
-        autocast_dtype = _autocast_dtype(cfg)
         ref = None
         if loss_cfg.needs_reference:
-            cached = load_cache(run_dir / CACHE_FILE, reference_fingerprint(cfg, train_set, eval_set))
-            if cached is not None:
-                ref = CachedReference(cached["eval.chosen"], cached["eval.rejected"])
-            if ref is None:
-                ref = LiveReference(initial_reference(cfg).to(dev), backend=cfg.backend,
-                                    autocast_dtype=autocast_dtype)
-        with _autocast(dev, autocast_dtype):
+            ref = cached_eval_reference(cfg, run_dir, train_set, eval_set) or LiveReference(
+                initial_reference(cfg).to(dev), backend=cfg.backend, autocast_dtype=autocast_dtype(cfg))
+        with autocast(dev, autocast_dtype(cfg)):
             result, arrays = evaluate(model, ref, eval_set, collator, loss_cfg,
                                       batch_size=batch_size or cfg.eval_batch_size, source_names=names,
                                       return_arrays=True)
-    finally:
-        torch.set_num_threads(threads)
     if not result.get("num_pairs"):
         raise ValueError(f"{run}: the run has no held-out pairs (eval_size={cfg.eval_size})")
     if syn is not None:
-        from . import synthetic
-
         result["bayes_accuracy"] = synthetic.bayes_accuracy(eval_set.rows, syn)
     m = arrays["margin"]
     result["reward_margin_quantiles"] = {q: float(np.quantile(m, float(q))) for q in ("0.1", "0.5", "0.9")}
@@ -286,21 +278,16 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
                     continue
                 (written if fn(out / name) is not None else skipped).append(name)
     result["plots"] = written
-    from .io import write_json_atomic
-
     write_json_atomic(out / "evaluation.json", result)
     result["_output_dir"] = str(out)
     result["_skipped_plots"] = skipped
     return result
 
 
-def _load_model(model_dir: Path, cfg, device: torch.device) -> LPCModel:
+def _load_model(model_dir: Path, cfg: TrainConfig, device: torch.device) -> LPCModel:
     """An ``LPCModel`` from ``final/`` or a checkpoint (a LoRA checkpoint: base model + adapter)."""
     if (model_dir / "adapter_config.json").is_file():
-        from . import checkpoint as ckpt_lib
-        from .train import apply_lora, build_policy
-
-        model = LPCModel(apply_lora(build_policy(cfg)[0], cfg), cfg.lpc_config(), backend=cfg.backend)
+        model = build_lpc_model(cfg, build_policy(cfg)[0])
         ckpt_lib.load_model_state(model_dir, model)  # the adapter, then the codebook and heads
         return model.to(device).eval()
     return LPCModel.from_pretrained(model_dir, backend=cfg.backend).to(device).eval()

@@ -1,9 +1,9 @@
-"""``python -m lpc.experiments paper``: the paper's claims (DESIGN.md section 1), tested in miniature.
+"""``python -m lpc.experiments paper``: the paper's claims (``docs/design.md`` section 1), tested in miniature.
 
 Gong et al. (ICML 2025) claim that LPC improves DPO, SimPO and IPO; that it is robust to flipped labels
 (50% of pairs flipped, ``[FLIP]`` appended to their prompts); and that its latent codes separate the
 preference sources. This study trains, for several seeds, on the synthetic multi-source data of
-``lpc.synthetic`` (known ground truth: four sources, conflicting weights on observable answer attributes):
+``lpc.data.synthetic`` (known ground truth: four sources, conflicting weights on observable answer attributes):
 
 * methods: DPO / SimPO / IPO, each plain and with LPC, with source hints in half of the prompts
   (``hint_prob=0.5``, the trainer's default) and without (``hint_prob=0``: only the topic hints at the source);
@@ -46,6 +46,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -55,10 +56,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
-from . import analysis
+from . import analysis, plots
+from .builders import build_data, build_policy, initial_reference, split_indices
 from .cli import HelpFormatter
+from .config import TrainConfig
+from .data import PreferenceCollator, assign_source_ids, load_jsonl, load_preference_rows
 from .io import atomic_file, write_json_atomic, write_text_atomic
+from .model import LPCModel
+from .runtime import quiet_transformers
+from .train import train
 
 LOSSES = ("dpo", "simpo", "ipo")
 METHOD_LABEL = {"dpo": "DPO", "simpo": "SimPO", "ipo": "IPO"}
@@ -130,8 +138,6 @@ def _canonical(overrides: dict, defaults: dict) -> str:
 def plan(seeds: Sequence[int], base: dict, real_data: bool = False) -> tuple[list[dict], dict[str, str]]:
     """``(runs, alias)``: the distinct runs (``{"name", "seed", "overrides"}``; ``name-s<seed>`` is the run
     directory) and ``alias[condition] = name`` of the run that computes it."""
-    from .config import TrainConfig
-
     defaults = {**TrainConfig().to_dict(), **base}
     first: dict[str, str] = {}
     alias: dict[str, str] = {}
@@ -160,8 +166,6 @@ def prepare_real_dataset(path: os.PathLike, out_dir: Path) -> tuple[Path, list[s
     sources; returns ``(copy, source_names)``. Rows are read by ``data.load_preference_rows`` (strict: a
     malformed row raises, naming its line) and numbered by ``data.assign_source_ids`` (string sources in
     sorted order, integer sources kept, missing ones -1)."""
-    from .data import assign_source_ids, load_preference_rows
-
     rows = load_preference_rows(path, strict=True)[0]
     names = assign_source_ids(rows) or []
     out = out_dir / "data" / "clean.jsonl"
@@ -174,23 +178,11 @@ def _write_rows_atomic(path: Path, rows: Sequence[dict]) -> None:
                                     for row in rows))
 
 
-def _split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """``(eval, train)`` row indices exactly as ``lpc.train.build_data`` splits a ``--dataset`` file (the
-    runner checks the held-out rows it gets back against this, so a changed split cannot go unnoticed)."""
-    import torch
-
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = min(eval_size, n // 2)
-    return perm[:n_eval], perm[n_eval:]
-
-
 def _noisy_real_dataset(clean: Path, out_dir: Path, fraction: float, marked: bool, eval_size: int,
                         seed: int) -> Path:
     """A copy of ``clean`` with ``fraction`` of its *training* rows flipped (held-out rows untouched)."""
-    from .data import load_jsonl
-
     rows = load_jsonl(clean)
-    _, train_idx = _split_indices(len(rows), eval_size, seed)
+    _, train_idx = split_indices(len(rows), eval_size, seed)
     flipped = analysis.flip_pairs([rows[i] for i in train_idx], fraction,
                                   marker=REAL_FLIP_MARKER if marked else None, seed=seed)
     for i, row in zip(train_idx, flipped):
@@ -206,13 +198,6 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
     Runs in a worker process: everything it needs comes in as plain data, everything it produces goes to
     disk (``result.json`` last, so its presence means the run is complete).
     """
-    import torch
-
-    from .config import TrainConfig
-    from .data import PreferenceCollator, load_jsonl
-    from .model import LPCModel
-    from .train import build_data, build_policy, initial_reference, train
-
     t0 = time.perf_counter()
     out = Path(out_dir)
     rdir = run_dir(out, run)
@@ -240,10 +225,10 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
     if cfg.dataset is not None:
         source_names = real_names or source_names
         clean = load_jsonl(base["dataset"])
-        eval_idx, _ = _split_indices(len(clean), cfg.eval_size, cfg.seed)
+        eval_idx, _ = split_indices(len(clean), cfg.eval_size, cfg.seed)
         expect = [(clean[i]["prompt"], clean[i]["chosen"]) for i in eval_idx]
         if [(r["prompt"], r["chosen"]) for r in eval_set.rows] != expect:
-            raise RuntimeError("lpc.train.build_data no longer splits --dataset files as _split_indices assumes: "
+            raise RuntimeError("lpc.builders.build_data no longer splits --dataset files as split_indices assumes: "
                                "held-out rows could carry injected label noise")
     collator = PreferenceCollator(tokenizer.pad_token_id)
     pairs = analysis.collect_pairs(model, eval_set, collator, cfg.eval_batch_size, ref_model=ref_model,
@@ -285,28 +270,17 @@ def run_one(run: dict, out_dir: str, base: dict) -> dict:
     return result
 
 
-def _quiet_hf() -> None:
-    """No per-run "Loading weights" / "Writing model shards" bars: one progress line per run is the log."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)
-    _quiet_hf()
 
 
 def _run_safely(run: dict, out_dir: str, base: dict) -> dict:
     """``run_one`` with the error turned into data (a traceback string), so one failure does not stop the
-    others and the parent can report it."""
+    others and the parent can report it. No per-run "Loading weights" / "Writing model shards" bars: one
+    progress line per run is the study's log."""
     try:
-        return {"ok": True, "result": run_one(run, out_dir, base)}
+        with quiet_transformers():
+            return {"ok": True, "result": run_one(run, out_dir, base)}
     except Exception:  # noqa: BLE001 - reported to the parent with its traceback
         return {"ok": False, "error": traceback.format_exc()}
 
@@ -384,8 +358,6 @@ def run_study(out_dir: Path, *, seeds: int, jobs: int, quick: bool, model: Optio
             log(f"[{done}/{len(todo)}] {rid}: FAILED\n{res['error']}")
 
     if jobs == 1 or len(todo) <= 1:
-        if todo:
-            _quiet_hf()
         for run in todo:
             finished(run, _run_safely(run, str(out_dir), payload_for(train_base, base)))
     else:
@@ -488,7 +460,7 @@ def write_report(out_dir: os.PathLike) -> Path:
     results = _load_results(out_dir)
     res = _Results(results, alias)
     names = next((r["source_names"] for r in results if r.get("source_names")), None) or []
-    plots = out_dir / "plots"
+    plot_dir = out_dir / "plots"
     L: list[str] = ["# LPC in miniature: the paper's claims on data with known ground truth", ""]
 
     # ------------------------------------------------------------------ setup
@@ -497,7 +469,7 @@ def write_report(out_dir: os.PathLike) -> Path:
     wall = sum(r.get("wall_s") or 0.0 for r in results)
     L += ["## Setup", "",
           f"- command: `{study.get('command') or 'python -m lpc.experiments paper'}`",
-          f"- data: {'`' + study['dataset'] + '`' if real else 'synthetic (lpc.synthetic: 4 sources, 6 attributes)'}"
+          f"- data: {'`' + study['dataset'] + '`' if real else 'synthetic (lpc.data.synthetic: 4 sources, 6 attributes)'}"
           f"; model: {'`' + base['model'] + '`' if base.get('model') else 'tiny random-init Llama'}",
           f"- per run: {base['steps']} steps x {base['batch_size']} pairs, {base['num_train']} training pairs"
           f"{' (synthetic)' if not real else ''}, {base['eval_size']} held-out pairs; other settings are "
@@ -539,7 +511,7 @@ def write_report(out_dir: os.PathLike) -> Path:
         series[label] = _mean_std_lists(res, [f"{loss}-{'lpc' if lpc else 'plain'}-{mode}" for loss in LOSSES
                                               for lpc in (False, True)], _acc)
     hl = {"Bayes-optimal": float(np.mean(bayes))} if bayes else None
-    analysis.plot_bars(groups, series, plots / "accuracy_by_method.png", ylabel="held-out accuracy",
+    plots.plot_bars(groups, series, plot_dir / "accuracy_by_method.png", ylabel="held-out accuracy",
                        title="Accuracy by method (mean ± std over seeds)", ylim=(0.4, 1.0), hlines=hl)
     L += ["![accuracy by method](plots/accuracy_by_method.png)", ""]
 
@@ -561,7 +533,7 @@ def write_report(out_dir: os.PathLike) -> Path:
                 if loss == "dpo":
                     src_series[label] = _mean_std_lists_src(res, cond, names)
         L += _table(["method"] + list(names), rows)
-        analysis.plot_bars(list(names), src_series, plots / "accuracy_by_source.png", ylabel="held-out accuracy",
+        plots.plot_bars(list(names), src_series, plot_dir / "accuracy_by_source.png", ylabel="held-out accuracy",
                            title="DPO vs LPC-DPO by source (hints on)", ylim=(0.4, 1.0))
         L += ["![accuracy by source](plots/accuracy_by_source.png)", ""]
     else:
@@ -593,7 +565,7 @@ def write_report(out_dir: os.PathLike) -> Path:
         line_series[f"{label}, unmarked"] = (m[:-1] + [nan], s[:-1] + [0.0])
         line_series[f"{label}, {int(NOISE_MARKED * 100)}% marked"] = ([nan] * (len(xs) - 1) + [m[-1]],
                                                                       [0.0] * (len(xs) - 1) + [s[-1]])
-    analysis.plot_lines(xs, line_series, plots / "label_noise.png", xlabel="flipped training pairs (%)",
+    plots.plot_lines(xs, line_series, plot_dir / "label_noise.png", xlabel="flipped training pairs (%)",
                         ylabel="clean held-out accuracy", title="Label noise")
     L += ["![label noise](plots/label_noise.png)", ""]
 
@@ -623,7 +595,7 @@ def write_report(out_dir: os.PathLike) -> Path:
             hists[f"LPC-{METHOD_LABEL[loss]} posterior (seed {first})"] = np.array(rs[0]["codes"]["posterior_hist"])
             hists[f"LPC-{METHOD_LABEL[loss]} prior (seed {first})"] = np.array(rs[0]["codes"]["prior_hist"])
     if hists:
-        analysis.plot_code_usage(hists, plots / "code_usage.png")
+        plots.plot_code_usage(hists, plot_dir / "code_usage.png")
         L += ["![code usage](plots/code_usage.png)", ""]
     method_used = None
     for loss in LOSSES:
@@ -645,7 +617,7 @@ def write_report(out_dir: os.PathLike) -> Path:
             panels[f"z from the {side} (NMI {rs[0]['codes'][f'{side}_nmi'] or 0:.2f})"] = xy
         if panels:
             fname = f"projection_{loss}.png"
-            analysis.plot_projection(panels, lat["source"][pick], plots / fname, label_names=names,
+            plots.plot_projection(panels, lat["source"][pick], plot_dir / fname, label_names=names,
                                      title=f"LPC-{METHOD_LABEL[loss]} latents of held-out pairs, coloured by "
                                            f"source ({method_used}, seed {first})")
             L += [f"![{loss} latents](plots/{fname})", ""]
@@ -665,11 +637,11 @@ def write_report(out_dir: os.PathLike) -> Path:
                      _ms(res.values(cond, lambda r: r["codes"]["posterior_perplexity"]), 2)])
     L += _table(["K", "accuracy", "Δ vs DPO", "NMI posterior", "perplexity posterior"], rows)
     conds = [f"dpo-lpc-k{k}" for k in K_SWEEP]
-    analysis.plot_lines(list(range(len(K_SWEEP))), {
+    plots.plot_lines(list(range(len(K_SWEEP))), {
         "accuracy": _mean_std_lists(res, conds, _acc),
         "NMI posterior code": _mean_std_lists(res, conds, lambda r: r["codes"]["posterior_nmi"]),
         "NMI prior code": _mean_std_lists(res, conds, lambda r: r["codes"]["prior_nmi"])},
-        plots / "k_sweep.png", xlabel="codebook size K", ylabel="value", title="LPC-DPO: codebook size",
+        plot_dir / "k_sweep.png", xlabel="codebook size K", ylabel="value", title="LPC-DPO: codebook size",
         xticklabels=[str(k) for k in K_SWEEP])
     L += ["![K sweep](plots/k_sweep.png)", ""]
 
@@ -683,11 +655,11 @@ def write_report(out_dir: os.PathLike) -> Path:
                      _ms(res.values(cond, lambda r: r["codes"]["prior_nmi"]))])
     L += _table(["KL weight", "accuracy", "Δ vs DPO", "NMI posterior", "NMI prior"], rows)
     conds = [f"dpo-lpc-kl{_fmt_float(w)}" for w in KL_SWEEP]
-    analysis.plot_lines(list(KL_SWEEP), {
+    plots.plot_lines(list(KL_SWEEP), {
         "accuracy": _mean_std_lists(res, conds, _acc),
         "NMI posterior code": _mean_std_lists(res, conds, lambda r: r["codes"]["posterior_nmi"]),
         "NMI prior code": _mean_std_lists(res, conds, lambda r: r["codes"]["prior_nmi"])},
-        plots / "kl_sweep.png", xlabel="KL weight", ylabel="value", title="LPC-DPO: KL weight", logx=True,
+        plot_dir / "kl_sweep.png", xlabel="KL weight", ylabel="value", title="LPC-DPO: KL weight", logx=True,
         xticklabels=[f"{w:g}" for w in KL_SWEEP])
     L += ["![KL sweep](plots/kl_sweep.png)", ""]
 
@@ -739,8 +711,6 @@ def build_parser() -> argparse.ArgumentParser:
 def publish(out_dir: os.PathLike, dest: os.PathLike) -> Path:
     """Copy ``report.md`` and ``plots/*.png`` of a study into ``dest`` (each file by temp copy + rename),
     so the docs can link the plots of a run directory that git ignores. Returns ``dest``."""
-    import shutil
-
     out_dir, dest = Path(out_dir), Path(dest)
     files = [out_dir / "report.md"] + sorted((out_dir / "plots").glob("*.png"))
     missing = [str(f) for f in files if not f.exists()]

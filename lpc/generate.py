@@ -21,8 +21,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from transformers import AutoTokenizer
+
 from .cli import HelpFormatter
+from .config import ConfigError
 from .model import LPCModel, decoder_of, lm_head_of
+from .runtime import resolve_device
 
 
 def _cache_keyword(decoder) -> str:
@@ -147,11 +151,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                      "--checkpoint")
     cfg_file = run / "train_config.json"
     train_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    from transformers import AutoTokenizer
-
-    from .train import _resolve_device
-
-    device = _resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:
+        parser.error(f"{exc.flag}: {exc.message}")
     model = LPCModel.from_pretrained(model_dir).to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     k = model.lpc.num_codes if model.lpc is not None else 0

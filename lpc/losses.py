@@ -1,6 +1,6 @@
 """The LPC objective through ``lk.preference_loss``, and the per-step metrics (TRL names).
 
-``L = mean_i pair_loss_i(z_i) + kl_weight * mean_i KL(q_i || p_i)`` (DESIGN.md section 1): the pair loss
+``L = mean_i pair_loss_i(z_i) + kl_weight * mean_i KL(q_i || p_i)`` (``docs/design.md`` section 1): the pair loss
 is DPO, IPO or SimPO on the summed answer log-probs; the KL term is computed by the op from the prior and
 posterior logits (log-softmax inside). Without LPC the logits are not passed and the loss is plain
 DPO / IPO / SimPO.
@@ -8,7 +8,9 @@ DPO / IPO / SimPO.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -36,7 +38,8 @@ def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejec
 
 @torch.no_grad()
 def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, float]:
-    """Batch-mean metrics with DESIGN.md's names (``lpc/*`` only when the model has the latent).
+    """Batch-mean metrics with TRL's names plus ``lpc/*`` (only when the model has the latent); the list is in
+    ``docs/design.md`` section 7.
 
     The scalars are read to the host together (one device sync), in a dtype that holds each of them
     exactly, so every value is the one ``float()`` of its own tensor gives.
@@ -61,3 +64,23 @@ def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, flo
     dtype = functools.reduce(torch.promote_types, (v.dtype for v in m.values()))
     values = torch.stack([v.detach().reshape(()).to(dtype) for v in m.values()]).tolist()
     return dict(zip(m, values))
+
+
+def merge_micro_batches(outs: list[LPCOutput], results: list):
+    """One ``(LPCOutput, loss-like)`` of an accumulated step's detached micro-batch outputs: per-pair values
+    concatenated, the loss averaged (equal micro-batches), token counts summed; what ``step_metrics`` reads.
+    ``results`` hold the fields of ``lk.PreferenceLossOutput`` as ``SimpleNamespace``s (which
+    ``lpc.distributed.gather_fields`` combines over ranks)."""
+    if len(outs) == 1:
+        return outs[0], results[0]
+
+    def cat(name, items):
+        vals = [getattr(x, name) for x in items]
+        return None if vals[0] is None else torch.cat(vals)
+
+    out = LPCOutput(*(cat(f.name, outs) for f in dataclasses.fields(LPCOutput) if f.name != "num_tokens"),
+                    num_tokens=sum(o.num_tokens for o in outs))
+    res = SimpleNamespace(loss=sum(r.loss for r in results) / len(results), losses=cat("losses", results),
+                          chosen_rewards=cat("chosen_rewards", results),
+                          rejected_rewards=cat("rejected_rewards", results), kl=cat("kl", results))
+    return out, res

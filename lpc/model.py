@@ -1,6 +1,6 @@
 """The LPC model: any HF causal LM plus a codebook and prior/posterior heads, ``z`` added before the LM head.
 
-DESIGN.md section 1, in code:
+``docs/design.md`` section 1 (the method) in code; section 7 walks through this file:
 
 * One backbone pass per sequence. The chosen and rejected sequences of ``B`` pairs run as one ``[2B, T]``
   batch through the model's transformer body (``get_decoder()``, i.e. without the LM head), giving final
@@ -21,8 +21,8 @@ The reference model is a frozen copy of the initial policy, scored the same way 
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -32,32 +32,19 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lpc_kernels as lk
 
 from .config import LPCConfig
 from .data import IGNORE_INDEX
+from .io import atomic_directory
+from .runtime import quiet_transformers
 
 HEADS_FILE = "lpc_heads.safetensors"
 LPC_CONFIG_FILE = "lpc_config.json"
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No "Writing model shards" progress bar per save: it would break the trainer's own progress bar."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        yield
-        return
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------ policy helpers
@@ -85,6 +72,32 @@ def lm_head_of(model: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
             raise ValueError(f"models with {attr}={value} are not supported: the fused log-prob op computes "
                              "plain hidden @ W.T + b")
     return head.weight, head.bias
+
+
+def decoder_layers(policy: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of an HF causal LM: the modules whose class is in ``_no_split_modules``
+    (how HF / accelerate name them, e.g. ``LlamaDecoderLayer``), else the body's ``layers`` list."""
+    names: set[str] = set()
+    for m in policy.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    found = [m for m in policy.modules() if type(m).__name__ in names]
+    if found:
+        return found
+    layers = getattr(decoder_of(policy), "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        return list(layers)
+    raise ValueError(f"cannot find the decoder layers of {type(policy).__name__} to shard with FSDP2 (no "
+                     "_no_split_modules and no .layers list)")
+
+
+def shard_units(policy: nn.Module) -> list[nn.Module]:
+    """What FSDP2 shards of a policy before its root, innermost first: every decoder layer, then the transformer
+    body (embeddings, final norm), unless the input embeddings are tied to the LM head (whose weight the root's
+    forward reads, so it must stay in the root's unit)."""
+    inp = policy.get_input_embeddings() if hasattr(policy, "get_input_embeddings") else None
+    out = policy.get_output_embeddings() if hasattr(policy, "get_output_embeddings") else None
+    tied = inp is not None and out is not None and inp.weight is out.weight
+    return decoder_layers(policy) + ([] if tied else [decoder_of(policy)])
 
 
 def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -188,6 +201,11 @@ class LPCOutput:
     z: Optional[Tensor]               # [B, D]
     num_tokens: int                   # real (non-pad) tokens in the [2B, T] pass
 
+    def detach(self) -> "LPCOutput":
+        """The same outputs cut from the graph (what the step metrics read after backward)."""
+        return LPCOutput(*(v.detach() if isinstance(v, Tensor) else v
+                           for v in (getattr(self, f.name) for f in dataclasses.fields(LPCOutput))))
+
 
 class LPCModel(nn.Module):
     """A causal LM policy with LPC's codebook ``E [K, D]`` and heads, or a plain policy when ``lpc`` is None.
@@ -214,6 +232,10 @@ class LPCModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.policy.config.hidden_size
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards before this root (``lpc.distributed.fsdp2_shard``)."""
+        return shard_units(self.policy)
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """Codebook and head parameters (what ``lpc_heads.safetensors`` stores)."""
@@ -327,15 +349,13 @@ class LPCModel(nn.Module):
         ``state_dict``: write these weights instead of the module's own: the full state dict of an
         FSDP2-sharded model gathered to rank 0 (``lpc.distributed.full_state_dict``; keys ``policy.*`` and the
         heads'), whose own parameters are shards. The files are the same either way."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         policy_kwargs, heads = {}, self.head_state_dict()
         if state_dict is not None:
             policy_kwargs["state_dict"] = {k[len("policy."):]: v for k, v in state_dict.items()
                                            if k.startswith("policy.")}
             heads = {k: v for k, v in state_dict.items() if not k.startswith("policy.")}
-        with _quiet_transformers():
+        with quiet_transformers():
             self.policy.save_pretrained(directory, safe_serialization=True, **policy_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
@@ -357,8 +377,6 @@ class LPCModel(nn.Module):
         Everything goes into a temp directory next to ``path`` which then replaces ``path`` by rename,
         so a crash never leaves a half-written checkpoint under the final name.
         """
-        from .io import atomic_directory
-
         path = Path(path)
         with atomic_directory(path) as tmp:
             self.write_files(tmp, tokenizer, extra_files, state_dict=state_dict)
@@ -369,8 +387,6 @@ class LPCModel(nn.Module):
 
         Raises ``ValueError`` (``"<file>: missing [...], unexpected [...]"``) when the file does not hold
         exactly this model's non-policy tensors."""
-        from safetensors.torch import load_file
-
         file = Path(directory) / HEADS_FILE
         missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
         missing = [k for k in missing if not k.startswith("policy.")]
@@ -380,10 +396,8 @@ class LPCModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: os.PathLike, *, backend: str = "auto", **model_kwargs) -> "LPCModel":
         """Load what ``save_pretrained`` wrote (``model_kwargs`` go to ``AutoModelForCausalLM``)."""
-        from transformers import AutoModelForCausalLM
-
         path = Path(path)
-        with _quiet_transformers():
+        with quiet_transformers():
             policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
         with open(path / LPC_CONFIG_FILE) as f:
             meta = json.load(f)
@@ -398,8 +412,6 @@ class LPCModel(nn.Module):
 def build_tiny_llama(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                      intermediate_size: Optional[int] = None, max_positions: int = 128, seed: int = 0):
     """A random-init ``LlamaForCausalLM`` sized for CPU smoke runs, initialised from ``seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
                       intermediate_size=intermediate_size or 4 * hidden_size, num_hidden_layers=num_layers,
                       num_attention_heads=num_heads, num_key_value_heads=num_heads,

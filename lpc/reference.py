@@ -1,5 +1,6 @@
-"""The DPO/IPO reference ``pi_ref``: scored live, through the policy with its LoRA adapters disabled, or
-from a cache of log-probs computed once before training (``--precompute-ref-logps``).
+"""The DPO/IPO reference ``pi_ref``: scored live (a frozen model, the policy with its LoRA adapters disabled,
+or an FSDP2-sharded frozen model), or from a cache of log-probs computed once before training
+(``--precompute-ref-logps``). ``build_reference_scorers`` picks the kind a run's config asks for.
 
 Every scorer is a callable ``batch -> (chosen [B], rejected [B])`` of summed answer log-probs (fp32,
 no ``z``: the reference is the unconditioned model), so the trainer and ``lpc.evaluate`` need not know
@@ -8,29 +9,27 @@ which kind they hold.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .data import PreferenceCollator, PreferenceDataset, batches, to_device
+from . import distributed as dist_lib
+from .builders import load_reference_model, reference_fingerprint
+from .config import TrainConfig
+from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, to_device
 from .io import atomic_file
-from .model import reference_logps
+from .model import LPCModel, make_reference, reference_logps, shard_units
+from .runtime import autocast
 
 CACHE_FILE = "ref_logps.safetensors"
 RefScorer = Callable[[dict], tuple[Tensor, Tensor]]
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for ``None`` / fp32 (the trainer's
-    ``--dtype``: see ``lpc.train._autocast_dtype``)."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class LiveReference:
@@ -42,7 +41,7 @@ class LiveReference:
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
         device = batch["chosen_input_ids"].device
-        with _autocast(device, self.autocast_dtype):
+        with autocast(device, self.autocast_dtype):
             return reference_logps(self.model, batch, backend=self.backend)
 
 
@@ -80,6 +79,51 @@ class CachedReference:
         return self.chosen[idx].to(dev), self.rejected[idx].to(dev)
 
 
+class ReferenceScorer(nn.Module):
+    """A frozen reference model as a module whose ``forward(batch)`` returns ``(chosen [B], rejected [B])``
+    summed answer log-probs: the unit FSDP2 shards, so that its forward hook gathers the LM head weight
+    that ``lpc.model.reference_logps`` reads directly."""
+
+    def __init__(self, ref_model: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.ref = ref_model
+        self.backend = backend
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards before this root (``lpc.distributed.fsdp2_shard``)."""
+        return shard_units(self.ref)
+
+    def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
+        return reference_logps(self.ref, batch, backend=self.backend)
+
+
+class ShardedReference:
+    """The ``batch -> (chosen, rejected)`` scorer of an FSDP2-sharded reference (``wrap_reference``): no
+    gradients, under ``autocast_dtype`` like ``LiveReference``. Every rank must call it the same number of
+    times (each call all-gathers the reference's shards)."""
+
+    def __init__(self, scorer: ReferenceScorer, autocast_dtype: Optional[torch.dtype] = None):
+        self.scorer, self.autocast_dtype = scorer, autocast_dtype
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
+        with autocast(batch["chosen_input_ids"].device, self.autocast_dtype):
+            return self.scorer(batch)
+
+
+def wrap_reference(ref_model: nn.Module, ctx: dist_lib.DistContext, *, backend: str = "auto",
+                   autocast_dtype: Optional[torch.dtype] = None) -> ShardedReference:
+    """An FSDP2-sharded scorer of the frozen ``ref_model`` (on ``ctx.device``), for ``--strategy fsdp2``.
+    Under DDP the reference is simply replicated: use ``LiveReference``."""
+    if ctx.strategy != "fsdp2":
+        raise ValueError(f"wrap_reference shards for fsdp2; under {ctx.strategy!r} replicate the reference")
+    ref_model.eval().requires_grad_(False)
+    scorer = ReferenceScorer(ref_model, backend)
+    # the reference's weights are stored in their compute dtype already (bf16 with --dtype bfloat16)
+    dist_lib.fsdp2_shard(scorer, ctx, mixed_precision=None)
+    return ShardedReference(scorer, autocast_dtype)
+
+
 @torch.no_grad()
 def compute_reference_logps(scorer: RefScorer, dataset: PreferenceDataset, collator: PreferenceCollator, *,
                             batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -96,8 +140,6 @@ def compute_reference_logps(scorer: RefScorer, dataset: PreferenceDataset, colla
 
 def save_cache(path: os.PathLike, tensors: dict[str, Tensor], fingerprint: str) -> Path:
     """Write the cache (``{split}.chosen`` / ``{split}.rejected`` tensors) by temp file + rename."""
-    from safetensors.torch import save_file
-
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fingerprint})
     return Path(path)
@@ -105,8 +147,6 @@ def save_cache(path: os.PathLike, tensors: dict[str, Tensor], fingerprint: str) 
 
 def load_cache(path: os.PathLike, fingerprint: str) -> Optional[dict[str, Tensor]]:
     """The cached tensors if ``path`` exists and was written for ``fingerprint``, else ``None``."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         return None
@@ -114,3 +154,72 @@ def load_cache(path: os.PathLike, fingerprint: str) -> Optional[dict[str, Tensor
         if (f.metadata() or {}).get("fingerprint") != fingerprint:
             return None
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def build_reference_scorers(cfg: TrainConfig, policy, model: LPCModel, train_set: PreferenceDataset,
+                            eval_set: PreferenceDataset, collator: PreferenceCollator, device: torch.device,
+                            autocast_dtype: Optional[torch.dtype], out_dir: Path, notes: list,
+                            ctx: Optional[dist_lib.DistContext] = None) -> tuple[Optional[RefScorer], Optional[RefScorer]]:
+    """``(train_ref, eval_ref)`` scorers for DPO/IPO (``(None, None)`` for SimPO).
+
+    ``policy``: the initial policy to copy (full fine-tuning), ``None`` with LoRA (the reference is then the
+    policy in ``model`` with its adapters disabled). Data-parallel (``ctx``): the live reference is replicated
+    (DDP) or sharded like the policy (FSDP2); ``--precompute-ref-logps`` scores each rank's share of the pairs
+    and gathers them, rank 0 writes the cache. What happened goes to ``notes``.
+    """
+    ctx = ctx or dist_lib.DistContext()
+    if cfg.loss == "simpo":
+        return None, None
+    if cfg.ref_model is not None:
+        ref_model = load_reference_model(cfg).to(device)
+        live = LiveReference(ref_model, backend=cfg.backend, autocast_dtype=autocast_dtype)
+    elif cfg.lora_r > 0:
+        ref_model = None
+        live = AdapterDisabledReference(model.policy, backend=cfg.backend, autocast_dtype=autocast_dtype)
+    else:
+        ref_model = make_reference(policy)
+        if autocast_dtype is not None:  # frozen: no fp32 master copy needed
+            ref_model.to(autocast_dtype)
+        live = LiveReference(ref_model, backend=cfg.backend, autocast_dtype=autocast_dtype)
+    if not cfg.precompute_ref_logps:
+        if ctx.strategy == "fsdp2" and ref_model is not None:  # (fsdp2 with LoRA is refused by TrainConfig)
+            live = wrap_reference(ref_model, ctx, backend=cfg.backend, autocast_dtype=autocast_dtype)
+        return live, live
+    fp = reference_fingerprint(cfg, train_set, eval_set)
+    cache_path = out_dir / CACHE_FILE
+    cached = load_cache(cache_path, fp)
+    # rank 0 decides, so that every rank takes the same branch (computing has collectives)
+    hit = dist_lib.broadcast_object(cached is not None, ctx)
+    if hit and cached is None:
+        raise FileNotFoundError(f"rank {ctx.rank} cannot read {cache_path}, which rank 0 read: the run directory "
+                                "must be on a filesystem every rank sees")
+    if not hit:
+        cached = None
+    if cached is None:
+        t0 = time.perf_counter()
+        tensors = {}
+        for split, ds in (("train", train_set), ("eval", eval_set)):
+            # each rank scores its contiguous share (the unsharded reference: no collective per batch), then
+            # the shares are gathered in rank order = dataset order
+            share = IndexView(ds, dist_lib.split_evenly(len(ds), ctx.rank, ctx.world_size))
+            c, r = compute_reference_logps(live, share, collator, batch_size=cfg.eval_batch_size, device=device)
+            tensors[f"{split}.chosen"], tensors[f"{split}.rejected"] = (dist_lib.gather_rows(c, ctx),
+                                                                        dist_lib.gather_rows(r, ctx))
+        if ctx.is_main:
+            save_cache(cache_path, tensors, fp)
+        dist_lib.barrier(ctx)
+        notes.append(f"reference log-probs of {len(train_set) + len(eval_set)} pairs cached in {cache_path} "
+                     f"({time.perf_counter() - t0:.1f}s)")
+        cached = tensors
+    else:
+        notes.append(f"reference log-probs read from {cache_path}")
+    del ref_model, live  # training holds one model from here on
+    return (CachedReference(cached["train.chosen"], cached["train.rejected"]),
+            CachedReference(cached["eval.chosen"], cached["eval.rejected"]))
+
+
+def cached_eval_reference(cfg: TrainConfig, run_dir: Path, train_set: PreferenceDataset,
+                          eval_set: PreferenceDataset) -> Optional[CachedReference]:
+    """The held-out reference log-probs a finished run cached (``--precompute-ref-logps``), or ``None``."""
+    cached = load_cache(Path(run_dir) / CACHE_FILE, reference_fingerprint(cfg, train_set, eval_set))
+    return None if cached is None else CachedReference(cached["eval.chosen"], cached["eval.rejected"])

@@ -13,7 +13,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from .cli import HelpFormatter
+from .data import load_preference_rows
+from .io import atomic_directory
+from .runtime import quiet_transformers
 
 # a ChatML-style template: every turn is "<|role|> text <eos>", the generation prompt opens an assistant turn
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{{ eos_token }}"
@@ -24,13 +31,6 @@ SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|syst
 def make_tiny_model(out_dir: os.PathLike, texts: Iterable[str], *, vocab_size: int = 512, hidden_size: int = 32,
                     num_layers: int = 1, num_heads: int = 2, seed: int = 0) -> Path:
     """Train a tokenizer on ``texts``, build a tiny Llama, and save both to ``out_dir`` (atomically)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from .io import atomic_directory
-    from .model import _quiet_transformers
-
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges + specials), got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -49,7 +49,7 @@ def make_tiny_model(out_dir: os.PathLike, texts: Iterable[str], *, vocab_size: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    with atomic_directory(out_dir) as tmp, _quiet_transformers():
+    with atomic_directory(out_dir) as tmp, quiet_transformers():
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
     return Path(out_dir)
@@ -57,8 +57,6 @@ def make_tiny_model(out_dir: os.PathLike, texts: Iterable[str], *, vocab_size: i
 
 def dataset_texts(spec: str) -> list[str]:
     """Every prompt and answer of a preference dataset (for the tokenizer)."""
-    from .data import load_preference_rows
-
     rows, _ = load_preference_rows(spec)
     return [t for r in rows for t in (r["prompt"], r["chosen"], r["rejected"])]
 

@@ -2,12 +2,13 @@
 
 The schemas are declared once in ``csrc/ops.cpp`` (``torch.ops.lpc.*_fwd`` / ``*_bwd``); the kernels
 register per dispatch key (``csrc/cpu`` for CPU, ``csrc/cuda`` for CUDA), so one Python module serves
-both backends and the dispatcher picks the kernel from the tensors' device. The functions below have
-the signatures documented in ``lpc_kernels.reference``; the C++ ops return ``[0]``-shaped tensors for
-outputs the reference returns as ``None`` (a schema cannot return None), mapped back here.
+both backends and the dispatcher picks the kernel from the tensors' device. The functions below implement
+``lpc_kernels.backend_interface``; the C++ ops return ``[0]``-shaped tensors for outputs the interface
+returns as ``None`` (a schema cannot return None), mapped back here.
 
 The fake (meta) implementations registered here let ``torch.compile`` and ``opcheck`` trace the raw
-C++ ops without running them.
+C++ ops without running them; they are the op contracts' own output shapes (``lpc_kernels.ops``), so the
+custom ops and the raw kernels cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
-from . import _shapes
+from .ops import gumbel_softmax_codes, linear_token_logprobs, preference_loss, token_logprobs
 
 _lpc = torch.ops.lpc
 
@@ -77,7 +78,7 @@ def preference_loss_bwd(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, 
 # ------------------------------------------------------------------------------- fake implementations
 @torch.library.register_fake("lpc::token_logprobs_fwd")
 def _(logits, labels, ignore_index):
-    return _shapes.row_logprobs(logits)
+    return token_logprobs.per_row_outputs(logits)
 
 
 @torch.library.register_fake("lpc::token_logprobs_bwd")
@@ -92,30 +93,30 @@ def _(grad_logp, logits, labels, lse, ignore_index):
 
 @torch.library.register_fake("lpc::linear_token_logprobs_fwd")
 def _(hidden, weight, bias, labels, ignore_index, chunk_size):
-    return _shapes.row_logprobs(hidden)
+    return token_logprobs.per_row_outputs(hidden)
 
 
 @torch.library.register_fake("lpc::linear_token_logprobs_bwd")
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight, need_bias):
-    return _shapes.linear_token_logprobs_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    return linear_token_logprobs.gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 @torch.library.register_fake("lpc::gumbel_softmax_fwd")
 def _(logits, codebook, tau, hard, seed, offset):
-    return _shapes.gumbel_softmax_outputs(logits, codebook, hard)
+    return gumbel_softmax_codes.sample_outputs(logits, codebook, hard)
 
 
 @torch.library.register_fake("lpc::gumbel_softmax_bwd")
 def _(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook):
-    return _shapes.gumbel_softmax_grads(weights, codebook, need_logits, need_codebook)
+    return gumbel_softmax_codes.gradient_outputs(weights, codebook, need_logits, need_codebook)
 
 
 @torch.library.register_fake("lpc::preference_loss_fwd")
 def _(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average):
-    return _shapes.preference_loss_outputs(pc)
+    return preference_loss.loss_outputs(pc)
 
 
 @torch.library.register_fake("lpc::preference_loss_bwd")
 def _(g_loss, g_losses, g_cr, g_rr, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma,
       label_smoothing, kl_weight, ipo_average):
-    return _shapes.preference_loss_grads(pc, pr, rc, rr, prior, post)
+    return preference_loss.gradient_outputs(pc, pr, rc, rr, prior, post)

@@ -4,7 +4,7 @@ import platform
 
 import torch
 
-from . import __version__, _ops
+from . import __version__, backends
 
 
 def main() -> None:
@@ -21,13 +21,13 @@ def main() -> None:
         print(f"cuda: {torch.cuda.get_device_name()} (torch built for CUDA {torch.version.cuda})")
     else:
         print("cuda: no GPU visible")
-    print(f"extension lpc_kernels._C: {'loaded' if _ops._EXT_ERROR is None else _ops._EXT_ERROR}")
+    print(f"extension lpc_kernels._C: {'loaded' if backends.EXTENSION_ERROR is None else backends.EXTENSION_ERROR}")
     for device in devices:
-        print(f"\nbackends for {device.type} tensors (auto -> {_ops.resolve_backend('auto', device)}):")
-        for backend in _ops.BACKENDS:
-            reason = _ops._unavailable_reason(backend, device)
+        print(f"\nbackends for {device.type} tensors (auto -> {backends.resolve_backend('auto', device)}):")
+        for backend in backends.BACKENDS:
+            reason = backends.unavailable_reason(backend, device)
             print(f"  {backend:<10} {'available' if reason is None else 'unavailable: ' + reason}")
-    print(f"\navailable_backends() = {_ops.available_backends()}")
+    print(f"\navailable_backends() = {backends.available_backends()}")
 
 
 if __name__ == "__main__":

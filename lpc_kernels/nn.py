@@ -25,7 +25,8 @@ class LinearTokenLogprobs(nn.Module):
 class GumbelCodebook(nn.Module):
     """A codebook ``E [K, D]`` and its Gumbel-softmax sampler: ``forward(logits [B, K]) -> (weights, z [B, D])``.
 
-    ``seed``/``offset`` are passed per call (the trainer's generator supplies fresh ones each step).
+    ``seed``/``offset`` are passed per call (the trainer keeps one seed per run and gives each example its own
+    counters: ``lpc.model.LPCModel.gumbel_offsets``).
     """
 
     def __init__(self, num_codes: int, dim: int, tau: float = 1.0, hard: bool = False, backend: str = "auto",

@@ -1,31 +1,8 @@
 """The ``reference`` backend: pure PyTorch, any device, float64-capable. It is the oracle for the others.
 
-Every backend module (this one, ``lpc_kernels.triton``, ``lpc_kernels._cpp``) implements the same eight
-functions with the same signatures; ``lpc_kernels._ops`` checks the arguments once and calls them.
-Inputs arrive checked, 2-D/1-D and contiguous. Compute dtype: float64 when the (main) input is float64,
-float32 otherwise (bf16/fp16 are upcast exactly, then all math is fp32).
-
-Contract of the functions (shapes after flattening):
-
-* ``token_logprobs_fwd(logits [N, V], labels [N], ignore_index) -> (logp [N], lse [N])``
-* ``token_logprobs_bwd(grad_logp [N], logits, labels, lse, ignore_index, inplace) -> grad_logits [N, V]``
-  (``inplace``: write the gradient into ``logits`` and return it)
-* ``linear_token_logprobs_fwd(hidden [N, H], weight [V, H], bias [V] | None, labels [N], ignore_index,
-  chunk_size) -> (logp [N], lse [N])``
-* ``linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
-  need_hidden, need_weight, need_bias) -> (grad_hidden | None, grad_weight | None, grad_bias | None)``
-* ``gumbel_softmax_fwd(logits [B, K], codebook [K, D], tau, hard, seed, offset)
-  -> (weights [B, K], z [B, D], soft [B, K] | None)`` (``soft`` only for ``hard``: else it is ``weights``)
-* ``gumbel_softmax_bwd(grad_weights [B, K], grad_z [B, D], weights, soft, codebook, tau, need_logits,
-  need_codebook) -> (grad_logits | None, grad_codebook | None)``
-* ``preference_loss_fwd(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing,
-  kl_weight, ipo_average) -> (loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B])``
-* ``preference_loss_bwd(g_loss, g_losses, g_chosen_rewards, g_rejected_rewards, g_kl, <the 14 forward
-  arguments>) -> 8 gradients (None where the input is None)``
-
-Log-probs, LSE, weights, rewards and KL are float32 (float64 for float64 inputs); ``z`` has the
-codebook's dtype; gradients have their input's dtype. Ignored rows (``labels == ignore_index``) get
-``logp = 0``, ``lse = 0`` and zero gradient.
+It implements ``lpc_kernels.backend_interface`` in the plainest PyTorch: compute dtype ``float64`` for float64
+inputs, ``float32`` otherwise (bf16/fp16 are upcast exactly, then all math is fp32); the ``[N, V]`` logits of
+the linear op are materialised ``chunk_size`` rows at a time.
 """
 
 from __future__ import annotations
@@ -33,19 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .numerics import DEFAULT_CHUNK_SIZE, chunks, compute_dtype
 from .philox import gumbel_noise
-
-DEFAULT_CHUNK_SIZE = 1024  # rows per [chunk, V] logits block: 128 MiB of fp32 at V = 32k
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise: the dtype every backend computes and returns in."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _chunks(n: int, chunk_size: int):
-    for start in range(0, n, chunk_size):
-        yield start, min(start + chunk_size, n)
 
 
 # ----------------------------------------------------------------------------------- token_logprobs
@@ -56,7 +22,7 @@ def token_logprobs_fwd(logits, labels, ignore_index):
     lse = torch.zeros(n, dtype=cdt, device=logits.device)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
-    for s, e in _chunks(n, DEFAULT_CHUNK_SIZE):  # bounds the upcast copy to [chunk, V]
+    for s, e in chunks(n, DEFAULT_CHUNK_SIZE):  # bounds the upcast copy to [chunk, V]
         x = logits[s:e].to(cdt)
         lse[s:e] = torch.logsumexp(x, dim=-1)
         tgt = x.gather(1, safe[s:e, None]).squeeze(1)
@@ -78,7 +44,7 @@ def token_logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, inplace):
     cdt = compute_dtype(logits)
     out = logits if inplace else torch.empty_like(logits)
     valid = labels != ignore_index
-    for s, e in _chunks(logits.shape[0], DEFAULT_CHUNK_SIZE):
+    for s, e in chunks(logits.shape[0], DEFAULT_CHUNK_SIZE):
         x = logits[s:e].to(cdt)
         out[s:e] = _softmax_grad_block(x, lse[s:e].to(cdt), labels[s:e], valid[s:e], grad_logp[s:e])
     return out
@@ -98,7 +64,7 @@ def linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index, chunk_
     rows = torch.nonzero(labels != ignore_index).squeeze(1)  # ignored rows never reach the matmul
     w = weight.to(cdt)
     b = bias.to(cdt) if bias is not None else None
-    for s, e in _chunks(rows.numel(), chunk_size):
+    for s, e in chunks(rows.numel(), chunk_size):
         r = rows[s:e]
         x = _logits_block(hidden[r].to(cdt), w, b)
         row_lse = torch.logsumexp(x, dim=-1)
@@ -117,7 +83,7 @@ def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, igno
     gh = torch.zeros_like(hidden, dtype=cdt) if need_hidden else None
     gw = torch.zeros_like(weight, dtype=cdt) if need_weight else None
     gb = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_bias else None
-    for s, e in _chunks(rows.numel(), chunk_size):
+    for s, e in chunks(rows.numel(), chunk_size):
         r = rows[s:e]
         h = hidden[r].to(cdt)
         x = _logits_block(h, w, b)

@@ -1,35 +1,13 @@
 """Vocab-parallel ``linear_token_logprobs``: the LM-head weight sharded along the vocabulary over a group.
 
-Each rank of ``process_group`` holds the rows ``[vocab_start, vocab_start + V_local)`` of the LM-head
-weight (and bias) and the same, replicated ``hidden`` and ``labels``. The op returns, on every rank,
-the exact log-probs of the full-vocabulary softmax, without any rank holding ``[N, V]`` logits, and
-without any rank holding more than its ``[N, V_local]`` share even tile by tile.
-
-Forward (per row ``i``, rank ``r``; ``x = hidden @ W_r.T + b_r`` is never stored):
-
-* the backend's fused forward gives ``lse_r[i] = log sum_{v in shard r} exp x[i, v]`` and, on the one
-  rank whose shard holds the label, the target logit ``x[i, label_i]`` (0 on the others);
-* all-reduce MAX: ``m[i] = max_r lse_r[i]``;
-* all-reduce SUM of ``[exp(lse_r[i] - m[i]), target share]`` (one ``[2, N]`` buffer):
-  ``lse[i] = m[i] + log(sum_r exp(lse_r[i] - m[i]))``, ``logp[i] = x[i, label_i] - lse[i]``.
-
-This is the log-sum-exp of the partial log-sum-exps, which is exactly the log-sum-exp over the whole
-vocabulary (sums over disjoint shards add up); every ``exp`` argument is ``<= 0`` and the largest
-is exactly 0, so nothing overflows and the sum is ``>= 1`` (its log never sees 0).
-
-Backward: ``d logp_i / d x[i, v] = onehot(label_i)[v] - exp(x[i, v] - lse[i])`` with the GLOBAL ``lse``,
-so each rank runs the backend's own fused linear backward on its shard with the global ``lse``: its
-weight/bias gradients are complete and local, and its ``d hidden`` is this shard's share, summed over
-the group (``reduce_hidden_grad=True``, Megatron-LM semantics: ``hidden`` is replicated, so its
-gradient is the sum of the shards' contributions).
-
-Rows whose label lies in another shard still need the local softmax term but no one-hot term. The
-backend contract has no "valid row without a local target" label, so those rows are passed the local
-stand-in label 0 (any valid column would do) and its one-hot contribution is removed exactly afterwards:
-``d hidden[i] -= g_i * W_r[0]`` and row 0 of ``d W_r`` (and ``d b_r[0]``) is recomputed from scratch in
-the compute dtype, ``sum_i g_i * (onehot_i0 - exp(x[i, 0] - lse[i])) * hidden[i]``, O(N H) work.
-Recomputing (instead of subtracting ``sum_i g_i hidden[i]``) avoids a catastrophic cancellation: that
-sum is much larger than the true gradient of row 0.
+Each rank of ``process_group`` holds the rows ``[vocab_start, vocab_start + V_local)`` of the LM-head weight
+(and bias) and the same, replicated ``hidden`` and ``labels``; the op returns, on every rank, the exact
+log-probs of the full-vocabulary softmax without any rank holding more than its ``[N, V_local]`` share.
+Forward: the backend's fused forward on the shard, then an all-reduce MAX of ``[N]`` and an all-reduce SUM of
+``[2, N]`` combine the partial log-sum-exps exactly and stably. Backward: the backend's fused backward on the
+shard with the global ``lse``, ``d hidden`` all-reduced; rows whose label lies in another shard pass the
+local stand-in label 0, whose one-hot contribution is then removed exactly. The math and why it is exact:
+``docs/design.md`` section 6 ("Vocab-parallel LM head"); training-side use and costs: ``docs/distributed.md``.
 """
 
 from __future__ import annotations

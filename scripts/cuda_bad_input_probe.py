@@ -1,4 +1,4 @@
-"""Run every bad-input case of tests/test_cuda.py (``_bad_calls``) in its own fresh Python process and
+"""Run every bad-input case of tests/backends/test_cuda_kernels.py (``_bad_calls``) in its own fresh Python process and
 report which raise the expected RuntimeError naming the argument, which raise something else, and which
 crash the process (a signal such as SIGSEGV). Each crashing case is rerun under cuda-gdb (when it is on
 PATH) to save a native backtrace.
@@ -37,8 +37,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
-TEST_FILE = os.path.join(TESTS, "test_cuda.py")
 CONTROLS = ["control:cpu_kernel_dim", "control:torch_view"]
 SELFTEST = "selftest:segfault"
 RESULT_TAG = "PROBE_RESULT "  # the child's one result line on stdout
@@ -46,14 +44,15 @@ RESULT_TAG = "PROBE_RESULT "  # the child's one result line on stdout
 
 # ------------------------------------------------------------------------------------ case table
 def cuda_case_names() -> list[str]:
-    """The argument names of ``_bad_calls`` in tests/test_cuda.py, listed from the table built on CPU tensors
-    (no GPU needed; the names do not depend on the device). The child processes index the live CUDA list."""
+    """The argument names of ``_bad_calls`` in tests/backends/test_cuda_kernels.py, listed from the table built on
+    CPU tensors (no GPU needed; the names do not depend on the device). The child processes index the live CUDA
+    list."""
     import torch
 
-    sys.path[:0] = [TESTS, ROOT]
-    import test_cuda  # noqa: E402  (tests/ on sys.path: its helpers import as top-level modules)
+    sys.path[:0] = [ROOT]
+    from tests.backends import test_cuda_kernels
 
-    return [name for name, _ in test_cuda._bad_calls(torch.device("cpu"))]
+    return [name for name, _ in test_cuda_kernels._bad_calls(torch.device("cpu"))]
 
 
 # ------------------------------------------------------------------------------------------ child
@@ -72,7 +71,7 @@ def _control_call(kind: str):
 
 def child(case: str) -> int:
     """Run one case in this process; print one PROBE_RESULT json line. A crash prints nothing."""
-    sys.path[:0] = [TESTS, ROOT]
+    sys.path[:0] = [ROOT]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if case == SELFTEST:
         import ctypes
@@ -83,10 +82,10 @@ def child(case: str) -> int:
     if case.startswith("control:"):
         name, call = _control_call(case)
     else:
-        import test_cuda  # noqa: E402  (tests/ on sys.path: its helpers import as top-level modules)
+        from tests.backends import test_cuda_kernels
 
         index = int(case.split(":", 1)[1])
-        name, call = test_cuda._bad_calls()[index]
+        name, call = test_cuda_kernels._bad_calls()[index]
     rec = {"case": case, "name": name}
     try:
         call()

@@ -8,7 +8,7 @@ compute-sanitizer) or a timing table against eager PyTorch.
 
 Needs a GPU and lpc_kernels._C built with the CUDA torch (python setup.py build_ext --inplace).
 The smoke run exits non-zero if an op fails, returns a non-finite value, or disagrees with the reference
-backend beyond a loose tolerance (the exact checks are in tests/test_cuda.py).
+backend beyond a loose tolerance (the exact checks are in tests/ops and tests/backends/test_cuda_kernels.py).
 Timing: CUDA events around each call, median of --reps runs after --warmup runs; peak memory is
 torch.cuda.max_memory_allocated above what was allocated before the call. "eager" is plain PyTorch:
 log_softmax(logits.float()) + gather for the log-prob ops (linear: bf16 matmul first), the reference
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lpc_kernels as lk  # noqa: E402
-from lpc_kernels import _ops  # noqa: E402
+from lpc_kernels.backends import unavailable_reason  # noqa: E402
 
 OPS = torch.ops.lpc
 DEV = torch.device("cuda")
@@ -314,7 +314,7 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_smoke: no CUDA GPU visible")
-    reason = _ops._unavailable_reason("cuda", DEV)
+    reason = unavailable_reason("cuda", DEV)
     if reason is not None:
         sys.exit(f"cuda_smoke: the cuda backend is unavailable: {reason}")
     if args.bench:

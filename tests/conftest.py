@@ -12,6 +12,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_here, "..", ".cache"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lpc_kernels.backends import unavailable_reason  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -23,3 +25,12 @@ def cache_dir(tmp_path_factory):
     """One tokenizer cache (``--cache-dir``) for the whole session: the synthetic tokenizer is trained once,
     into a tmp dir (never the user's ~/.cache), then only read."""
     return str(tmp_path_factory.mktemp("lpc-cache"))
+
+
+@pytest.fixture
+def cuda_backend():
+    """For tests marked with ``tests.helpers.backend_checks.on_cuda``: a GPU is present (else they skip), so the
+    cuda backend must be available; seeds the GPU generator."""
+    reason = unavailable_reason("cuda", torch.device("cuda"))
+    assert reason is None, f"GPU present but the cuda backend is unavailable: {reason}"
+    torch.cuda.manual_seed_all(0)

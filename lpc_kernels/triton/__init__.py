@@ -1,4 +1,4 @@
-"""The ``triton`` backend: Triton kernels behind the eight backend functions of ``lpc_kernels.reference``.
+"""The ``triton`` backend: Triton kernels behind the eight functions of ``lpc_kernels.backend_interface``.
 
 One file per op family:
 

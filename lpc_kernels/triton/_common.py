@@ -1,4 +1,5 @@
-"""Shared helpers of the Triton backend: interpreter detection, compute dtypes, launch plumbing.
+"""Shared helpers of the Triton backend: interpreter detection, compute dtypes, launch plumbing
+(``docs/design.md`` section 6, "Triton kernels").
 
 Two execution modes, fixed when this package is imported (Triton reads ``TRITON_INTERPRET`` when a
 ``@triton.jit`` function is created, so the mode cannot change later):
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import compute_dtype  # noqa: F401  (the kernel files import it from here)
+from ..numerics import compute_dtype  # noqa: F401  (the kernel files import it from here)
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

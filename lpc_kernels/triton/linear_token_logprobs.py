@@ -1,84 +1,22 @@
 """Triton ``linear_token_logprobs``: log p(label) straight from the LM head, Cut-Cross-Entropy style.
 
-With ``x = h @ W.T + b`` (``h [N, H]``, ``W [V, H]``, ``b [V]``) the op returns
-``logp_i = x[i, label_i] - lse_i``, ``lse_i = log sum_v exp x[i, v]``, and never holds all of ``x``.
+With ``x = h @ W.T + b`` the op returns ``logp_i = x[i, label_i] - lse_i`` and never stores ``x`` in global
+memory. The design (``docs/design.md`` section 6, "The fused LM head"), in short:
 
-Forward (``_lin_fwd_kernel`` + ``_lin_combine_kernel``)
-    Rows with ``label == ignore_index`` are compacted away on the host first (``rows = nonzero(valid)``),
-    so no FLOP is spent on them; they get ``logp = lse = 0``. Program ``(row block, split)`` walks the
-    split's range of ``V`` in ``BLOCK_V`` tiles; each tile is ``tl.dot``-accumulated over ``H`` in
-    ``BLOCK_H`` steps (fp32 accumulation, fp64 for fp64 inputs) and merged into a per-row online
-    log-sum-exp (``m' = max(m, max_tile)``, ``s' = s e^{m - m'} + sum_tile e^{x - m'}``). The target logit
-    is picked out of whichever tile holds column ``label``. Splitting ``V`` gives the GPU enough programs
-    when ``N`` is small; each split writes a partial ``(lse_s, target_s)`` and the combine kernel forms
-    ``lse = logsumexp_s lse_s``, ``target = sum_s target_s`` (deterministic: no atomics). The forward
-    computes nothing for backward beyond ``lse``, which is an output anyway, so the reference model's
-    forward-only call (``torch.no_grad``) does exactly the work of the log-probs.
+* Forward (``_lin_fwd_kernel`` + ``_lin_combine_kernel``): ignored rows compacted away on the host; program
+  ``(row block, V split)`` walks its split in ``BLOCK_V`` tiles (``tl.dot`` over ``H``) with an online
+  log-sum-exp; the splits' partial ``(lse, target)`` are combined without atomics.
+* Backward, ``D = g (onehot - softmax)``: ``split`` (default, deterministic): per ``V`` chunk, the logits
+  gradient ``D[:, chunk]`` (``_lin_dlogits_kernel``) then ``grad_W[chunk] = D.T @ h`` and
+  ``grad_h += D @ W[chunk]`` (``_mm_kernel``); ``atomic`` (``$LPC_TRITON_LINEAR_BWD=atomic``, CCE's scheme):
+  one kernel scattering both products with fp32 atomics.
+* ``filter_eps > 0`` (opt-in): tiles holding no label whose softmax entries are all below it are skipped; the
+  error bound is in ``docs/design.md`` section 2.
+* Every kernel is autotuned on the GPU, keyed on ``V`` and ``H`` (never on ``N``); ``LPC_TRITON_AUTOTUNE_LOG``
+  records the winners (``_common.write_autotune_log``).
 
-Backward
-    ``d logp_i / d x[i, v] = onehot_iv - p_iv`` with ``p_iv = exp(x_iv - lse_i)``, so with upstream
-    ``g_i`` the logits gradient is ``D_iv = g_i (onehot_iv - p_iv)`` and
-
-        grad_h = D @ W,    grad_W = D.T @ h,    grad_b = D.sum(0).
-
-    Two variants, chosen per call by ``$LPC_TRITON_LINEAR_BWD`` (``split``, the default, or ``atomic``):
-
-    ``split`` (deterministic, no atomics, no fp32 ``[V, H]`` buffer). ``V`` is cut into chunks of ``C``
-    columns (``C ~ 2**27 / N``, so a chunk of ``D`` is at most 256 MiB in bf16); for each chunk:
-
-    1. ``_lin_dlogits_kernel`` recomputes the logits tiles of the chunk (the forward's tile loop) and
-       writes ``D[:, chunk]`` in the input dtype (rounded once, as the tensor-core operand of the atomic
-       variant is), plus fp32 column sums per row block for ``grad_b`` (summed on the host in a fixed
-       order);
-    2. ``_mm_kernel``: ``grad_W[chunk] = D[:, chunk].T @ h``, written once, in the weight dtype;
-    3. ``_mm_kernel``: ``grad_h (+)= D[:, chunk] @ W[chunk]`` into an fp32 ``[N, H]`` accumulator
-       (read-add-write by the program that owns the tile, chunks in order; written straight in the
-       hidden dtype when there is one chunk).
-
-    Why not two kernels that each own their output and recompute ``x`` (as flash attention does): a
-    ``grad_h`` program would own ``grad_h[tile_n, :]``, a ``[BLOCK_N, H]`` fp32 accumulator (1 MiB at
-    ``H = 4096``, 4x the register file), or recompute every logits tile once per ``H`` block
-    (``H / BLOCK`` = 16 times the forward FLOPs); spilling that accumulator to global memory moves as
-    many bytes as the atomics do. Materialising ``D`` one chunk at a time costs ``6 N V`` bytes of
-    traffic in all (13 GB at ``N = 16k, V = 128k``: ~4 ms at 3 TB/s) and keeps the FLOPs at three
-    ``N x V x H`` products (one recompute, two gradients), the minimum.
-
-    ``atomic`` (``_lin_bwd_kernel``, CCE's scheme): each program recomputes one ``[BLOCK_N, BLOCK_V]``
-    tile of ``x``, forms ``D`` and scatters ``D_tile @ W[tile_v, :]`` and ``D_tile.T @ h[tile_n, :]``
-    over ``H`` with fp32 atomic adds into fp32 accumulators ``[N, H]`` and ``[V, H]`` (2 GiB at
-    ``V = 128256``, ``H = 4096``), cast to the input dtype at the end. The result's last bits depend on
-    the GPU's scheduling. Its cost is the atomic traffic: ``2 N V H * 4 / BLOCK`` bytes per accumulator
-    (~270 GB each at the benchmark shape with 128-wide tiles).
-
-    For 16-bit inputs ``D`` is rounded to the input dtype before the gradient products (tensor cores;
-    the CCE / Liger choice): a relative error of ``2**-9`` (bf16) per term, the size of the final
-    rounding of the gradient to bf16. fp32 inputs use ``input_precision="ieee"`` dots throughout (TF32
-    would break the 1e-5 contract); fp64 inputs compute in fp64.
-
-Gradient filter (opt-in, ``filter_eps > 0``; CCE's idea), both variants
-    A tile is skipped (its ``D`` taken as zero) when it holds no row's label and every ``p_iv`` in it is
-    below ``filter_eps``. Each skipped entry satisfies ``|D_iv| = |g_i| p_iv < |g_i| filter_eps``, so the
-    error is bounded by the skipped softmax mass:
-
-        |err grad_h[i, :]| <= |g_i| * sum_{v: p_iv < eps} p_iv * max_v |W[v, :]|
-        |err grad_W[v, :]| <= sum_{i: p_iv < eps} |g_i| p_iv * max_i |h[i, :]|
-        |err grad_b[v]|    <= sum_{i: p_iv < eps} |g_i| p_iv
-
-    (``tests/test_triton.py`` checks exactly these bounds). The atomic variant saves the skipped tiles'
-    atomics; the split variant writes zeros for them and still runs the two gradient products over
-    them (the saving there would need per-tile skip flags in ``_mm_kernel``; not done).
-
-fp16 caveat: ``D`` is rounded to fp16 for the tensor cores, so ``|g_i|`` above 65504 (an extreme loss
-scale) would overflow there, and probabilities below ``2**-24`` flush to zero (an error bounded like the
-filter's, with ``eps = 2**-24``).
-
-Autotuning: every kernel here is autotuned on the GPU (configs below, pruned to the dtype family and to
-shared memory), keyed on sizes that do not change with the number of tokens (``V``, ``H``; the gradient
-products on power-of-two buckets of their sizes). ``LPC_TRITON_AUTOTUNE_LOG=<path>`` records the winners
-(see ``_common.write_autotune_log``).
-
-``chunk_size`` (rows per materialised ``[chunk, V]`` block in the chunked backends) is accepted for the
-shared signature and ignored: the split backward sizes its own ``V`` chunks.
+``chunk_size`` (rows per materialised ``[chunk, V]`` block in the chunked backends) is accepted for the shared
+signature and ignored: the split backward sizes its own ``V`` chunks.
 """
 
 from __future__ import annotations
@@ -639,12 +577,19 @@ def _bwd_atomic(g, hidden, weight, bias, rows, labels, lse, need_hidden, need_we
 
 
 def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
-                              need_hidden, need_weight, need_bias, *, filter_eps: float = 0.0,
-                              variant: str | None = None):
-    """Gradients for hidden, weight, bias (None where not needed).
+                              need_hidden, need_weight, need_bias, *, filter_eps=0.0):
+    """Gradients for hidden, weight, bias (None where not needed), by the variant ``$LPC_TRITON_LINEAR_BWD``
+    names (default ``split``); ``filter_eps``: see ``backward``."""
+    return backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
+                    need_bias, filter_eps=filter_eps)
+
+
+def backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
+             need_bias, *, filter_eps: float = 0.0, variant: str | None = None):
+    """``linear_token_logprobs_bwd`` with the variant chosen by the caller (tests compare the two).
 
     ``filter_eps`` (keyword-only, default 0 = exact): skip logits tiles whose softmax entries are all
-    below it and that hold no label; see the module docstring for the error bound. ``variant``:
+    below it and that hold no label; error bound in ``docs/design.md`` section 2. ``variant``:
     ``"split"`` or ``"atomic"`` (default: ``$LPC_TRITON_LINEAR_BWD``, else ``"split"``).
     """
     n, h = hidden.shape

@@ -7,10 +7,13 @@ import os
 import pytest
 import torch
 
+from torch.library import opcheck
+
 import lpc_kernels as lk
 from lpc_kernels import philox, reference
 from lpc_kernels.backends import BACKENDS, unavailable_reason
 from tests.helpers.formulas import f_preference
+from tests.helpers.raw_op_cases import public_op_cases
 
 LOW = (torch.bfloat16, torch.float16)
 CPU = torch.device("cpu")
@@ -60,6 +63,28 @@ def linear_run(backend, hidden, weight, bias, labels, chunk_size, g, need=(True,
     return [out.detach()] + grads
 
 
+def check_bad_input(case, backend):
+    """One row ``(id, call, exception, words)`` of an op's table of bad calls: ``call(backend)`` raises
+    ``exception`` with a message containing ``words`` (the argument's name)."""
+    _, call, exc, words = case
+    with pytest.raises(exc, match=words):
+        call(backend)
+
+
+def opcheck_family(backend, device, family, case=None):
+    """``torch.library.opcheck`` on the custom ops of one op family (``raw_op_cases.public_op_cases``): every case,
+    or the one numbered ``case``."""
+    cases = public_op_cases(backend, device, family=family)
+    for op, args in cases if case is None else [cases[case]]:
+        opcheck(op, args)
+
+
+def cuda_opcheck_cases(family):
+    """The case numbers of ``opcheck_family("cuda", ...)``: one test each on a GPU, none without."""
+    return range(len(public_op_cases("cuda", torch.device("cuda"), family=family))) if torch.cuda.is_available() \
+        else []
+
+
 def exact_fp32(t):
     """The exact fp32 upcast of fp16/bf16 tensors: the reference then does the same math in fp32."""
     return t.float() if t is not None and t.dtype in LOW else t
@@ -97,7 +122,7 @@ def truth_close(ours, truth, dtype_err=None, rtol=1e-5, atol=1e-5, what=""):
 
 
 def check_preference_vs_float64(backend, device, case, b, k):
-    """``lk.preference_loss`` on ``backend`` against the float64 formula (tests/formulas.py), all five outputs
+    """``lk.preference_loss`` on ``backend`` against the float64 formula (tests/helpers/formulas.py), all five outputs
     and the gradients of every float input, for one of ``formulas.PREF_CASES``."""
     pc, pr, rc, rr = (new_leaf(torch.randn(b, device=device) * 5 - 20) for _ in range(4))
     cl, rl = torch.randint(1, 30, (b,), device=device), torch.randint(1, 30, (b,), device=device)

@@ -1,5 +1,5 @@
 """float64 formulas of every op, written independently of lpc_kernels.reference: the oracles of the
-backend tables (test_ops.py for CPU tensors, test_cuda.py for CUDA tensors)."""
+op tests (tests/ops: the backend table on CPU tensors, the cpu kernels, CUDA tensors)."""
 
 import torch
 import torch.nn.functional as F

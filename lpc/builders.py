@@ -1,0 +1,208 @@
+"""What a run is built from, given its ``TrainConfig``: data, policy, reference model, LoRA, optimizer and the
+reference-cache fingerprint. ``lpc.train`` builds a run from these; ``lpc.evaluate``, ``lpc.generate`` and
+``lpc.experiments`` rebuild a finished run's pieces with the same functions, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .config import ConfigError, SyntheticConfig, TrainConfig
+from .data import PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
+from .data.tokenizer import load_synthetic_tokenizer
+from .model import LPCModel, build_tiny_llama, make_reference
+from .runtime import quiet_transformers
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Fail fast, before any model is loaded, on model and dataset paths that cannot be what they should be.
+
+    Raises:
+        ConfigError: a local ``--model`` / ``--ref-model`` that is not an HF model directory.
+        FileNotFoundError: a local ``--dataset`` / ``--eval-dataset`` file that does not exist.
+    """
+    for name in ("model", "ref_model"):
+        spec = getattr(cfg, name)
+        if spec is None:
+            continue
+        p = Path(spec).expanduser()
+        if not (p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            continue  # a hub id
+        if not p.is_dir():
+            raise ConfigError(name, f"{spec!r} is not a directory (pass an HF model directory or a hub id)")
+        if not (p / "config.json").is_file():
+            raise ConfigError(name, f"{spec!r} has no config.json: not an HF model directory")
+    for name in ("dataset", "eval_dataset"):
+        spec = getattr(cfg, name)
+        if spec is not None and looks_local(spec) and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: dataset file {spec!r} does not exist")
+
+
+def build_data(cfg: TrainConfig, tokenizer):
+    """``(train_set, eval_set, source_names, synthetic_config | None)``; held-out pairs are never trained on.
+
+    ``train_set.load_stats`` holds the loaders' ``LoadStats`` (what was skipped) for file datasets.
+    """
+    syn = None
+    stats = []
+    if cfg.dataset is None:
+        syn = SyntheticConfig(num_train=cfg.num_train, num_eval=cfg.eval_size, hint_prob=cfg.hint_prob,
+                              flip_fraction=cfg.flip_fraction, seed=cfg.seed, flip_marker=cfg.flip_marker)
+        train_rows, eval_rows = synthetic.make_splits(syn)
+        names = list(synthetic.SOURCES)
+    else:
+        rows, st = load_preference_rows(cfg.dataset, split=cfg.dataset_split, strict=cfg.strict)
+        stats.append(st)
+        if cfg.eval_dataset is not None or cfg.eval_split is not None:
+            eval_rows, st = load_preference_rows(cfg.eval_dataset or cfg.dataset,
+                                                 split=cfg.eval_split or cfg.dataset_split, strict=cfg.strict)
+            stats.append(st)
+            eval_rows = eval_rows[:cfg.eval_size]
+            train_rows = rows
+        else:
+            eval_idx, train_idx = split_indices(len(rows), cfg.eval_size, cfg.seed)
+            eval_rows = [rows[i] for i in eval_idx]
+            train_rows = [rows[i] for i in train_idx]
+        names = assign_source_ids(train_rows, eval_rows)
+    # a real chat model (--model with a chat template) sees prompts the way it was tuned on them
+    chat = cfg.model is not None and bool(getattr(tokenizer, "chat_template", None))
+    kw = dict(chat_template=chat, max_prompt_length=cfg.max_prompt_length)
+    train_set = PreferenceDataset(train_rows, tokenizer, cfg.max_length, **kw)
+    eval_set = PreferenceDataset(eval_rows, tokenizer, cfg.max_length, **kw)
+    train_set.load_stats = stats
+    return train_set, eval_set, names, syn
+
+
+def split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(eval, train)`` row indices of a ``--dataset`` file without ``--eval-dataset``: a seeded permutation,
+    ``min(eval_size, n // 2)`` rows held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(eval_size, n // 2)
+    return perm[:n_eval], perm[n_eval:]
+
+
+def build_policy(cfg: TrainConfig, model_spec: Optional[str] = None):
+    """``(policy, tokenizer)``: ``--model`` (or ``model_spec``) from disk/hub, else the tiny Llama built from
+    ``cfg.seed`` with the synthetic tokenizer. Weights are fp32, except bf16 for ``--dtype bfloat16``
+    with LoRA (frozen base weights need no fp32 master copy)."""
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and cfg.lora_r > 0 else torch.float32
+    spec = model_spec or cfg.model
+    if spec is None:
+        tok = load_synthetic_tokenizer(cfg.cache_dir)
+        policy = build_tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                                  num_heads=cfg.num_heads, seed=cfg.seed)
+        return policy.to(dtype), tok
+    tok = load_tokenizer(spec)
+    with quiet_transformers():
+        policy = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    return policy, tok
+
+
+def load_tokenizer(spec) -> object:
+    """``AutoTokenizer`` of a model directory or hub id, with a pad token (padding positions are masked out,
+    so the eos token serves when the tokenizer has none)."""
+    tok = AutoTokenizer.from_pretrained(str(spec))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def enable_gradient_checkpointing(policy) -> None:
+    """Recompute the policy's activations in backward (non-reentrant: works with frozen inputs)."""
+    if not getattr(policy, "supports_gradient_checkpointing", False):
+        raise ConfigError("gradient_checkpointing", f"{type(policy).__name__} does not support it")
+    # transformers v5 renamed the method (the old name warns)
+    if hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_lora(policy, cfg: TrainConfig):
+    """Wrap ``policy`` with ``peft`` LoRA adapters (fp32 adapters on possibly-bf16 frozen weights)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("--lora-r needs the optional `peft` package: pip install peft (or drop --lora-r "
+                          "for full fine-tuning)") from None
+    targets = cfg.lora_target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers API that v5 renamed; not actionable here
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(policy, lcfg)
+    except ValueError as exc:  # e.g. target modules not found
+        raise ConfigError("lora_target_modules", str(exc)) from None
+
+
+def build_lpc_model(cfg: TrainConfig, policy) -> LPCModel:
+    """The ``LPCModel`` of a run around ``policy`` (with LoRA adapters when ``--lora-r``)."""
+    if cfg.lora_r > 0:
+        policy = apply_lora(policy, cfg)
+    return LPCModel(policy, cfg.lpc_config(), backend=cfg.backend)
+
+
+def load_reference_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The ``--ref-model`` (frozen, eval mode; bf16 weights with ``--dtype bfloat16``)."""
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    with quiet_transformers():
+        return make_reference(AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=dtype))
+
+
+def initial_reference(cfg: TrainConfig, policy=None) -> torch.nn.Module:
+    """A run's frozen DPO/IPO reference rebuilt after training (evaluation, the study): ``--ref-model``, else a
+    copy of the initial policy (``policy``, default ``build_policy(cfg)``: seeded, so the trainer's; for LoRA
+    runs the base model)."""
+    if cfg.ref_model is not None:
+        return load_reference_model(cfg)
+    return make_reference(policy if policy is not None else build_policy(cfg)[0])
+
+
+def reference_fingerprint(cfg: TrainConfig, train_set: PreferenceDataset, eval_set: PreferenceDataset) -> str:
+    """Identifies what a reference-logp cache was computed from: the tokenised pairs and the reference."""
+    if cfg.ref_model is not None:
+        ref_id = f"model:{cfg.ref_model}"
+    elif cfg.model is not None:
+        ref_id = f"initial:{cfg.model}"
+    else:  # the tiny model: its init depends on the seed and shape
+        ref_id = f"tiny:{cfg.seed}:{cfg.hidden_size}:{cfg.num_layers}:{cfg.num_heads}"
+    return hashlib.sha256(json.dumps([train_set.fingerprint(), eval_set.fingerprint(), ref_id, cfg.dtype,
+                                      cfg.lora_r > 0]).encode()).hexdigest()
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str = "cosine", min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier at 0-based ``step``: linear warmup ``(step + 1) / warmup``, then cosine or
+    linear decay from 1 to ``min_ratio`` at the last step, or constant 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup - 1, 1), 1.0)
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: TrainConfig, model: LPCModel):
+    """``(AdamW, LambdaLR)``: the policy's trainable parameters at ``--lr``, the codebook and heads at
+    ``--head-lr``, the schedule of ``lr_factor``. Build it after FSDP2 sharding (it holds the parameters)."""
+    policy_params = [p for p in model.policy.parameters() if p.requires_grad]
+    head_params = [p for n, p in model.named_parameters() if not n.startswith("policy.")]
+    groups = [{"params": policy_params, "lr": cfg.lr}]
+    if head_params:
+        groups.append({"params": head_params, "lr": cfg.head_lr or cfg.lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.lr_scheduler, cfg.min_lr_ratio))
+    return optimizer, scheduler

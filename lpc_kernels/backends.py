@@ -1,0 +1,128 @@
+"""Which backends exist, which can run here, and which one ``backend="auto"`` picks.
+
+Backends: ``reference`` (pure PyTorch, any device, float64-capable: the oracle), ``cpu`` and ``cuda`` (the
+compiled kernels of ``lpc_kernels._C``, served by ``lpc_kernels._cpp``), ``triton`` (``lpc_kernels.triton``).
+Each implements the functions of ``lpc_kernels.backend_interface``. The rule for ``"auto"`` and the errors
+for unknown or unavailable backends: ``docs/design.md`` section 5.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+def _load_extension() -> Optional[str]:
+    """Import lpc_kernels._C (it registers lpc::*_fwd/_bwd kernels for CPU and, in CUDA builds, CUDA).
+
+    Returns None on success, else why not: the package works without it (reference, triton backends).
+    """
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return "not built"
+    try:
+        importlib.import_module(f"{__package__}._C")
+    except (ImportError, OSError) as exc:  # e.g. built against another torch
+        return f"import failed: {exc}"
+    return None
+
+
+EXTENSION_ERROR: Optional[str] = _load_extension()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Read once at import, so that resolve_backend stays traceable by torch.compile (plain constants).
+_EXT_DISPATCH_KEYS = frozenset(
+    key for key in ("CPU", "CUDA")
+    if EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("lpc::token_logprobs_fwd", key))
+_TRITON_IMPORTABLE = _triton_importable()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device``, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if EXTENSION_ERROR is not None:
+            return f"the C++ extension lpc_kernels._C is unavailable ({EXTENSION_ERROR}); run `make build`"
+        if device.type != backend:
+            return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
+        if backend.upper() not in _EXT_DISPATCH_KEYS:
+            return f"lpc_kernels._C was built without {backend} kernels"
+        return None
+    if backend == "triton":
+        if not _TRITON_IMPORTABLE:
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreted():
+            return "triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before import"
+        if device.type not in ("cpu", "cuda"):
+            return f"triton does not run on {device.type} tensors"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process for at least one device (CPU, or CUDA when visible)."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
+
+
+# auto rule: on CUDA tensors the CUDA C++ kernels, then triton; on CPU the C++ kernels; reference last.
+# CUDA C++ first because it measured faster on an H100 (benches/results/cuda).
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` (``"auto"`` or a name) on tensors on ``device``.
+
+    ``"auto"`` takes ``$LPC_KERNELS_BACKEND`` when set, else the first available of: on CUDA
+    ``cuda``, ``triton``, ``reference``; on CPU ``cpu``, ``reference``.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("LPC_KERNELS_BACKEND", "auto") or "auto"
+        source = "environment variable LPC_KERNELS_BACKEND"
+    else:
+        source = "backend"
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{source}={backend!r} is not available: {reason}")
+    return backend
+
+
+def backend_module(backend: str):
+    """The module implementing ``lpc_kernels.backend_interface`` for a resolved backend name."""
+    if backend == "reference":
+        return reference
+    if backend == "triton":
+        from . import triton as triton_backend  # imports triton: only when asked for
+
+        return triton_backend
+    from . import _cpp  # needs the compiled extension
+
+    return _cpp

@@ -1,0 +1,157 @@
+"""``linear_token_logprobs``: log p(label) under ``softmax(hidden @ weight.T + bias)`` without ``[N, V]``
+logits, and its composition ``sequence_logprobs``.
+
+Contract: ``docs/design.md`` section 2 (linear_token_logprobs). Layers: ``linear_token_logprobs`` (checks)
+-> ``linear_token_logprobs_op`` (custom op ``lpc::linear_token_logprobs``: label values, then the backend's
+``linear_token_logprobs_fwd``) -> autograd -> ``linear_token_logprobs_backward_op`` (gradients only for the
+inputs that need them; a ``[0]``-shaped tensor stands for one not asked for).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import backend_module, resolve_backend
+from ..checks import (check_float, check_int, check_label_values, check_labels, check_same_device,
+                      check_tensor)
+from ..numerics import DEFAULT_CHUNK_SIZE
+from .token_logprobs import per_row_outputs
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                          ignore_index: int = -100, backend: str = "auto", chunk_size: Optional[int] = None,
+                          filter_eps: float = 0.0) -> Tensor:
+    """Log-probability of each label under ``softmax(hidden @ weight.T + bias)``, without ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 / float64 (for LPC: final hidden states + z).
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        labels: ``[...]`` int64 (or int32) target ids, in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        ignore_index: label value whose row is skipped (log-prob 0, zero gradient).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        chunk_size: rows per recomputed ``[chunk, V]`` logits block for the chunked backends
+            (reference, cpu, cuda); default ``DEFAULT_CHUNK_SIZE``. Peak extra memory ~ ``chunk * V``.
+        filter_eps: opt-in gradient filter (triton backend): skip logits tiles holding no label whose
+            softmax entries are all below it; each skipped gradient entry is off by at most
+            ``|grad_logp| * filter_eps``. 0 (default) is exact; other backends always compute exactly.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to hidden, weight, bias.
+    """
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
+    name = resolve_backend(backend, hidden.device)
+    lead = labels.shape
+    logp, _ = linear_token_logprobs_op(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        bias.contiguous() if bias is not None else None, labels.reshape(-1).long().contiguous(), ignore_index,
+        chunk_size, name, float(filter_eps))
+    return logp.view(lead)
+
+
+def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                      ignore_index: int = -100, backend: str = "auto",
+                      chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Summed log-prob and token count of each sequence, through ``linear_token_logprobs``.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states (already shifted: position t predicts ``labels[:, t]``).
+        weight: ``[V, H]``; labels: ``[B, T]`` with ``ignore_index`` on prompt and padding positions.
+
+    Returns:
+        ``(sum [B]`` float32, ``count [B]`` int64 of scored tokens).
+    """
+    logp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, backend=backend,
+                                 chunk_size=chunk_size)
+    return logp.sum(-1), (labels != ignore_index).sum(-1)
+
+
+def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps=0.0, *,
+                                weight_name="weight", bias_name="bias", vocab="V") -> None:
+    """The names are the caller's (the vocab-parallel op checks ``weight_shard`` [V_local, H])."""
+    check_tensor("hidden", hidden)
+    check_tensor(weight_name, weight, ndim=2)
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must have shape [..., H] with H = {weight_name}.shape[1] = {weight.shape[1]}, "
+                         f"got {tuple(hidden.shape)}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{weight_name} must have shape [{vocab}, H] with {vocab}, H > 0, got {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have the same dtype")
+    if bias is not None:
+        check_tensor(bias_name, bias, (weight.dtype,), ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bias_name} must have shape [{vocab}] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_labels(labels, hidden.shape[:-1], "hidden")
+    if labels.numel() == 0:
+        raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)}): nothing to score")
+    check_int("ignore_index", ignore_index)
+    check_int("chunk_size", chunk_size, low=1)
+    check_float("filter_eps", filter_eps, low=0.0, high=1.0)
+    check_same_device({"hidden": hidden, weight_name: weight, bias_name: bias, "labels": labels})
+
+
+def gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    """Fake ``(grad_hidden, grad_weight, grad_bias)``, each like its input or a fresh ``[0]`` tensor."""
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
+
+
+@torch.library.custom_op("lpc::linear_token_logprobs", mutates_args=())
+def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                             ignore_index: int, chunk_size: int, backend: str,
+                             filter_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N]), fp32."""
+    check_label_values(labels, weight.shape[0], ignore_index)
+    return backend_module(backend).linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
+                                                             chunk_size)
+
+
+@linear_token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps=0.0):
+    return per_row_outputs(hidden)
+
+
+@torch.library.custom_op("lpc::linear_token_logprobs_backward", mutates_args=())
+def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                      labels: Tensor, lse: Tensor, ignore_index: int, chunk_size: int,
+                                      need_hidden: bool, need_weight: bool, need_bias: bool,
+                                      backend: str, filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for hidden, weight, bias; a tensor of shape [0] stands for one not asked for."""
+    grads = backend_module(backend).linear_token_logprobs_bwd(
+        grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
+        need_bias, filter_eps=filter_eps)
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@linear_token_logprobs_backward_op.register_fake
+def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
+      need_bias, backend, filter_eps=0.0):
+    return gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.ignore_index, ctx.chunk_size, ctx.backend, ctx.filter_eps = ignore_index, chunk_size, backend, filter_eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_logp, grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if not (need_h or need_w or need_b):
+        return (None,) * 8
+    gh, gw, gb = linear_token_logprobs_backward_op(
+        grad_logp.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size,
+        need_h, need_w, bool(need_b and bias is not None), ctx.backend, ctx.filter_eps)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
+            None, None, None, None, None)
+
+
+linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup)

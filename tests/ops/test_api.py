@@ -1,0 +1,105 @@
+"""What all ops share (lpc_kernels/__init__.py, backends.py, backend_interface.py, nn.py): the backend choice and its
+errors, the backend interface every backend implements, one training step through all four ops under
+``torch.compile(fullgraph=True)``, and the ``torch.nn`` wrappers."""
+
+import inspect
+
+import pytest
+import torch
+
+import lpc_kernels as lk
+from lpc_kernels import backend_interface
+from lpc_kernels.backends import BACKENDS, backend_module, unavailable_reason
+from tests.helpers.backend_checks import CPU, check_compiled_step_matches_eager, on_cuda
+from tests.ops import test_gumbel_softmax_codes, test_linear_token_logprobs, test_preference_loss, test_token_logprobs
+
+DEV = torch.device("cuda")
+
+
+def logits():
+    return torch.randn(3, 11)
+
+
+def labels():
+    return torch.tensor([0, 4, -100])
+
+
+# ---------------------------------------------------------------------------------- backend choice
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        lk.token_logprobs(logits(), labels(), backend="tpu")
+    with pytest.raises(TypeError, match="backend"):
+        lk.token_logprobs(logits(), labels(), backend=3)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="cuda"):
+        lk.token_logprobs(logits(), labels(), backend="cuda")  # CPU tensors on the cuda backend
+
+
+def test_env_var_chooses_backend(monkeypatch):
+    monkeypatch.setenv("LPC_KERNELS_BACKEND", "reference")
+    assert lk.resolve_backend("auto", CPU) == "reference"
+    monkeypatch.setenv("LPC_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="LPC_KERNELS_BACKEND"):
+        lk.resolve_backend("auto", CPU)
+    assert lk.resolve_backend("reference", CPU) == "reference"  # an explicit argument wins
+
+
+def test_auto_rule_on_cpu(monkeypatch):
+    monkeypatch.delenv("LPC_KERNELS_BACKEND", raising=False)
+    expected = "cpu" if "cpu" in lk.available_backends() else "reference"
+    assert lk.resolve_backend("auto", CPU) == expected
+    assert "reference" in lk.available_backends()
+
+
+def test_at_least_fifteen_cases():
+    cases = (test_token_logprobs.CASES + test_linear_token_logprobs.CASES + test_gumbel_softmax_codes.CASES
+             + test_preference_loss.CASES)
+    assert len(cases) >= 15
+
+
+# --------------------------------------------------------------------------- the backend interface
+def _parameters(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_every_backend_implements_the_interface(name):
+    """Each backend module has every function of lpc_kernels.backend_interface, with the same parameters (names,
+    kinds, defaults), so the op layer can call any of them the same way."""
+    devices = [CPU] + ([DEV] if torch.cuda.is_available() else [])
+    if all(unavailable_reason(name, d) is not None for d in devices):
+        pytest.skip(f"backend {name!r} unavailable: {unavailable_reason(name, CPU)}")
+    module = backend_module(name)
+    for fn in backend_interface.FUNCTIONS:
+        assert hasattr(module, fn), f"{module.__name__} lacks {fn}"
+        assert _parameters(getattr(module, fn)) == _parameters(getattr(backend_interface, fn)), (name, fn)
+
+
+# ----------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph(backend):
+    check_compiled_step_matches_eager(backend, CPU)
+
+
+@on_cuda
+def test_torch_compile_fullgraph_cuda():
+    check_compiled_step_matches_eager("cuda", DEV)
+
+
+# ----------------------------------------------------------------------------------------- modules
+def test_nn_modules_match_functions():
+    from lpc_kernels.nn import GumbelCodebook, LinearTokenLogprobs, PreferenceLoss
+
+    book = GumbelCodebook(6, 4, tau=0.5, backend="reference")
+    logits = torch.randn(3, 6)
+    w, z = book(logits, seed=9)
+    w2, z2 = lk.gumbel_softmax_codes(logits, book.codebook, tau=0.5, seed=9, backend="reference")
+    assert torch.equal(w, w2) and torch.equal(z, z2)
+    torch.testing.assert_close(book.expected(logits), torch.softmax(logits, -1) @ book.codebook)
+    h, wt, lab = torch.randn(4, 4), torch.randn(10, 4), torch.tensor([1, 2, 3, -100])
+    torch.testing.assert_close(LinearTokenLogprobs(backend="reference")(h, wt, lab),
+                               lk.linear_token_logprobs(h, wt, lab, backend="reference"))
+    pc, pr, rc, rr = (torch.randn(3) for _ in range(4))
+    out = PreferenceLoss(beta=0.2, backend="reference")(pc, pr, rc, rr)
+    torch.testing.assert_close(out.loss, lk.preference_loss(pc, pr, rc, rr, beta=0.2, backend="reference").loss)
