@@ -98,6 +98,19 @@ def _assert_close(a, b, what):
         raise AssertionError(f"{what}: max abs diff {(a - b).abs().max().item():.3e}")
 
 
+def _assert_close_after_adam(a, b, what, lr, max_fraction=1e-3):
+    """``_assert_close`` for weights after several AdamW steps of a whole training run, except for at most
+    ``max_fraction`` of the entries, which must stay within ``lr``: where a coordinate's gradient cancels to
+    rounding level (measured: -4.7e-8 against a median |grad| of 3.7e-4 at step 1), Adam's normalised step
+    ``lr * g / (|g| + eps)`` turns the ranks' rounding into a weight difference of up to ``lr`` (2.6e-5 for
+    one of the 4096 entries of a gate projection on a Sapphire Rapids CPU; 0 on others)."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    off = ~torch.isclose(a, b, **TOL)
+    if int(off.sum()) > max_fraction * a.numel() or bool(((a - b).abs()[off] > lr).any()):
+        raise AssertionError(f"{what}: {int(off.sum())} of {a.numel()} entries differ by more than {TOL}, max abs "
+                             f"diff {(a - b).abs().max().item():.3e} (lr {lr})")
+
+
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -546,7 +559,7 @@ def test_two_process_run_matches_one_process(e2e, strategy):
         want, got = load_file(str(root / "one" / "final" / name)), load_file(str(root / strategy / "final" / name))
         assert want.keys() == got.keys()
         for k in want:
-            _assert_close(got[k], want[k], f"final/{name}: {k}")
+            _assert_close_after_adam(got[k], want[k], f"final/{name}: {k}", lr=float(E2E_ARGS[E2E_ARGS.index("--lr") + 1]))
 
 
 @pytest.mark.distributed
