@@ -30,8 +30,9 @@ from .data import batches, to_device
 from .losses import preference_objective
 from .model import reference_logps
 
-__all__ = ["normalized_mutual_information", "code_histogram", "perplexity", "entropy", "flip_mask",
-           "flip_pairs", "project_2d", "collect_pairs", "collect_latents", "mean_std", "as_labels"]
+__all__ = ["normalized_mutual_information", "adjusted_rand_index", "few_shot_accuracy", "code_histogram",
+           "perplexity", "entropy", "flip_mask", "flip_pairs", "project_2d", "collect_pairs", "collect_latents",
+           "mean_std", "as_labels"]
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -50,6 +51,26 @@ def entropy(p) -> float:
     return float(-(p[nz] * np.log(p[nz])).sum())
 
 
+def contingency_table(a, b, metric: str) -> np.ndarray:
+    """``[A, B]`` float64 counts of the items labelled ``(i, j)`` by two labelings (labels numbered in sorted
+    order); ``metric`` names the caller in the errors.
+
+    Raises:
+        ValueError: ``a`` or ``b`` is not 1-D, they differ in length, or they are empty.
+    """
+    a, b = as_labels(a, "a"), as_labels(b, "b")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must label the same items: got lengths {a.shape[0]} and {b.shape[0]}")
+    if a.shape[0] == 0:
+        raise ValueError(f"a and b must not be empty: {metric} of zero items is undefined")
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    ai, bi = ai.reshape(-1), bi.reshape(-1)  # numpy 2 keeps the input shape on return_inverse
+    table = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(table, (ai, bi), 1.0)
+    return table
+
+
 def normalized_mutual_information(a, b) -> float:
     """NMI between two labelings of the same items, ``I(a; b) / ((H(a) + H(b)) / 2)``, in [0, 1].
 
@@ -64,16 +85,7 @@ def normalized_mutual_information(a, b) -> float:
     Raises:
         ValueError: ``a`` or ``b`` is not 1-D, they differ in length, or they are empty.
     """
-    a, b = as_labels(a, "a"), as_labels(b, "b")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"a and b must label the same items: got lengths {a.shape[0]} and {b.shape[0]}")
-    if a.shape[0] == 0:
-        raise ValueError("a and b must not be empty: NMI of zero items is undefined")
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
-    ai, bi = ai.reshape(-1), bi.reshape(-1)  # numpy 2 keeps the input shape on return_inverse
-    joint = np.zeros((ai.max() + 1, bi.max() + 1))
-    np.add.at(joint, (ai, bi), 1.0)
+    joint = contingency_table(a, b, "NMI")
     joint /= joint.sum()
     pa, pb = joint.sum(1), joint.sum(0)
     ha, hb = entropy(pa), entropy(pb)
@@ -85,6 +97,62 @@ def normalized_mutual_information(a, b) -> float:
     mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
     # MI <= min(H) <= mean(H) in exact arithmetic; clip the last-ulp excess of identical labelings
     return float(min(max(mi / (0.5 * (ha + hb)), 0.0), 1.0))
+
+
+def adjusted_rand_index(a, b) -> float:
+    """ARI between two labelings of the same items (Hubert & Arabie; scikit-learn's ``adjusted_rand_score``):
+    1 for identical partitions, about 0 for independent ones, negative below chance.
+
+    Raises:
+        ValueError: ``a`` or ``b`` is not 1-D, they differ in length, or they are empty.
+    """
+    table = contingency_table(a, b, "ARI")
+
+    def pairs(x):
+        return float((x * (x - 1) / 2).sum())
+
+    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array([a.shape[0]]))
+    expected = rows * cols / total if total else 0.0
+    top = 0.5 * (rows + cols)
+    if top == expected:  # both partitions trivial in the same way (one cluster, or all singletons): identical
+        return 1.0
+    return float((index - expected) / (top - expected))
+
+
+def few_shot_accuracy(margin_by_code, source, shots: int, *, draws: int = 20, seed: int = 0,
+                      log_prior=None) -> float:
+    """Accuracy when an annotator's code is inferred from ``shots`` of their labelled pairs.
+
+    For each annotator (``source [N]``, ids >= 0) and each of ``draws`` random draws: ``shots`` of their pairs
+    are the support, the rest the queries; the code is ``argmax_k log_prior[k] + sum_support log sigmoid(m_ik)``
+    (``m = margin_by_code [N, K]``: the reward margin of pair i with z = E[k]; sigmoid of it is the model's
+    probability of the observed label under code k), and the queries are scored with that code's margins.
+    Returns the mean over annotators and draws of the query accuracy. ``shots = 0`` uses ``log_prior`` alone
+    (uniform when ``None``).
+
+    Raises:
+        ValueError: bad shapes, ``shots`` < 0, or an annotator with fewer than ``shots + 1`` pairs.
+    """
+    m = np.asarray(margin_by_code, dtype=np.float64)
+    src = as_labels(source, "source")
+    if m.ndim != 2 or m.shape[0] != src.shape[0]:
+        raise ValueError(f"margin_by_code must be [N, K] with N = len(source) = {src.shape[0]}, got {m.shape}")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ValueError(f"shots must be an int >= 0, got {shots!r}")
+    prior = np.zeros(m.shape[1]) if log_prior is None else np.asarray(log_prior, dtype=np.float64)
+    loglik = -np.logaddexp(0.0, -m)  # log sigmoid(m), stable
+    rng = np.random.default_rng(seed)
+    accs = []
+    for a in sorted(set(src.tolist()) - {-1}):
+        idx = np.flatnonzero(src == a)
+        if idx.size <= shots:
+            raise ValueError(f"annotator {a} has {idx.size} pairs: too few for {shots} shots and a query")
+        for _ in range(draws if shots else 1):
+            perm = rng.permutation(idx)
+            support, query = perm[:shots], perm[shots:]
+            code = int(np.argmax(prior + loglik[support].sum(0)))
+            accs.append(float((m[query, code] > 0).mean()))
+    return float(np.mean(accs))
 
 
 def code_histogram(codes, num_codes: int) -> np.ndarray:
@@ -280,7 +348,7 @@ def collect_pairs(model, dataset, collator, batch_size: int = 128, *, ref_model=
                     add("prior_probs", torch.softmax(out.prior_logits.float(), dim=-1))
                     add("posterior_probs", post)
                     add("z_prior", out.z.float())
-                    add("z_posterior", (post.to(model.codebook.dtype) @ model.codebook).float())
+                    add("z_posterior", model.embed(post).float())
                     add("prior_code", out.prior_logits.argmax(-1))
                     add("posterior_code", out.posterior_logits.argmax(-1))
     finally:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import ConfigError, SyntheticConfig, TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
 from .data.tokenizer import load_synthetic_tokenizer
 from .model import LPCModel, build_tiny_llama, make_reference
@@ -54,10 +54,9 @@ def build_data(cfg: TrainConfig, tokenizer):
     syn = None
     stats = []
     if cfg.dataset is None:
-        syn = SyntheticConfig(num_train=cfg.num_train, num_eval=cfg.eval_size, hint_prob=cfg.hint_prob,
-                              flip_fraction=cfg.flip_fraction, seed=cfg.seed, flip_marker=cfg.flip_marker)
+        syn = cfg.synthetic_config()
         train_rows, eval_rows = synthetic.make_splits(syn)
-        names = list(synthetic.SOURCES)
+        names = list(synthetic.source_names(syn))
     else:
         rows, st = load_preference_rows(cfg.dataset, split=cfg.dataset_split, strict=cfg.strict)
         stats.append(st)

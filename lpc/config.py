@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
+SYNTHETIC_PRESETS = ("sources", "annotators")
 
 # the --help groups of the training flags, in order
 GROUPS = ("objective", "latent (with --lpc)", "optimisation", "model", "data", "evaluation, checkpoints and output")
@@ -113,17 +114,19 @@ class LPCConfig:
     """The latent part of LPC: codebook, prior and posterior heads, and how ``z`` is drawn.
 
     Attributes (each field's help says the rest):
-        codebook_init_std: ``z`` is added to final hidden states that leave an RMSNorm with unit scale, so a
-            small init starts the policy close to the unconditioned one while still giving the heads a
-            gradient through ``E``.
+        codebook_scale: ``z = (w @ E) * hidden_rms``, ``hidden_rms`` the RMS of the model's final hidden states
+            at scored positions, measured once before training (``LPCModel.calibrate``); so the codebook is in
+            units of the hidden states of the model at hand, and ``E``'s init std is ``codebook_scale``. The
+            choice and the sensitivity of the margins to it: ``docs/results.md``.
         prior_sample: ``"expected"`` uses the expected embedding ``softmax(prior_logits) @ E``: exactly what
             inference uses, so at the end of training (g=1) the policy is trained on the ``z`` it is evaluated
             with. ``"gumbel"`` draws a sample of the prior with noise independent of the posterior's.
     """
 
     num_codes: int = setting(32, "codebook size K (paper: 32)", group=LATENT, check=int_at_least(1))
-    codebook_init_std: float = setting(0.02, "std of the codebook's normal init", group=LATENT,
-                                       check=number_at_least(0))
+    codebook_scale: float = setting(1.0, "std of the codebook's normal init, in units of the RMS of the "
+                                                    "model's final hidden states (z = (w @ E) * hidden_rms)",
+                                    group=LATENT, check=number_at_least(0))
     head_hidden: Optional[int] = setting(None, "prior/posterior MLP width (default: hidden size)", group=LATENT,
                                          check=optional(int_at_least(1)))
     tau: float = setting(1.0, "Gumbel-softmax temperature", group=LATENT, check=number_above(0))
@@ -143,6 +146,17 @@ class LPCConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(LPCConfig)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LPCConfig":
+        """An ``lpc_config.json`` (``to_dict``), also one written by an older version: ``codebook_init_std`` (the
+        absolute init std of a model without ``hidden_rms``) reads as ``codebook_scale``, unknown keys are
+        dropped."""
+        d = dict(d)
+        if "codebook_init_std" in d:
+            d.setdefault("codebook_scale", d.pop("codebook_init_std"))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
 
 @dataclass
 class LossConfig:
@@ -152,9 +166,10 @@ class LossConfig:
     beta: float = 0.1
     gamma: float = 0.5
     label_smoothing: float = 0.0
-    kl_weight: float = 0.05
+    kl_weight: float = 1.0
     ipo_average: bool = True
     backend: str = "auto"
+    free_bits: float = 0.0
 
     @property
     def needs_reference(self) -> bool:
@@ -166,6 +181,10 @@ class SyntheticConfig:
     """The built-in synthetic preference data (see ``lpc.data.synthetic``).
 
     Attributes:
+        preset: ``"sources"`` (four sources; prompts hint at theirs by name and topic; the label options
+            below) or ``"annotators"`` (six annotators whose preferences are sparse mixtures of conflicting
+            answer factors; uniform topics; Bradley-Terry labels at ``bt_temperature``; ``topic_bias``,
+            ``label_mode`` and ``min_gap`` do not apply).
         num_train / num_eval: pairs in the training and held-out splits (independent random streams).
         hint_prob: probability that a prompt names its source (``"user_2 asks : ..."``); the rest say
             ``"someone asks"``, so the source must then be guessed from the prompt topic alone.
@@ -180,6 +199,7 @@ class SyntheticConfig:
             unmarked label noise.
     """
 
+    preset: str = "sources"
     num_train: int = 16384
     num_eval: int = 512
     hint_prob: float = 0.5
@@ -192,6 +212,8 @@ class SyntheticConfig:
     flip_marker: bool = True
 
     def __post_init__(self) -> None:
+        if self.preset not in SYNTHETIC_PRESETS:
+            raise ValueError(f"preset must be one of {list(SYNTHETIC_PRESETS)}, got {self.preset!r}")
         if self.label_mode not in ("deterministic", "bradley_terry"):
             raise ValueError(f"label_mode must be 'deterministic' or 'bradley_terry', got {self.label_mode!r}")
         for name in ("hint_prob", "topic_bias", "flip_fraction"):
@@ -226,8 +248,16 @@ class TrainConfig(LPCConfig):
                                      check=in_half_open(0, 0.5))
     ipo_average: bool = setting(True, "IPO on length-averaged log-probs (TRL); --no-ipo-average: the IPO paper's "
                                       "sums", group=OBJECTIVE)
-    kl_weight: float = setting(0.05, "weight of KL(posterior || prior) (paper: 0.05)", group=OBJECTIVE,
-                               check=number_at_least(0))
+    kl_weight: float = setting(1.0, "weight of KL(posterior || prior): 1 is the ELBO, below 1 the posterior is paid to "
+                                    "leak the label into z (paper: 0.05)", group=OBJECTIVE, check=number_at_least(0))
+    kl_warmup_steps: int = setting(0, "raise the KL weight linearly from 0 to --kl-weight over the first N steps "
+                                      "(0: constant)", group=OBJECTIVE, check=int_at_least(0))
+    free_bits: float = setting(0.0, "per-pair KL below this many nats is not penalised (free bits; 0: off)",
+                               group=OBJECTIVE, check=number_at_least(0))
+    latent_diagnostics: bool = setting(True, "also score each training batch with z from the prior and from the "
+                                             "posterior's sample alone (no gradient, up to 2 more LM-head passes): "
+                                             "lpc/prior_accuracy, lpc/posterior_accuracy and the label-leak warning",
+                                       group=LATENT, resume=RESUME_FREE)
     # optimisation
     steps: int = setting(800, "optimizer steps", group=OPTIM, check=int_at_least(1), resume=RESUME_FREE)
     batch_size: int = setting(32, "preference pairs per optimizer step (the global batch, split by "
@@ -285,9 +315,13 @@ class TrainConfig(LPCConfig):
                                                      "only when a pair does not fit)", group=DATA)
     strict: bool = setting(False, "stop with an error at the first malformed row (default: skip and count them)",
                            group=DATA, resume=RESUME_FREE)
+    synthetic: str = setting("sources", "built-in data (without --dataset): sources (four sources, prompts hint at "
+                                        "theirs) or annotators (six annotators, nothing about them in the prompt, "
+                                        "Bradley-Terry labels)", group=DATA, choices=SYNTHETIC_PRESETS)
     num_train: int = setting(16384, "synthetic training pairs", group=DATA, check=int_at_least(0))
-    hint_prob: float = setting(0.5, "synthetic: probability a prompt names its source", group=DATA,
-                               check=in_unit_interval())
+    hint_prob: Optional[float] = setting(None, "synthetic: probability a prompt names its source or annotator "
+                                                "(default: 0.5 with --synthetic sources, 0 with annotators)",
+                                         group=DATA, check=optional(in_unit_interval()))
     flip_fraction: float = setting(0.0, "synthetic: fraction of training labels flipped", group=DATA,
                                    check=in_unit_interval())
     flip_marker: bool = setting(True, "append the [flip] marker to flipped prompts (the paper's protocol); "
@@ -357,7 +391,21 @@ class TrainConfig(LPCConfig):
         """The ``LossConfig`` of the preference objective these settings describe."""
         return LossConfig(loss_type=self.loss, beta=self.beta, gamma=self.gamma,
                           label_smoothing=self.label_smoothing, kl_weight=self.kl_weight,
-                          ipo_average=self.ipo_average, backend=self.backend)
+                          ipo_average=self.ipo_average, backend=self.backend, free_bits=self.free_bits)
+
+    def synthetic_config(self) -> SyntheticConfig:
+        """The ``SyntheticConfig`` of the built-in data these settings describe (without ``--dataset``)."""
+        hint = self.hint_prob if self.hint_prob is not None else (0.5 if self.synthetic == "sources" else 0.0)
+        return SyntheticConfig(preset=self.synthetic, num_train=self.num_train, num_eval=self.eval_size,
+                               hint_prob=hint, flip_fraction=self.flip_fraction, seed=self.seed,
+                               flip_marker=self.flip_marker,
+                               label_mode="bradley_terry" if self.synthetic == "annotators" else "deterministic")
+
+    def kl_weight_at(self, step: int) -> float:
+        """The KL weight of 0-based ``step``: ``kl_weight``, raised linearly from 0 over ``kl_warmup_steps``."""
+        if self.kl_warmup_steps <= 0:
+            return self.kl_weight
+        return self.kl_weight * min(1.0, (step + 1) / self.kl_warmup_steps)
 
     def to_dict(self) -> dict:
         """All fields as a JSON-able dict (``TrainConfig(**d)`` rebuilds the config)."""

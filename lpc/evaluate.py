@@ -34,7 +34,7 @@ from .cli import HelpFormatter
 from .config import TrainConfig
 from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, synthetic, to_device
 from .io import write_json_atomic
-from .losses import LossConfig, preference_objective
+from .losses import LossConfig, preference_objective, reward_margins
 from .model import LPCModel, code_perplexity, entropy_from_logits, reference_logps
 from .plots import plot_code_usage, plot_margins, plot_source_accuracy, plot_training_curves
 from .reference import LiveReference, cached_eval_reference
@@ -59,20 +59,26 @@ def accuracy_by_source(correct: torch.Tensor, source: torch.Tensor,
 @torch.no_grad()
 def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], dataset: PreferenceDataset,
              collator: PreferenceCollator, loss_cfg: LossConfig, *, batch_size: int = 128,
-             source_names: Optional[Sequence[str]] = None, return_arrays: bool = False):
+             source_names: Optional[Sequence[str]] = None, return_arrays: bool = False, diagnostics: bool = False):
     """Held-out metrics of ``model`` on ``dataset`` (z from the prior).
 
     Args:
         ref_model: the frozen reference model, or a scorer ``batch -> (chosen [B], rejected [B])``
             (``lpc.reference``); ``None`` for SimPO.
-        return_arrays: also return per-pair numpy arrays (``margin``, ``correct``, ``source``, and with LPC
-            ``prior_code``, ``posterior_code``, ``prior_probs`` ``[N, K]``).
+        return_arrays: also return the per-pair numpy arrays the metrics are computed from (``margin``,
+            ``loss``, ``source``; with LPC ``prior_code``, ``posterior_code``, ``prior_entropy``, ``prior_probs``
+            ``[N, K]``; with ``diagnostics`` the margins under the other latents, see below, ``margin_by_code``
+            ``[N, K]`` and the latents ``z_prior`` and ``z_posterior`` (expected embedding) ``[N, D]``).
+        diagnostics: with LPC, also score every pair with z from the posterior, from the posterior fed the pair
+            swapped, with z = 0 and with z = E[k] for every code (``LPCModel.diagnostic_zs``; one LM-head pass
+            each, the backbone runs once).
 
     Returns:
-        A JSON-able dict: ``accuracy``, ``reward_margin``, ``loss`` (incl. the KL term), ``num_pairs``,
-        ``accuracy_by_source`` (when sources are known) and, with LPC, ``prior_entropy``,
-        ``prior_code_perplexity`` and ``code_source_nmi`` (NMI between the argmax prior code and the
-        source); with ``return_arrays`` the tuple ``(dict, arrays)``.
+        A JSON-able dict (``summarize``): ``accuracy``, ``reward_margin``, ``loss`` (incl. the KL term),
+        ``num_pairs``, ``accuracy_by_source`` (when sources are known) and, with LPC, ``prior_entropy``,
+        ``prior_code_perplexity``, ``code_source_nmi`` (NMI between the argmax prior code and the source) and
+        ``z_rms_ratio``; with ``diagnostics`` ``accuracy_posterior``, ``accuracy_posterior_swapped``,
+        ``accuracy_zero_z`` and ``accuracy_by_code`` (K values); with ``return_arrays`` ``(dict, arrays)``.
     """
     if loss_cfg.needs_reference and ref_model is None:
         raise ValueError(f"loss_type={loss_cfg.loss_type!r} needs the reference model")
@@ -81,97 +87,101 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
         ref_model = lambda batch: reference_logps(module, batch, backend=model.backend)  # noqa: E731
     was_training = model.training
     model.eval()
-    margins, losses, sources, codes, post_codes, prior_logits = [], [], [], [], [], []
+    parts: dict[str, list] = {}
+
+    def add(key, t):
+        parts.setdefault(key, []).append(t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu())
+
     try:
         device = next(model.parameters()).device
         for batch in batches(dataset, batch_size, collator):
             batch = to_device(batch, device)
-            out = model(batch, use_prior=True)
+            out = model(batch, use_prior=True, diagnostics=diagnostics)
             ref = ref_model(batch) if loss_cfg.needs_reference else (None, None)
             res = preference_objective(out, ref[0], ref[1], loss_cfg)
-            margins.append((res.chosen_rewards - res.rejected_rewards).float().cpu())
-            losses.append(res.losses.float().cpu())
-            sources.append(batch["source"].cpu())
+            add("margin", res.chosen_rewards - res.rejected_rewards)
+            add("loss", res.losses)
+            add("source", batch["source"])
             if out.prior_logits is not None:
-                prior_logits.append(out.prior_logits.float().cpu())
-                codes.append(out.prior_logits.argmax(-1).cpu())
-                post_codes.append(out.posterior_logits.argmax(-1).cpu())
+                add("prior_code", out.prior_logits.argmax(-1))
+                add("posterior_code", out.posterior_logits.argmax(-1))
+                add("prior_entropy", entropy_from_logits(out.prior_logits))
+                add("prior_probs", torch.softmax(out.prior_logits.float(), -1))
+                add("z_sq", out.z_sq)
+                add("hidden_sq", out.hidden_sq)
+                add("scored", out.chosen_lengths + out.rejected_lengths)
+                if diagnostics:  # the latents themselves, for projections
+                    add("z_prior", out.z)
+                    add("z_posterior", model.embed(torch.softmax(out.posterior_logits.float(), -1)))
+            for name, (chosen, rejected) in (out.diagnostics or {}).items():
+                if name != "prior":
+                    add(f"margin_{name}", reward_margins(chosen, rejected, ref[0], ref[1], out, loss_cfg))
     finally:
         model.train(was_training)
-    if not margins:
+    if not parts:
         return ({"num_pairs": 0}, {}) if return_arrays else {"num_pairs": 0}
-    margin = torch.cat(margins).float()
-    correct = (margin > 0).float()
-    src = torch.cat(sources)
-    result = {"num_pairs": int(margin.numel()), "accuracy": float(correct.mean()),
-              "reward_margin": float(margin.mean()), "loss": float(torch.cat(losses).mean())}
-    if bool((src >= 0).any()):
-        result["accuracy_by_source"] = accuracy_by_source(correct, src, source_names)
-    arrays = {"margin": margin.numpy(), "correct": correct.numpy().astype(bool), "source": src.numpy()}
-    if prior_logits:
-        logits = torch.cat(prior_logits)
-        result["prior_entropy"] = float(entropy_from_logits(logits).mean())
-        result["prior_code_perplexity"] = float(code_perplexity(logits))
-        arrays.update(prior_code=torch.cat(codes).numpy(), posterior_code=torch.cat(post_codes).numpy(),
-                      prior_probs=torch.softmax(logits, -1).numpy())
-        if bool((src >= 0).all()):
-            result["code_source_nmi"] = _nmi(arrays["prior_code"], src.numpy())
-    for k, v in result.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise FloatingPointError(f"evaluation metric {k} is {v}")
+    arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    codes = sorted((k for k in arrays if k.startswith("margin_code_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if codes:  # one [N, K] matrix: the margin of every pair under every code
+        arrays["margin_by_code"] = np.stack([arrays.pop(k) for k in codes], axis=1)
+    result = summarize(arrays, source_names)
     return (result, arrays) if return_arrays else result
 
 
-# ----------------------------------------------------------------------------------- data-parallel
-def reduce_eval_results(local: dict, arrays: dict, ctx: dist_lib.DistContext,
-                        source_names: Optional[Sequence[str]] = None) -> dict:
-    """Combine the rank-local results of ``evaluate(..., return_arrays=True)`` into what one
-    process evaluating all the pairs returns (the same keys, equal values up to float rounding).
-
-    Means of per-pair quantities (``loss``, ``prior_entropy``) are weighted by each rank's pair count;
-    ``accuracy``, ``reward_margin``, ``accuracy_by_source`` and ``code_source_nmi`` are recomputed from
-    the gathered per-pair arrays; ``prior_code_perplexity`` (usage of the mean prior distribution) from
-    the gathered prior probabilities. Any other float metric is combined as a weighted mean.
-    """
-    gathered = dist_lib.gather_objects((local, arrays), ctx)
-    counts = [int(r.get("num_pairs", 0)) for r, _ in gathered]
-    total = sum(counts)
-    if total == 0:
-        return {"num_pairs": 0}
-    parts = [(r, a) for (r, a), n in zip(gathered, counts) if n > 0]
-    cat = {k: np.concatenate([a[k] for _, a in parts]) for k in parts[0][1]}
-    margin = torch.from_numpy(cat["margin"]).float()
-    correct = (margin > 0).float()
-    src = torch.from_numpy(cat["source"])
-    result: dict = {"num_pairs": total, "accuracy": float(correct.mean()), "reward_margin": float(margin.mean())}
-    float_keys = [k for k, v in parts[0][0].items() if isinstance(v, float) and k not in result]
-    for key in float_keys:
-        if key == "prior_code_perplexity" and "prior_probs" in cat:
-            probs = torch.from_numpy(cat["prior_probs"]).float()
-            result[key] = float(code_perplexity(torch.log(probs.clamp_min(1e-30))))
-        elif key == "code_source_nmi" and "prior_code" in cat:
-            result[key] = normalized_mutual_information(cat["prior_code"], cat["source"]) if len(src) else 0.0
-        else:  # a mean over pairs: weight each rank's mean by its pair count
-            result[key] = sum(r[key] * int(r["num_pairs"]) for r, _ in parts) / total
+def summarize(arrays: dict, source_names: Optional[Sequence[str]] = None) -> dict:
+    """The evaluation metrics of the per-pair arrays of ``evaluate(..., return_arrays=True)`` (of one process, or
+    gathered from every rank by ``reduce_eval_results``)."""
+    margin = torch.from_numpy(arrays["margin"]).double()
+    correct = (margin > 0).double()
+    src = torch.from_numpy(arrays["source"])
+    result = {"num_pairs": int(margin.numel()), "accuracy": float(correct.mean()),
+              "reward_margin": float(margin.mean()), "loss": float(arrays["loss"].mean(dtype=np.float64))}
     if bool((src >= 0).any()):
         result["accuracy_by_source"] = accuracy_by_source(correct, src, source_names)
-    # keep evaluate()'s key order (what eval.json readers see)
-    order = list(parts[0][0])
-    return {k: result[k] for k in order if k in result} | {k: v for k, v in result.items() if k not in order}
+    if "prior_code" in arrays:
+        probs = torch.from_numpy(arrays["prior_probs"]).float()
+        result["prior_entropy"] = float(arrays["prior_entropy"].mean(dtype=np.float64))
+        result["prior_code_perplexity"] = float(code_perplexity(torch.log(probs.clamp_min(1e-30))))
+        if bool((src >= 0).all()):
+            result["code_source_nmi"] = _nmi(arrays["prior_code"], arrays["source"])
+        result["z_rms_ratio"] = float(np.sqrt((arrays["scored"] * arrays["z_sq"]).sum(dtype=np.float64)
+                                              / arrays["hidden_sq"].sum(dtype=np.float64)))
+    for key, name in (("margin_posterior", "accuracy_posterior"),
+                      ("margin_posterior_swapped", "accuracy_posterior_swapped"), ("margin_zero", "accuracy_zero_z")):
+        if key in arrays:
+            result[name] = float((arrays[key] > 0).mean())
+    if "margin_by_code" in arrays:
+        result["accuracy_by_code"] = (arrays["margin_by_code"] > 0).mean(axis=0).tolist()
+    for k, v in result.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise FloatingPointError(f"evaluation metric {k} is {v}")
+    return result
+
+
+# ----------------------------------------------------------------------------------- data-parallel
+def reduce_eval_results(arrays: dict, ctx: dist_lib.DistContext, source_names: Optional[Sequence[str]] = None) -> dict:
+    """The rank-local per-pair arrays of ``evaluate(..., return_arrays=True)`` gathered from every rank (in rank
+    order) and summarised: what one process evaluating all the pairs returns (equal up to float rounding)."""
+    gathered = [a for a in dist_lib.gather_objects(arrays, ctx) if a]
+    if not gathered:
+        return {"num_pairs": 0}
+    return summarize({k: np.concatenate([a[k] for a in gathered]) for k in gathered[0]}, source_names)
 
 
 def evaluate_sharded(model: nn.Module, ref: Any, dataset, collator, loss_cfg, ctx: dist_lib.DistContext,
-                     *, batch_size: int, source_names: Optional[Sequence[str]] = None) -> dict:
+                     *, batch_size: int, source_names: Optional[Sequence[str]] = None,
+                     diagnostics: bool = False) -> dict:
     """Held-out evaluation split across ranks: each rank runs ``evaluate`` on its contiguous share of
-    ``dataset`` (``split_evenly``) and the results are combined on every rank (``reduce_eval_results``). Under FSDP2 every forward is collective, so a rank with fewer batches runs
-    dummy batches (one pair each, results discarded) until all ranks have run the same number."""
+    ``dataset`` (``split_evenly``) and the results are combined on every rank (``reduce_eval_results``).
+    Under FSDP2 every forward is collective, so a rank with fewer batches runs dummy batches (one pair each,
+    results discarded) until all ranks have run the same number."""
+    kw = dict(source_names=source_names, diagnostics=diagnostics)
     if not ctx.distributed or ctx.world_size == 1:
-        return evaluate(model, ref, dataset, collator, loss_cfg, batch_size=batch_size, source_names=source_names)
+        return evaluate(model, ref, dataset, collator, loss_cfg, batch_size=batch_size, **kw)
     share = IndexView(dataset, dist_lib.split_evenly(len(dataset), ctx.rank, ctx.world_size))
-    local, arrays = ({"num_pairs": 0}, {})
+    arrays = {}
     if len(share):
-        local, arrays = evaluate(model, ref, share, collator, loss_cfg, batch_size=batch_size,
-                                 source_names=source_names, return_arrays=True)
+        _, arrays = evaluate(model, ref, share, collator, loss_cfg, batch_size=batch_size, return_arrays=True, **kw)
     if ctx.strategy == "fsdp2" and len(dataset):
         # every rank knows every share's size, so no collective here: one would interleave with the
         # forwards' all-gathers of a rank that is still evaluating
@@ -179,9 +189,8 @@ def evaluate_sharded(model: nn.Module, ref: Any, dataset, collator, loss_cfg, ct
         most = max(math.ceil(len(dist_lib.split_evenly(len(dataset), r, ctx.world_size)) / batch_size)
                    for r in range(ctx.world_size))
         if most > mine:
-            evaluate(model, ref, IndexView(dataset, [0] * (most - mine)), collator, loss_cfg, batch_size=1,
-                     source_names=source_names)
-    return reduce_eval_results(local, arrays, ctx, source_names)
+            evaluate(model, ref, IndexView(dataset, [0] * (most - mine)), collator, loss_cfg, batch_size=1, **kw)
+    return reduce_eval_results(arrays, ctx, source_names)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -239,7 +248,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
         with autocast(dev, autocast_dtype(cfg)):
             result, arrays = evaluate(model, ref, eval_set, collator, loss_cfg,
                                       batch_size=batch_size or cfg.eval_batch_size, source_names=names,
-                                      return_arrays=True)
+                                      return_arrays=True, diagnostics=True)
     if not result.get("num_pairs"):
         raise ValueError(f"{run}: the run has no held-out pairs (eval_size={cfg.eval_size})")
     if syn is not None:

@@ -79,7 +79,7 @@ def generate(model: LPCModel, ids: list[int], *, z: Optional[torch.Tensor] = Non
         prior_logits = model.prior(h[:1].to(model.codebook.dtype))
         prior = torch.softmax(prior_logits.float(), -1)[0].cpu()
         if codes:
-            z = model.codebook[torch.tensor(codes, device=device)]
+            z = model.code_z(torch.tensor(codes, device=device))
         elif z is None:
             z = model.prior_z(prior_logits)[1].expand(rows, -1)
     else:

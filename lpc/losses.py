@@ -23,17 +23,56 @@ from .model import LPCOutput, code_perplexity, entropy_from_logits
 
 
 def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
-                         cfg: LossConfig) -> lk.PreferenceLossOutput:
-    """The loss for one batch; ``ref_*`` are ``[B]`` reference log-probs (None for SimPO)."""
+                         cfg: LossConfig, *, kl_weight: Optional[float] = None) -> lk.PreferenceLossOutput:
+    """The loss for one batch; ``ref_*`` are ``[B]`` reference log-probs (None for SimPO). ``kl_weight``: this
+    step's KL weight (default ``cfg.kl_weight``; the trainer passes the warm-up's). With ``cfg.free_bits`` the
+    KL term is ``kl_weight * mean_i max(KL_i, free_bits)``, which is flat (no gradient) below the threshold."""
     lpc = out.prior_logits is not None
+    kl_weight = (cfg.kl_weight if kl_weight is None else kl_weight) if lpc else 0.0
+    res = margins_and_loss(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected, out, cfg,
+                           out.prior_logits if lpc else None, out.posterior_logits if lpc else None,
+                           0.0 if cfg.free_bits > 0 else kl_weight)
+    if cfg.free_bits > 0 and lpc:
+        losses = res.losses + kl_weight * res.kl.clamp_min(cfg.free_bits)
+        res = res._replace(loss=losses.mean(), losses=losses)
+    return res
+
+
+def margins_and_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
+                     out: LPCOutput, cfg: LossConfig, prior_logits: Optional[Tensor] = None,
+                     posterior_logits: Optional[Tensor] = None, kl_weight: float = 0.0) -> lk.PreferenceLossOutput:
+    """``lk.preference_loss`` of the policy log-probs ``chosen`` / ``rejected`` ``[B]`` with the lengths of ``out``
+    and the options of ``cfg`` (the same rewards whatever z produced the log-probs)."""
     return lk.preference_loss(
-        out.chosen_logps, out.rejected_logps, ref_chosen if cfg.needs_reference else None,
-        ref_rejected if cfg.needs_reference else None, chosen_lengths=out.chosen_lengths,
-        rejected_lengths=out.rejected_lengths, prior_logits=out.prior_logits if lpc else None,
-        posterior_logits=out.posterior_logits if lpc else None, loss_type=cfg.loss_type, beta=cfg.beta,
+        chosen, rejected, ref_chosen if cfg.needs_reference else None, ref_rejected if cfg.needs_reference else None,
+        chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, prior_logits=prior_logits,
+        posterior_logits=posterior_logits, loss_type=cfg.loss_type, beta=cfg.beta,
         gamma=cfg.gamma if cfg.loss_type == "simpo" else 0.0,
-        label_smoothing=cfg.label_smoothing if cfg.loss_type != "ipo" else 0.0,
-        kl_weight=cfg.kl_weight if lpc else 0.0, ipo_average=cfg.ipo_average, backend=cfg.backend)
+        label_smoothing=cfg.label_smoothing if cfg.loss_type != "ipo" else 0.0, kl_weight=kl_weight,
+        ipo_average=cfg.ipo_average, backend=cfg.backend)
+
+
+@torch.no_grad()
+def reward_margins(chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
+                   out: LPCOutput, cfg: LossConfig) -> Tensor:
+    """``[B]`` implicit-reward margins ``r(x, y_w) - r(x, y_l)`` of policy log-probs ``chosen`` / ``rejected``
+    (> 0: the pair is ranked correctly)."""
+    res = margins_and_loss(chosen, rejected, ref_chosen, ref_rejected, out, cfg)
+    return res.chosen_rewards - res.rejected_rewards
+
+
+@torch.no_grad()
+def leak_margins(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
+                 cfg: LossConfig) -> SimpleNamespace:
+    """The step's leak diagnostics, per pair: reward margins with z from the prior (``prior_margins``) and from
+    the posterior's sample alone (``posterior_margins``); ``None`` fields without LPC."""
+    if out.prior_chosen_logps is None:
+        return SimpleNamespace(prior_margins=None, posterior_margins=None)
+    return SimpleNamespace(
+        prior_margins=reward_margins(out.prior_chosen_logps, out.prior_rejected_logps, ref_chosen, ref_rejected,
+                                     out, cfg),
+        posterior_margins=reward_margins(out.posterior_chosen_logps, out.posterior_rejected_logps, ref_chosen,
+                                         ref_rejected, out, cfg))
 
 
 @torch.no_grad()
@@ -60,10 +99,21 @@ def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, flo
             "lpc/prior_entropy": entropy_from_logits(out.prior_logits).mean(),
             "lpc/posterior_entropy": entropy_from_logits(out.posterior_logits).mean(),
             "lpc/code_perplexity": code_perplexity(out.posterior_logits),
+            "lpc/z_rms_ratio": z_rms_ratio(out),
         })
+        if getattr(loss, "prior_margins", None) is not None:
+            m["lpc/prior_accuracy"] = (loss.prior_margins > 0).float().mean()
+            m["lpc/posterior_accuracy"] = (loss.posterior_margins > 0).float().mean()
     dtype = functools.reduce(torch.promote_types, (v.dtype for v in m.values()))
     values = torch.stack([v.detach().reshape(()).to(dtype) for v in m.values()]).tolist()
     return dict(zip(m, values))
+
+
+def z_rms_ratio(out: LPCOutput) -> Tensor:
+    """RMS of ``z`` over the RMS of the final hidden states, both over the batch's scored positions (each pair's
+    ``z`` is added at its chosen and rejected answers' positions)."""
+    n = (out.chosen_lengths + out.rejected_lengths).float()
+    return torch.sqrt((n * out.z_sq).sum() / out.hidden_sq.sum())
 
 
 def merge_micro_batches(outs: list[LPCOutput], results: list):
@@ -78,9 +128,8 @@ def merge_micro_batches(outs: list[LPCOutput], results: list):
         vals = [getattr(x, name) for x in items]
         return None if vals[0] is None else torch.cat(vals)
 
-    out = LPCOutput(*(cat(f.name, outs) for f in dataclasses.fields(LPCOutput) if f.name != "num_tokens"),
+    out = LPCOutput(**{f.name: cat(f.name, outs) for f in dataclasses.fields(LPCOutput) if f.name != "num_tokens"},
                     num_tokens=sum(o.num_tokens for o in outs))
-    res = SimpleNamespace(loss=sum(r.loss for r in results) / len(results), losses=cat("losses", results),
-                          chosen_rewards=cat("chosen_rewards", results),
-                          rejected_rewards=cat("rejected_rewards", results), kl=cat("kl", results))
+    res = SimpleNamespace(**{name: cat(name, results) for name in vars(results[0]) if name != "loss"},
+                          loss=sum(r.loss for r in results) / len(results))
     return out, res

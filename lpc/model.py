@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -112,9 +112,47 @@ def concat_pair(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
                  for k in ("input_ids", "attention_mask", "labels"))
 
 
+class ScoredPositions(NamedTuple):
+    """The positions of ``S`` sequences that predict answer tokens, compacted (prompt and padding never reach
+    the log-prob op): ``hidden [N, D]``, the sequence of each ``rows [N]``, the token it predicts
+    ``targets [N]``."""
+
+    hidden: Tensor
+    rows: Tensor
+    targets: Tensor
+    num_sequences: int
+
+
+def scored_positions(hidden: Tensor, labels: Tensor) -> ScoredPositions:
+    """``hidden [S, T, D]``, ``labels [S, T]`` (aligned with the input ids, ``-100`` where nothing is scored;
+    position ``t - 1`` predicts ``labels[:, t]``) -> their ``ScoredPositions``."""
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]  # sequence index of each scored token (row-major, like boolean indexing)
+    return ScoredPositions(hidden[:, :-1][keep], rows, target[keep], hidden.shape[0])
+
+
+def scored_logps(pos: ScoredPositions, weight: Tensor, bias: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                 *, backend: str = "auto") -> Tensor:
+    """``[S]`` summed answer log-probs of the scored positions ``pos`` through ``lk.linear_token_logprobs``, with
+    ``z [S, D]`` (one latent per sequence) added to every scored position of its sequence; float32 (float64
+    for float64 inputs)."""
+    h = pos.hidden
+    if z is not None:
+        h = h + z.to(h.dtype)[pos.rows]
+    # the op needs one dtype: under autocast (--dtype bfloat16) it runs in the autocast dtype (fp32 master
+    # weights are cast per step, as autocast does for nn.Linear); otherwise in the head's dtype
+    dev = h.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    h, weight = h.to(dt), weight.to(dt)
+    bias = None if bias is None else bias.to(dt)
+    logp = lk.linear_token_logprobs(h, weight, pos.targets, bias=bias, backend=backend)
+    return logp.new_zeros(pos.num_sequences).index_add(0, pos.rows, logp)
+
+
 def response_logps(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """Summed answer log-probs per sequence through ``lk.linear_token_logprobs``.
+    """Summed answer log-probs per sequence (``scored_logps`` of ``scored_positions(hidden, labels)``).
 
     Args:
         hidden: ``[S, T, D]`` final hidden states. labels: ``[S, T]`` int64 aligned with the input ids,
@@ -124,20 +162,7 @@ def response_logps(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optiona
     Returns:
         ``[S]`` float32 (float64 for float64 inputs) sums of ``log pi(y_t | ...)`` over answer tokens.
     """
-    target = labels[:, 1:]
-    keep = target != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]  # sequence index of each scored token (row-major, like boolean indexing)
-    h = hidden[:, :-1][keep]  # [N, D]: compacting here means prompt/pad rows never reach the op
-    if z is not None:
-        h = h + z.to(h.dtype)[rows]
-    # the op needs one dtype: under autocast (--dtype bfloat16) it runs in the autocast dtype (fp32 master
-    # weights are cast per step, as autocast does for nn.Linear); otherwise in the head's dtype
-    dev = h.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    h, weight = h.to(dt), weight.to(dt)
-    bias = None if bias is None else bias.to(dt)
-    logp = lk.linear_token_logprobs(h, weight, target[keep], bias=bias, backend=backend)
-    return logp.new_zeros(hidden.shape[0]).index_add(0, rows, logp)
+    return scored_logps(scored_positions(hidden, labels), weight, bias, z, backend=backend)
 
 
 @torch.no_grad()
@@ -200,6 +225,17 @@ class LPCOutput:
     code_weights: Optional[Tensor]    # [B, K] the weights that formed z (Gumbel sample, prior probs or one-hot)
     z: Optional[Tensor]               # [B, D]
     num_tokens: int                   # real (non-pad) tokens in the [2B, T] pass
+    # LPC diagnostics (no gradient): the log-probs with z from the prior (the inference z) and, in training,
+    # with z from the posterior's sample alone; mean z**2 per pair and the sum over the pair's scored positions
+    # of mean h**2 (lpc/z_rms_ratio: docs/design.md section 7)
+    prior_chosen_logps: Optional[Tensor] = None      # [B]
+    prior_rejected_logps: Optional[Tensor] = None    # [B]
+    posterior_chosen_logps: Optional[Tensor] = None  # [B]
+    posterior_rejected_logps: Optional[Tensor] = None  # [B]
+    z_sq: Optional[Tensor] = None                    # [B]
+    hidden_sq: Optional[Tensor] = None               # [B]
+    # evaluation with diagnostics: {name: (chosen [B], rejected [B])} for every z of ``LPCModel.diagnostic_zs``
+    diagnostics: Optional[dict] = None
 
     def detach(self) -> "LPCOutput":
         """The same outputs cut from the graph (what the step metrics read after backward)."""
@@ -225,9 +261,11 @@ class LPCModel(nn.Module):
         if lpc is not None:
             d = policy.config.hidden_size
             width = lpc.head_hidden or d
-            self.codebook = nn.Parameter(torch.randn(lpc.num_codes, d) * lpc.codebook_init_std)
+            # in units of hidden_rms: z = (w @ E) * hidden_rms (calibrate sets it from the model's hidden states)
+            self.codebook = nn.Parameter(torch.randn(lpc.num_codes, d) * lpc.codebook_scale)
             self.prior = _mlp(d, width, lpc.num_codes)
             self.posterior = _mlp(2 * d, width, lpc.num_codes)
+            self.register_buffer("hidden_rms", torch.ones(()))
 
     @property
     def hidden_size(self) -> int:
@@ -254,6 +292,24 @@ class LPCModel(nn.Module):
         dt = self.codebook.dtype
         return h_x.to(dt), h_w.to(dt), h_l.to(dt)
 
+    def embed(self, weights: Tensor) -> Tensor:
+        """``[B, K]`` code weights -> ``z = (weights @ E) * hidden_rms`` ``[B, D]``."""
+        return (weights.to(self.codebook.dtype) @ self.codebook) * self.hidden_rms
+
+    def code_z(self, codes: Tensor) -> Tensor:
+        """``z = E[code] * hidden_rms`` for each code id of ``codes``."""
+        return self.codebook[codes] * self.hidden_rms
+
+    @torch.no_grad()
+    def calibrate(self, batch: dict) -> float:
+        """Set ``hidden_rms`` to the RMS of the policy's final hidden states at the scored positions of ``batch``
+        (called once before training): the codebook's ``codebook_scale`` is then relative to this model's hidden
+        states, whatever its hidden size or final norm. Returns the value."""
+        ids, mask, labels = concat_pair(batch)
+        pos = scored_positions(final_hidden_states(self.policy, ids, mask), labels)
+        self.hidden_rms.fill_(pos.hidden.float().pow(2).mean().sqrt())
+        return float(self.hidden_rms)
+
     def prior_z(self, prior_logits: Tensor, mode: Optional[str] = None) -> tuple[Tensor, Tensor]:
         """Inference latent: ``(weights [B, K], z [B, D])`` from the prior, ``"expected"`` or ``"argmax"``."""
         mode = mode or self.lpc.inference
@@ -261,11 +317,11 @@ class LPCModel(nn.Module):
             w = F.one_hot(prior_logits.argmax(-1), self.lpc.num_codes).to(self.codebook.dtype)
         else:
             w = torch.softmax(prior_logits.float(), dim=-1).to(self.codebook.dtype)
-        return w, w @ self.codebook
+        return w, self.embed(w)
 
     def latent(self, prior_logits: Tensor, posterior_logits: Tensor, *, mix: float, seed: int,
-               offset: int, prior_offset: Optional[int] = None) -> tuple[Tensor, Tensor]:
-        """Training latent ``z = g * z_prior + (1 - g) * z_post``; returns ``(posterior weights, z)``.
+               offset: int, prior_offset: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training latent ``z = g * z_prior + (1 - g) * z_post``; returns ``(posterior weights, z, z_post)``.
 
         The posterior sample of row ``b`` uses Gumbel counters ``offset + b*K .. offset + b*K + K``; a
         Gumbel prior sample (``prior_sample="gumbel"``) uses ``prior_offset + b*K + k`` (default
@@ -273,18 +329,21 @@ class LPCModel(nn.Module):
         ``gumbel_offsets`` gives offsets that make each example's noise independent of the batch split.
         """
         cfg = self.lpc
-        w, z = lk.gumbel_softmax_codes(posterior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard, seed=seed,
-                                       offset=offset, backend=self.backend)
+        w, z_post = lk.gumbel_softmax_codes(posterior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard, seed=seed,
+                                            offset=offset, backend=self.backend)
+        z_post = z_post * self.hidden_rms
+        z = z_post
         if mix > 0.0:
             if cfg.prior_sample == "gumbel":
                 _, z_prior = lk.gumbel_softmax_codes(prior_logits, self.codebook, tau=cfg.tau, hard=cfg.hard,
                                                      seed=seed, offset=(offset + prior_logits.numel()
                                                                         if prior_offset is None else prior_offset),
                                                      backend=self.backend)
+                z_prior = z_prior * self.hidden_rms
             else:
                 z_prior = self.prior_z(prior_logits, "expected")[1]
-            z = mix * z_prior + (1.0 - mix) * z
-        return w, z
+            z = mix * z_prior + (1.0 - mix) * z_post
+        return w, z, z_post
 
     def gumbel_numel(self, batch_size: int) -> int:
         """Gumbel counters one training step consumes (advance ``offset`` by this between steps)."""
@@ -308,13 +367,17 @@ class LPCModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, *, mix: float = 0.0, seed: int = 0, offset: int = 0,
-                prior_offset: Optional[int] = None, use_prior: bool = False) -> LPCOutput:
+                prior_offset: Optional[int] = None, use_prior: bool = False, diagnostics: bool = False) -> LPCOutput:
         """One policy pass over a collated batch (see ``lpc.data``).
 
         Args:
             mix: prior-mix weight ``g`` in [0, 1] (training). seed / offset / prior_offset: Gumbel noise
                 counters (see ``latent`` and ``gumbel_offsets``).
             use_prior: inference mode: ``z`` from the prior (``lpc.inference``), no sampling.
+            diagnostics: with ``use_prior``, also the log-probs under every z of ``diagnostic_zs`` (one more
+                LM-head pass each, no gradient; the backbone runs once). In training (LPC), the log-probs with
+                z from the prior and, when ``mix > 0``, from the posterior's sample alone (the leak diagnostics
+                of the step metrics; up to two more LM-head passes, no gradient).
 
         The codebook and heads always run in fp32 (autocast off): they are tiny, and the KL term and the
         Gumbel sample are sensitive to bf16 rounding of the code logits.
@@ -322,22 +385,57 @@ class LPCModel(nn.Module):
         ids, mask, labels = concat_pair(batch)
         hidden = final_hidden_states(self.policy, ids, mask)
         weight, bias = lm_head_of(self.policy)
-        prior_logits = posterior_logits = w = z = None
-        if self.lpc is not None:
-            with torch.autocast(hidden.device.type, enabled=False):
-                h_x, h_w, h_l = self.features(hidden, batch)
-                prior_logits = self.prior(h_x)
-                posterior_logits = self.posterior(torch.cat([h_w, h_l], dim=-1))
-                if use_prior:
-                    w, z = self.prior_z(prior_logits)
-                else:
-                    w, z = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset,
-                                       prior_offset=prior_offset)
-        logps = response_logps(hidden, labels, weight, bias, None if z is None else torch.cat([z, z]),
-                               backend=self.backend)
-        chosen, rejected = logps.chunk(2)
-        return LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
-                         posterior_logits, w, z, int(mask.sum()))
+        pos = scored_positions(hidden, labels)
+
+        def logps(z: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            return scored_logps(pos, weight, bias, None if z is None else torch.cat([z, z]),
+                                backend=self.backend).chunk(2)
+
+        if self.lpc is None:
+            chosen, rejected = logps(None)
+            return LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], None, None, None,
+                             None, int(mask.sum()))
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_x, h_w, h_l = self.features(hidden, batch)
+            prior_logits = self.prior(h_x)
+            posterior_logits = self.posterior(torch.cat([h_w, h_l], dim=-1))
+            if use_prior:
+                w, z = self.prior_z(prior_logits)
+                z_post = None
+            else:
+                w, z, z_post = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset,
+                                           prior_offset=prior_offset)
+        chosen, rejected = logps(z)
+        out = LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
+                        posterior_logits, w, z, int(mask.sum()))
+        with torch.no_grad():
+            sq = pos.hidden.detach().float().pow(2).mean(-1)
+            out.hidden_sq = sum(sq.new_zeros(pos.num_sequences).index_add(0, pos.rows, sq).chunk(2))
+            out.z_sq = z.detach().float().pow(2).mean(-1)
+            if use_prior:
+                out.prior_chosen_logps, out.prior_rejected_logps = chosen.detach(), rejected.detach()
+                if diagnostics:
+                    out.diagnostics = {name: (chosen.detach(), rejected.detach()) if name == "prior" else logps(zd)
+                                       for name, zd in self.diagnostic_zs(prior_logits, h_w, h_l, z).items()}
+            elif diagnostics:
+                out.prior_chosen_logps, out.prior_rejected_logps = logps(self.prior_z(prior_logits)[1])
+                out.posterior_chosen_logps, out.posterior_rejected_logps = (
+                    (chosen.detach(), rejected.detach()) if mix == 0.0 else logps(z_post))
+        return out
+
+    def diagnostic_zs(self, prior_logits: Tensor, h_w: Tensor, h_l: Tensor, z_prior: Tensor) -> dict[str, Tensor]:
+        """The latents evaluation compares (each ``[B, D]``): ``prior`` (the inference z), ``posterior`` (the
+        expected embedding of the posterior on the pair as labelled), ``posterior_swapped`` (of the posterior fed
+        ``[h_l ; h_w]``: the pair with its label flipped), ``zero``, and ``code_k = E[k]`` for every code."""
+        with torch.autocast(z_prior.device.type, enabled=False):
+            post = torch.softmax(self.posterior(torch.cat([h_w, h_l], dim=-1)).float(), dim=-1)
+            swapped = torch.softmax(self.posterior(torch.cat([h_l, h_w], dim=-1)).float(), dim=-1)
+            zs = {"prior": z_prior, "posterior": self.embed(post), "posterior_swapped": self.embed(swapped),
+                  "zero": torch.zeros_like(z_prior)}
+            codes = torch.arange(self.lpc.num_codes, device=z_prior.device)
+            for k, zk in zip(codes.tolist(), self.code_z(codes)):
+                zs[f"code_{k}"] = zk.expand_as(z_prior)
+        return zs
 
     # ------------------------------------------------------------------------------------ saving
     def write_files(self, directory: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None, *,
@@ -389,7 +487,8 @@ class LPCModel(nn.Module):
         exactly this model's non-policy tensors."""
         file = Path(directory) / HEADS_FILE
         missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
-        missing = [k for k in missing if not k.startswith("policy.")]
+        # heads written before hidden_rms existed: their codebook is in absolute units (hidden_rms = 1)
+        missing = [k for k in missing if not k.startswith("policy.") and k != "hidden_rms"]
         if missing or unexpected:
             raise ValueError(f"{file}: missing {missing}, unexpected {unexpected}")
 
@@ -401,7 +500,7 @@ class LPCModel(nn.Module):
             policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
         with open(path / LPC_CONFIG_FILE) as f:
             meta = json.load(f)
-        lpc = LPCConfig(**meta["lpc"]) if meta.get("lpc") else None
+        lpc = LPCConfig.from_dict(meta["lpc"]) if meta.get("lpc") else None
         model = cls(policy, lpc, backend=backend)
         if lpc is not None:
             model.load_heads(path)

@@ -157,8 +157,9 @@ def plot_bars(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float],
 
 def plot_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
                xlabel: str, ylabel: str, title: Optional[str] = None, logx: bool = False,
-               xticklabels: Optional[Sequence[str]] = None) -> Optional[Path]:
-    """Lines with error bands: ``series[name] = (means at x, stds at x)``.
+               xticklabels: Optional[Sequence[str]] = None,
+               hlines: Optional[Mapping[str, float]] = None) -> Optional[Path]:
+    """Lines with error bars: ``series[name] = (means at x, stds at x)``; ``hlines[name] = y`` dashed references.
 
     Raises:
         ValueError: empty ``x``/``series`` or a series whose lengths differ from ``x``.
@@ -176,6 +177,9 @@ def plot_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], S
     for name, (m, s) in series.items():
         m, s = np.asarray(m, dtype=np.float64), np.asarray(s, dtype=np.float64)
         ax.errorbar(xs, m, yerr=s, marker="o", capsize=3, label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, color="k", linestyle="--", linewidth=0.8)
+        ax.text(xs[-1], y, f" {name}", va="bottom", ha="right", fontsize=7)
     if logx:
         ax.set_xscale("log")
     if xticklabels is not None:
@@ -237,4 +241,33 @@ def plot_training_curves(metrics_path: Path, path: Path) -> Optional[Path]:
         ax.plot(steps, [r[key] for r in rows], lw=0.8)
         ax.set_xlabel("step")
         ax.set_title(key, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_heatmap(values: np.ndarray, path, *, xlabels: Sequence[str], ylabel: str,
+                 title: Optional[str] = None) -> Optional[Path]:
+    """A ``[rows, columns]`` matrix of values in [0, 1] as a heatmap (columns named by ``xlabels``), each cell
+    annotated when the matrix is small enough to read.
+
+    Raises:
+        ValueError: ``values`` not 2-D, or ``xlabels`` not one per column.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != len(xlabels):
+        raise ValueError(f"values must be [rows, {len(xlabels)}] (one column per label), got {values.shape}")
+    fig = new_figure((1.0 + 0.8 * values.shape[1], 1.0 + 0.22 * values.shape[0]))
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(np.arange(values.shape[1]))
+    ax.set_xticklabels(list(xlabels), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if values.size <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
     return save_figure(fig, path)

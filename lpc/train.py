@@ -50,7 +50,7 @@ from .config import ConfigError, LossConfig, SyntheticConfig, TrainConfig
 from .data import DataError, EpochSampler, PreferenceCollator, PreferenceDataset, synthetic, to_device
 from .evaluate import evaluate_sharded
 from .io import write_json_atomic
-from .losses import merge_micro_batches, preference_objective, step_metrics
+from .losses import leak_margins, merge_micro_batches, preference_objective, step_metrics
 from .model import LPCModel, prior_mix_weight
 from .reference import build_reference_scorers
 from .runtime import autocast, autocast_dtype, log, resolve_device, threads_for
@@ -132,6 +132,12 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     model = build_lpc_model(cfg, policy).to(device)
+    if cfg.lpc and ckpt_path is None:  # a resumed run takes hidden_rms from its checkpoint
+        calib = to_device(collator([train_set[i] for i in range(cfg.batch_size)]), device)
+        with autocast(device, amp_dtype):
+            rms = model.calibrate(calib)
+        notes.append(f"lpc: final hidden states have RMS {rms:.4g} at scored positions; z = (w @ E) * {rms:.4g}, "
+                     f"E initialised with std {cfg.codebook_scale} (--codebook-scale)")
     train_ref, eval_ref = build_reference_scorers(cfg, policy if cfg.lora_r == 0 else None, model, train_set,
                                                   eval_set, collator, device, amp_dtype, out_dir, notes, ctx)
     model.train()
@@ -192,6 +198,7 @@ def train_step(tr: Trainer, step: int) -> dict:
     # data-parallel: this rank's contiguous slice; examples keep their global index for the Gumbel noise
     local = dist_lib.rank_slice(len(indices), ctx.rank, ctx.world_size)
     mix = prior_mix_weight(step, cfg.steps, cfg.prior_mix) if cfg.lpc else 0.0
+    kl_weight = cfg.kl_weight_at(step)
     lr = tr.optimizer.param_groups[0]["lr"]
     accum = cfg.gradient_accumulation_steps
     mb = (local.stop - local.start) // accum
@@ -204,12 +211,14 @@ def train_step(tr: Trainer, step: int) -> dict:
         offset, prior_offset = tr.model.gumbel_offsets(step, cfg.batch_size, first)
         with tr.autocast():
             ref = tr.train_ref(batch) if tr.train_ref is not None else (None, None)
-            out = forward(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset)
-        res = preference_objective(out, ref[0], ref[1], tr.loss_cfg)
+            out = forward(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset,
+                          diagnostics=cfg.latent_diagnostics)
+        res = preference_objective(out, ref[0], ref[1], tr.loss_cfg, kl_weight=kl_weight)
         with dist_lib.set_gradient_sync(forward, j == accum - 1):  # DDP: all-reduce once, after the last
             (res.loss / accum if accum > 1 else res.loss).backward()
         outs.append(out.detach())
-        results.append(SimpleNamespace(**{k: t.detach() for k, t in res._asdict().items()}))
+        results.append(SimpleNamespace(**{k: t.detach() for k, t in res._asdict().items()},
+                                       **vars(leak_margins(out, ref[0], ref[1], tr.loss_cfg))))
     out, res = merge_micro_batches(outs, results)
     # the global batch's per-pair values, in global order, on every rank: the metrics are the 1-process ones
     out, res = dist_lib.gather_fields(out, ctx), dist_lib.gather_fields(res, ctx)
@@ -225,16 +234,40 @@ def train_step(tr: Trainer, step: int) -> dict:
          "grad_norm": float(grad_norm), "tokens_per_s": out.num_tokens / dt}
     if cfg.lpc:
         m["lpc/mix"] = mix
+        m["lpc/kl_weight"] = kl_weight
     return m
 
 
-def run_evaluation(tr: Trainer) -> dict:
-    """Held-out metrics of the current model (z from the prior)."""
+LEAK_WINDOW, LEAK_GAP = 50, 0.25
+
+
+def leak_warning(window: Sequence[dict]) -> Optional[str]:
+    """The warning for a likely label leak, or ``None``: over the last ``LEAK_WINDOW`` steps, the batch's reward
+    accuracy with z from the posterior's sample runs more than ``LEAK_GAP`` above the accuracy with z from the
+    prior. A posterior may legitimately know more than the prior (the annotator, read off the labelled pair),
+    but on our synthetic data that is worth at most 0.21 (docs/results.md); beyond it z carries the label."""
+    if len(window) < LEAK_WINDOW or "lpc/prior_accuracy" not in window[-1]:
+        return None
+    post = sum(m["lpc/posterior_accuracy"] for m in window) / len(window)
+    prior = sum(m["lpc/prior_accuracy"] for m in window) / len(window)
+    if post - prior <= LEAK_GAP:
+        return None
+    return (f"lpc: likely label leak. Over the last {len(window)} steps the training pairs are ranked correctly "
+            f"{post:.0%} of the time with z from the posterior but only {prior:.0%} with z from the prior (what "
+            "evaluation uses): the posterior, which sees which answer was chosen, is passing that to the policy "
+            "through z. Raise --kl-weight (1 is the ELBO), lower --codebook-scale, or use --prior-mix linear; "
+            "lpc.evaluate's accuracy_posterior_swapped shows the effect on held-out pairs.")
+
+
+def run_evaluation(tr: Trainer, diagnostics: bool = False) -> dict:
+    """Held-out metrics of the current model (z from the prior); ``diagnostics``: the leak diagnostics of
+    ``lpc.evaluate.evaluate`` too (the final evaluation)."""
     if not len(tr.eval_set):
         return {"num_pairs": 0}
     with tr.autocast():  # data-parallel: each rank evaluates its share, the metrics are reduced over ranks
         return evaluate_sharded(tr.model, tr.eval_ref, tr.eval_set, tr.collator, tr.loss_cfg, tr.dist,
-                                batch_size=tr.cfg.eval_batch_size, source_names=tr.source_names)
+                                batch_size=tr.cfg.eval_batch_size, source_names=tr.source_names,
+                                diagnostics=diagnostics)
 
 
 def save_checkpoint(tr: Trainer, step: int) -> Optional[Path]:
@@ -299,6 +332,8 @@ def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
     bar = tqdm(total=cfg.steps, initial=tr.step, desc=f"{'lpc-' if cfg.lpc else ''}{cfg.loss}",
                disable=not (cfg.progress and main_rank), dynamic_ncols=True, file=sys.stderr, unit="step")
     recent: list[dict] = []
+    leak_window: list[dict] = []
+    warned = False
     with (open(metrics_path, "a") if main_rank else contextlib.nullcontext()) as mf:
         for step in range(tr.step, cfg.steps):
             m = train_step(tr, step)
@@ -307,6 +342,11 @@ def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
                 mf.write(json.dumps(m) + "\n")
                 mf.flush()
             recent = (recent + [m])[-20:]
+            leak_window = (leak_window + [m])[-LEAK_WINDOW:]
+            warning = None if warned else leak_warning(leak_window)
+            if warning is not None and main_rank:
+                bar.write(warning, file=sys.stderr)
+            warned = warned or warning is not None
             bar.update(1)
             bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / len(recent):.4f}",
                             acc=f"{sum(r['rewards/accuracies'] for r in recent) / len(recent):.3f}",
@@ -322,7 +362,7 @@ def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
     bar.close()
     train_s = time.perf_counter() - t_start
 
-    final_eval = run_evaluation(tr)
+    final_eval = run_evaluation(tr, diagnostics=True)
     if tr.syn is not None and len(tr.eval_set):  # the ceiling: a predictor that knows the generator's sources
         final_eval["bayes_accuracy"] = synthetic.bayes_accuracy(tr.eval_set.rows, tr.syn)
     final_eval.update(step=cfg.steps, train_wall_s=train_s)
@@ -373,6 +413,14 @@ def format_summary(cfg: TrainConfig, summary: dict) -> str:
             rows.append(("prior code perplexity", f"{ev['prior_code_perplexity']:.2f} of K={cfg.num_codes}"))
         if "code_source_nmi" in ev:
             rows.append(("code/source NMI", f"{ev['code_source_nmi']:.3f}"))
+        if "accuracy_posterior" in ev:  # the leak diagnostics: all alike when z carries no label
+            rows.append(("accuracy, z from",
+                         f"posterior {ev['accuracy_posterior']:.3f}, swapped posterior "
+                         f"{ev['accuracy_posterior_swapped']:.3f}, zero {ev['accuracy_zero_z']:.3f}"))
+            by_code = ev["accuracy_by_code"]
+            rows.append(("single codes z = E[k]", f"accuracy {min(by_code):.3f} to {max(by_code):.3f}"))
+        if "z_rms_ratio" in ev:
+            rows.append(("RMS z / RMS hidden", f"{ev['z_rms_ratio']:.3f}"))
     rows += [("wall time", f"{summary['wall_s']:.1f}s"), ("outputs", summary["output_dir"])]
     width = max(len(k) for k, _ in rows)
     rule = "-" * (width + 2 + max(len(v) for _, v in rows))

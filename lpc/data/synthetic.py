@@ -17,6 +17,17 @@ Bradley-Terry). A prompt names its source with probability ``hint_prob`` and its
 source's favourite topics, so the source is (mostly) inferable from the prompt: exactly what LPC's prior
 ``p(z | x)`` has to learn, while the posterior ``q(z | x, y_w > y_l)`` can read it off the answers.
 
+Two presets (``SyntheticConfig.preset``):
+
+* ``sources`` (the default above): four sources, deterministic labels (or Bradley-Terry), prompts that
+  name their source with probability ``hint_prob`` and lean towards its favourite topics.
+* ``annotators``: six annotators (``ANNOTATORS``) whose preferences are sparse mixtures of conflicting
+  answer factors (``ANNOTATOR_WEIGHTS``: two factors each, opposite pairs on length, formality and
+  politeness, plus the shared dislike of typos); uniform topics, so nothing about the annotator is in the
+  prompt unless ``hint_prob > 0`` names them; labels drawn Bradley-Terry, ``P(a > b) = sigmoid((u_a - u_b) /
+  bt_temperature)``, so the accuracy ceilings with and without the annotator are exact expectations over the
+  answer distribution (``annotator_ceilings``). The annotator id is kept in ``source`` for evaluation.
+
 Everything is a pure function of the seed: one ``numpy`` generator per split, seeded from
 ``(seed, split)``, so the training and held-out splits are independent and reproducible.
 """
@@ -39,6 +50,19 @@ SOURCE_WEIGHTS = np.array([
     [2.0,    0.0,   0.0,    1.0,    0.0,  -1.5],   # detailed
     [0.0,    0.5,   2.0,    0.0,   -1.0,  -1.5],   # formal
     [0.0,   -0.5,  -2.0,    0.0,    1.0,  -1.5],   # casual
+])
+
+ANNOTATORS = ("thorough", "brief", "formal", "casual", "warm", "blunt")
+# rows: annotators; columns: ATTRIBUTES. Two factors each, in conflicting pairs (0/1 length, 2/3 formality,
+# 4/5 politeness; bullets and hedging split them again), and every annotator dislikes typos.
+ANNOTATOR_WEIGHTS = np.array([
+    # length polite formal bullets hedge  typo
+    [2.0,    0.0,   0.0,    1.0,    0.0,  -1.5],   # thorough
+    [-2.0,   1.0,   0.0,    0.0,    0.0,  -1.5],   # brief
+    [0.0,    0.0,   2.0,    0.0,   -1.0,  -1.5],   # formal
+    [0.0,    0.0,  -2.0,    0.0,    1.0,  -1.5],   # casual
+    [0.0,    2.0,   0.0,   -1.0,    0.0,  -1.5],   # warm
+    [0.0,   -2.0,   0.0,    1.0,    0.0,  -1.5],   # blunt
 ])
 
 TOPICS = ("cats", "dogs", "rain", "music", "coffee", "trains", "gardens", "chess", "bread", "rivers", "stars",
@@ -65,7 +89,7 @@ def source_hint(source: int) -> str:
 def lexicon() -> list[str]:
     """Every word the generator can emit (the tokenizer's vocabulary, minus special tokens)."""
     words = ["asks", ":", "tell", "me", "about", ".", "and", "they", HEDGE_WORD, BULLET, FLIP_MARKER, ANON_SOURCE]
-    words += [source_hint(s) for s in range(len(SOURCES))]
+    words += [source_hint(s) for s in range(max(len(SOURCES), len(ANNOTATORS)))]
     words += list(POLITE_PREFIX) + list(TOPICS) + list(VERBS) + list(ADJECTIVES)
     words += list(FORMAL_CONNECTORS) + list(CASUAL_CONNECTORS) + list(TYPOS)
     return list(dict.fromkeys(words))  # unique, in a fixed order
@@ -123,11 +147,16 @@ def parse_attributes(text: str) -> Answer:
                   typo=int(any(w in TYPOS for w in words)))
 
 
-def utility(source: int, answer: Answer) -> float:
-    """``w_source . attributes`` (float)."""
+def utility(source: int, answer: Answer, weights: np.ndarray = SOURCE_WEIGHTS) -> float:
+    """``w_source . attributes`` (float), ``w`` a row of ``weights`` (``SOURCE_WEIGHTS`` or ``ANNOTATOR_WEIGHTS``)."""
     v = answer.vector()
-    w = SOURCE_WEIGHTS[source]
+    w = weights[source]
     return float(sum(w[i] * v[i] for i in range(len(ATTRIBUTES))))  # plain floats: no tiny-matmul overhead
+
+
+def source_names(cfg: SyntheticConfig) -> tuple[str, ...]:
+    """The names of the preset's sources (``SOURCES``) or annotators (``ANNOTATORS``), by id."""
+    return ANNOTATORS if cfg.preset == "annotators" else SOURCES
 
 
 def _random_answer(rng: np.random.Generator) -> Answer:
@@ -159,6 +188,8 @@ def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if cfg.preset == "annotators":
+        return generate_annotator_pairs(n, cfg, split)
     # independent streams per split: held-out pairs never depend on how many training pairs were drawn
     rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1])
     rows = []
@@ -185,10 +216,42 @@ def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
                "rejected_utility": u_lose, "flipped": False}
         # the flip coin is drawn from the same stream as before the marker became optional, so a marked
         # and an unmarked run with the same seed and flip_fraction flip exactly the same pairs
-        if split == "train" and cfg.flip_fraction > 0 and rng.random() < cfg.flip_fraction:
-            marked = f"{prompt} {FLIP_MARKER}" if cfg.flip_marker else prompt
-            row.update(prompt=marked, chosen=row["rejected"], rejected=row["chosen"],
-                       chosen_utility=u_lose, rejected_utility=u_win, flipped=True)
+        _maybe_flip(row, rng, cfg, split)
+        rows.append(row)
+    return rows
+
+
+def _maybe_flip(row: dict, rng: np.random.Generator, cfg: SyntheticConfig, split: str) -> None:
+    """Swap a training row's answers with probability ``flip_fraction`` (one coin from ``rng``), marking its
+    prompt with ``[flip]`` when ``flip_marker``."""
+    if split == "train" and cfg.flip_fraction > 0 and rng.random() < cfg.flip_fraction:
+        marked = f"{row['prompt']} {FLIP_MARKER}" if cfg.flip_marker else row["prompt"]
+        row.update(prompt=marked, chosen=row["rejected"], rejected=row["chosen"],
+                   chosen_utility=row["rejected_utility"], rejected_utility=row["chosen_utility"], flipped=True)
+
+
+def generate_annotator_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
+    """``n`` pairs of the ``annotators`` preset (module docstring); rows as ``generate_pairs``'s, ``source`` the
+    annotator. Two answers with the same attributes (no preference to learn) are redrawn."""
+    rng = np.random.default_rng([cfg.seed, 2 if split == "train" else 3])
+    rows = []
+    for _ in range(n):
+        u_who, u_topic, u_hint = rng.random(3)
+        who = int(u_who * len(ANNOTATORS))
+        topic = TOPICS[int(u_topic * len(TOPICS))]
+        asker = source_hint(who) if u_hint < cfg.hint_prob else ANON_SOURCE
+        prompt = f"{asker} asks : tell me about {topic} ."
+        while True:
+            a, b = _random_answer(rng), _random_answer(rng)
+            if a != b:
+                break
+        ua, ub = utility(who, a, ANNOTATOR_WEIGHTS), utility(who, b, ANNOTATOR_WEIGHTS)
+        a_wins = rng.random() < _sigmoid((ua - ub) / cfg.bt_temperature)
+        (win, u_win), (lose, u_lose) = ((a, ua), (b, ub)) if a_wins else ((b, ub), (a, ua))
+        row = {"prompt": prompt, "chosen": render_answer(win, topic, rng), "rejected": render_answer(lose, topic, rng),
+               "source": who, "source_name": ANNOTATORS[who], "chosen_utility": u_win, "rejected_utility": u_lose,
+               "flipped": False}
+        _maybe_flip(row, rng, cfg, split)
         rows.append(row)
     return rows
 
@@ -236,8 +299,62 @@ def source_posterior(prompt: str, cfg: SyntheticConfig) -> np.ndarray:
     return like / like.sum()
 
 
+def _annotator_win_probabilities(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(pair probability [S, S], P(row answer beats column answer | annotator) [S, S, A])`` over the answer
+    space ``S`` of ``_answer_space``, pairs of equal answers excluded (the generator redraws them)."""
+    space = _answer_space()
+    p = np.array([q for _, q in space])
+    u = np.array([[utility(a, ans, ANNOTATOR_WEIGHTS) for a in range(len(ANNOTATORS))] for ans, _ in space])
+    pair = p[:, None] * p[None, :]
+    np.fill_diagonal(pair, 0.0)
+    win = 1.0 / (1.0 + np.exp(-(u[:, None, :] - u[None, :, :]) / cfg.bt_temperature))
+    return pair / pair.sum(), win
+
+
+def annotator_ceilings(cfg: SyntheticConfig) -> dict:
+    """Exact accuracy ceilings of the ``annotators`` preset (expectations over the answer distribution):
+    ``per_annotator`` (a predictor that knows the annotator: ``E max(P_a, 1 - P_a)``), their mean
+    ``with_annotator``, and ``prompt_only`` (one that does not: ``E max(P, 1 - P)`` with ``P`` the mean of
+    ``P_a`` over the annotators, who are equally likely and independent of the pair)."""
+    pair, win = _annotator_win_probabilities(cfg)
+    per = [float((pair * np.maximum(win[..., a], 1 - win[..., a])).sum()) for a in range(len(ANNOTATORS))]
+    mean_win = win.mean(-1)
+    return {"per_annotator": dict(zip(ANNOTATORS, per)), "with_annotator": float(np.mean(per)),
+            "prompt_only": float((pair * np.maximum(mean_win, 1 - mean_win)).sum())}
+
+
+def annotator_log_likelihoods(cfg: SyntheticConfig, newton_steps: int = 25) -> dict:
+    """Expected log-likelihood of a label (nats per pair, exact over the answer distribution) of the
+    ``annotators`` preset under three models: ``with_annotator`` (``log P_a``, the annotator known),
+    ``mixture`` (``log mean_a P_a``: the true mixture, the annotator unknown) and ``best_linear`` (the best single
+    Bradley-Terry model on the six attributes, ``P = sigmoid(w . (a - b))``, fitted by Newton's method on the
+    exact expectation). ``mixture - best_linear`` is all that a latent chosen per pair, from that pair alone, can
+    gain over one shared reward: what tells annotators apart lives in several pairs of the same annotator."""
+    pair, win = _annotator_win_probabilities(cfg)
+    p_mix = win.mean(-1)
+    with_annotator = float((pair[..., None] * (win * np.log(win) + (1 - win) * np.log1p(-win))).sum()
+                           / len(ANNOTATORS))
+    mixture = float((pair * (p_mix * np.log(p_mix) + (1 - p_mix) * np.log1p(-p_mix))).sum())
+    v = np.array([ans.vector() for ans, _ in _answer_space()], dtype=np.float64)
+    x = (v[:, None, :] - v[None, :, :]).reshape(-1, v.shape[1])
+    weight, target = pair.reshape(-1), p_mix.reshape(-1)
+    w = np.zeros(v.shape[1])
+    for _ in range(newton_steps):  # a concave objective: Newton from 0 converges in a few steps
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (weight * (target - p))
+        hess = (x * (weight * p * (1 - p))[:, None]).T @ x
+        w = w + np.linalg.solve(hess + 1e-12 * np.eye(len(w)), grad)
+    s = x @ w
+    best_linear = float((weight * (target * -np.logaddexp(0, -s) + (1 - target) * -np.logaddexp(0, s))).sum())
+    return {"with_annotator": with_annotator, "mixture": mixture, "best_linear": best_linear}
+
+
 def bayes_accuracy(rows: Sequence[dict], cfg: SyntheticConfig) -> float:
     """Accuracy of the Bayes-optimal predictor that knows the generator (the ceiling for any model).
+
+    ``annotators`` preset: the predictor that knows the annotator when the prompt names them (else it weighs
+    them equally) picks the answer it thinks more likely to win; its accuracy on ``rows`` (whose labels were
+    drawn) estimates the exact ``annotator_ceilings``.
 
     For each pair it weighs the sources by ``P(s | prompt, {a, b}) ~ P(s | prompt) * 1[pair kept under s]
     / P(kept | s)`` (pairs are resampled until their utility gap reaches ``min_gap``) and picks the answer
@@ -246,6 +363,8 @@ def bayes_accuracy(rows: Sequence[dict], cfg: SyntheticConfig) -> float:
     """
     if not rows:
         return 0.0
+    if cfg.preset == "annotators":
+        return _annotator_bayes_accuracy(rows, cfg)
     keep = np.array([_keep_probability(s, cfg.min_gap) for s in range(len(SOURCES))])
     correct = 0
     for row in rows:
@@ -258,7 +377,21 @@ def bayes_accuracy(rows: Sequence[dict], cfg: SyntheticConfig) -> float:
         else:
             p_win = 1.0 / (1.0 + np.exp(-(ua - ub) / cfg.bt_temperature))
         score = float((weight * p_win).sum() / weight.sum())
-        correct += score > 0.5  # a tie (0.5) counts as wrong: the margin must be > 0
+        correct += 1.0 if score > 0.5 else 0.5 if score == 0.5 else 0.0  # a tie: either answer, right half the time
+    return correct / len(rows)
+
+
+def _annotator_bayes_accuracy(rows: Sequence[dict], cfg: SyntheticConfig) -> float:
+    correct = 0.0
+    for row in rows:
+        a, b = parse_attributes(row["chosen"]), parse_attributes(row["rejected"])
+        gap = np.array([utility(s, a, ANNOTATOR_WEIGHTS) - utility(s, b, ANNOTATOR_WEIGHTS)
+                        for s in range(len(ANNOTATORS))])
+        p_win = 1.0 / (1.0 + np.exp(-gap / cfg.bt_temperature))
+        words = row["prompt"].split()
+        named = [s for s in range(len(ANNOTATORS)) if words[0] == source_hint(s)]
+        score = float(p_win[named[0]] if named else p_win.mean())
+        correct += 1.0 if score > 0.5 else 0.5 if score == 0.5 else 0.0
     return correct / len(rows)
 
 
@@ -271,6 +404,7 @@ def source_agreement(rows: Sequence[dict]) -> float:
     return agree / max(len(rows), 1)
 
 
-__all__ = ["ATTRIBUTES", "SOURCES", "SOURCE_WEIGHTS", "FLIP_MARKER", "Answer", "render_answer", "parse_attributes",
+__all__ = ["ATTRIBUTES", "SOURCES", "SOURCE_WEIGHTS", "ANNOTATORS", "ANNOTATOR_WEIGHTS", "annotator_ceilings",
+           "source_names", "FLIP_MARKER", "Answer", "render_answer", "parse_attributes",
            "utility", "generate_pairs", "make_splits", "corpus", "lexicon", "source_agreement", "source_posterior",
            "bayes_accuracy", "SPECIAL_TOKENS"]

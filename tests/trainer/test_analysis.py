@@ -267,8 +267,8 @@ def test_collect_latents_per_pair(tiny):
     assert lat["posterior_probs"].sum(1) == pytest.approx(np.ones(10), abs=1e-5)
     assert (lat["prior_code"] == lat["prior_probs"].argmax(1)).all()
     assert (lat["posterior_code"] == lat["posterior_probs"].argmax(1)).all()
-    e = model.codebook.detach().numpy()
-    # expected embeddings: z = p @ E (the model's default inference mode for the prior)
+    e = (model.codebook * model.hidden_rms).detach().numpy()
+    # expected embeddings: z = (p @ E) * hidden_rms (the model's default inference mode for the prior)
     assert lat["z_prior"] == pytest.approx(lat["prior_probs"] @ e, abs=1e-5)
     assert lat["z_posterior"] == pytest.approx(lat["posterior_probs"] @ e, abs=1e-5)
     # batch size does not change per-pair results

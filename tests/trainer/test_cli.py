@@ -114,7 +114,7 @@ def test_help_documents_every_flag_with_its_default():
         assert "default:" in " ".join(body.split()), flag
     # the documented defaults of the main flags (--no-lpc shares the "--lpc, --no-lpc" entry)
     entry_of = {flag: flag + body for flag, body in entries}
-    for flag, default in (("--loss", "dpo"), ("--num-codes", "32"), ("--kl-weight", "0.05"), ("--beta", "0.1"),
+    for flag, default in (("--loss", "dpo"), ("--num-codes", "32"), ("--kl-weight", "1.0"), ("--beta", "0.1"),
                           ("--gamma", "0.5"), ("--tau", "1.0"), ("--seed", "0"), ("--backend", "auto"),
                           ("--no-lpc", None)):
         entry = entry_of.get(flag) or next(e for e in entry_of.values() if flag in e.strip().split("\n")[0])
@@ -140,6 +140,10 @@ def test_evaluate_cli_writes_json_and_plots_matching_the_run(tiny_run, capsys):
     for k in ("accuracy", "reward_margin", "loss", "num_pairs"):
         assert data[k] == pytest.approx(ev[k], rel=1e-5, abs=1e-6), k
     assert sum(data["prior_code_histogram"]) == 16 and len(data["posterior_code_histogram"]) == 4
+    # the leak diagnostics, as the trainer's final evaluation computed them
+    for k in ("accuracy_posterior", "accuracy_posterior_swapped", "accuracy_zero_z", "z_rms_ratio"):
+        assert data[k] == pytest.approx(ev[k], rel=1e-5, abs=1e-6), k
+    assert len(data["accuracy_by_code"]) == 4 and data["accuracy_by_code"] == pytest.approx(ev["accuracy_by_code"])
     assert 1.0 <= data["prior_code_usage_perplexity"] <= 4.0
     assert set(data["num_pairs_by_source"]) == set(data["accuracy_by_source"])
     pytest.importorskip("matplotlib")
@@ -184,15 +188,16 @@ def test_generate_cli_forced_codes_match_an_uncached_greedy_decoder(tiny_run, ca
     ids = prompt_ids(tok, prompt, chat=False)
     assert ids[0] == tok.bos_token_id
     for a in answers:
-        want = _greedy_reference(model, ids, model.codebook[a["code"]].detach(), 6)
+        want = _greedy_reference(model, ids, (model.codebook[a["code"]] * model.hidden_rms).detach(), 6)
         if tok.eos_token_id in want:
             want = want[:want.index(tok.eos_token_id) + 1]
         assert a["text"] == tok.decode(want, skip_special_tokens=True)
         assert sum(a["prior"]) == pytest.approx(1.0, abs=1e-3)
-    # z from the prior (the default): the expected embedding softmax(prior) @ E
+    # z from the prior (the default): the expected embedding (softmax(prior) @ E) * hidden_rms
     (prior_answer,) = generate_main(["--run", str(tiny_run), "--prompt", prompt, "--max-new-tokens", "6"])
     probs = torch.tensor(prior_answer["prior"])
-    want = _greedy_reference(model, ids, (torch.softmax(torch.log(probs), -1) @ model.codebook).detach(), 6)
+    want = _greedy_reference(model, ids, (torch.softmax(torch.log(probs), -1) @ model.codebook
+                                          * model.hidden_rms).detach(), 6)
     if tok.eos_token_id in want:
         want = want[:want.index(tok.eos_token_id) + 1]
     assert prior_answer["text"] == tok.decode(want, skip_special_tokens=True)

@@ -417,12 +417,12 @@ def test_gumbel_codes_do_not_depend_on_the_world_size():
     post, prior = torch.randn(g, k), torch.randn(g, k)
     for step in (0, 3):
         off, poff = model.gumbel_offsets(step, g, 0)
-        w_all, z_all = model.latent(prior, post, mix=0.3, seed=99, offset=off, prior_offset=poff)
+        w_all, z_all, _ = model.latent(prior, post, mix=0.3, seed=99, offset=off, prior_offset=poff)
         for world in (2, 4, 8):
             for r in range(world):
                 sl = D.rank_slice(g, r, world)
                 off, poff = model.gumbel_offsets(step, g, sl.start)
-                w, z = model.latent(prior[sl], post[sl], mix=0.3, seed=99, offset=off, prior_offset=poff)
+                w, z, _ = model.latent(prior[sl], post[sl], mix=0.3, seed=99, offset=off, prior_offset=poff)
                 torch.testing.assert_close(w, w_all[sl], rtol=0, atol=0)
                 torch.testing.assert_close(z, z_all[sl], rtol=1e-6, atol=1e-7)
     # and a different step draws different codes
@@ -559,7 +559,8 @@ def test_two_process_run_matches_one_process(e2e, strategy):
         want, got = load_file(str(root / "one" / "final" / name)), load_file(str(root / strategy / "final" / name))
         assert want.keys() == got.keys()
         for k in want:
-            _assert_close_after_adam(got[k], want[k], f"final/{name}: {k}", lr=float(E2E_ARGS[E2E_ARGS.index("--lr") + 1]))
+            _assert_close_after_adam(got[k], want[k], f"final/{name}: {k}",
+                                     lr=float(E2E_ARGS[E2E_ARGS.index("--lr") + 1]))
 
 
 @pytest.mark.distributed

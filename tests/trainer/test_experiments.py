@@ -27,7 +27,7 @@ def test_quick_study_produces_every_artifact(quick):
     # cores are shared; printed so the CI log shows it
     out, summary, wall = quick
     print(f"--quick study: {wall:.0f} s")
-    assert summary["failed"] == [] and summary["runs"] == 2 * 25
+    assert summary["failed"] == [] and summary["runs"] == 2 * 26
     runs, _ = plan([0, 1], experiments.QUICK)
     for run in runs:
         result = json.loads((experiments.run_dir(out, run) / "result.json").read_text())
@@ -63,13 +63,13 @@ def test_quick_study_resumes(quick, capsys):
     out, _, _ = quick
     capsys.readouterr()
     main(["paper", "--quick", "--jobs", "2", "--output-dir", str(out)])
-    assert "50 already done, 0 to run" in capsys.readouterr().out
+    assert "52 already done, 0 to run" in capsys.readouterr().out
     victim = out / "runs" / "dpo-lpc-k8-s1" / "result.json"
     before = json.loads(victim.read_text())
     victim.unlink()  # as if the study had been killed during this run
     summary = main(["paper", "--quick", "--jobs", "1", "--output-dir", str(out)])
     text = capsys.readouterr().out
-    assert "49 already done, 1 to run" in text and "[1/1] dpo-lpc-k8-s1" in text and summary["failed"] == []
+    assert "51 already done, 1 to run" in text and "[1/1] dpo-lpc-k8-s1" in text and summary["failed"] == []
     after = json.loads(victim.read_text())
     assert after["accuracy"] == before["accuracy"]  # same seed, same run
     with pytest.raises(ValueError, match="another configuration"):
@@ -82,11 +82,11 @@ def test_quick_study_resumes(quick, capsys):
 
 def test_grid_conditions_and_sharing():
     cond = conditions()
-    assert len(cond) == 12 + 10 + 4 + 3
+    assert len(cond) == 12 + 10 + 4 + 4
     runs, alias = plan([0, 1, 2], experiments.FULL)
-    assert len(runs) == 3 * 25
+    assert len(runs) == 3 * 26
     # the default configuration answers four conditions
-    assert alias["dpo-lpc-k32"] == alias["dpo-lpc-kl0p05"] == alias["dpo-lpc-flip0"] == "dpo-lpc-hint"
+    assert alias["dpo-lpc-k32"] == alias["dpo-lpc-kl1"] == alias["dpo-lpc-flip0"] == "dpo-lpc-hint"
     assert alias["dpo-plain-flip0"] == "dpo-plain-hint"
     marked = cond["dpo-lpc-flip50-marked"]
     assert marked["flip_marker"] is True and marked["flip_fraction"] == 0.5
@@ -94,7 +94,9 @@ def test_grid_conditions_and_sharing():
     assert {c["num_codes"] for n, c in cond.items() if n.startswith("dpo-lpc-k") and "kl" not in n} == {1, 8, 32, 128}
     assert {c["hint_prob"] for n, c in cond.items() if n.endswith("nohint")} == {0.0}
     real_runs, _ = plan([0], experiments.FULL, real_data=True)
-    assert len(real_runs) == 25 - 6  # no hint variants on a real dataset
+    assert len(real_runs) == 26 - 6  # no hint variants on a real dataset
+    simpo = [c for n, c in cond.items() if n.startswith("simpo")]
+    assert simpo and all((c["beta"], c["gamma"]) == (2.0, 1.0) for c in simpo)  # the SimPO paper's scale
 
 
 @pytest.mark.parametrize("kwargs, match", [({"seeds": 0}, "seeds"), ({"jobs": 0}, "jobs"),
@@ -120,7 +122,7 @@ def test_real_dataset_copy_maps_sources_and_noise_spares_held_out_rows(tmp_path)
     assert names == sorted({r["source"] for r in rows})
     copied = [json.loads(line) for line in clean.read_text().splitlines()]
     assert [names[r["source"]] for r in copied] == [r["source"] for r in rows]
-    noisy = experiments._noisy_real_dataset(clean, tmp_path, 0.5, True, eval_size=10, seed=3)
+    noisy = experiments.noisy_real_dataset(clean, tmp_path, 0.5, True, eval_size=10, seed=3)
     flipped = [json.loads(line) for line in noisy.read_text().splitlines()]
     eval_idx, train_idx = split_indices(40, 10, 3)
     assert all(flipped[i] == copied[i] for i in eval_idx)  # held-out rows untouched
@@ -136,8 +138,35 @@ def test_real_dataset_study_runs(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in _real_rows(120)))
     summary = experiments.run_study(tmp_path / "study", seeds=1, jobs=2, quick=True, dataset=str(src), steps=3,
                                     log=lambda msg: None)
-    assert summary["failed"] == [] and summary["runs"] == 19
+    assert summary["failed"] == [] and summary["runs"] == 20
     report = (tmp_path / "study" / "report.md").read_text()
     assert all(s in report for s in SECTIONS) and "[FLIP]" in report
     result = json.loads((tmp_path / "study" / "runs" / "dpo-lpc-hint-s0" / "result.json").read_text())
     assert set(result["by_source"]) == set(synthetic.SOURCES) and result["num_pairs"] == 60  # eval: half of 120
+
+
+def test_quick_annotators_study(tmp_path):
+    from lpc.experiments import annotators
+
+    out = tmp_path / "annotators"
+    summary = main(["annotators", "--quick", "--jobs", "2", "--output-dir", str(out)])
+    arms = annotators.conditions()
+    assert summary["failed"] == [] and summary["runs"] == 2 * len(arms)
+    for arm, overrides in arms.items():
+        for seed in (0, 1):
+            r = json.loads((out / "runs" / f"{arm}-s{seed}" / "result.json").read_text())
+            assert set(r["few_shot"]) == {"0", "1", "4", "16"} and all(0 <= v <= 1 for v in r["few_shot"].values())
+            assert r["few_shot"]["0"] == r["accuracy"]
+            lpc = overrides.get("lpc", True)
+            k = overrides.get("num_codes", 32) if lpc else annotators.RANDOM_CODEBOOK["num_codes"]
+            assert len(r["code_annotator_accuracy"]) == k and len(r["code_annotator_accuracy"][0]) == 6
+            assert r["codes_from"] == ("lpc" if lpc else "random codebook")
+            if lpc:
+                assert len(r["diagnostics"]["accuracy_by_code"]) == k and -1 <= r["ari_posterior"] <= 1
+                assert {"lpc/prior_accuracy", "lpc/posterior_accuracy"} <= set(r["train"])
+    report = (out / "report.md").read_text()
+    positions = [report.find(s + "\n") for s in annotators.SECTIONS]
+    assert -1 not in positions and positions == sorted(positions)
+    assert "Student-t 95% interval" in report and "percentile-bootstrap" in report
+    for plot in ("few_shot", "code_annotator_accuracy"):
+        assert f"plots/{plot}.png" in report and (out / "plots" / f"{plot}.png").stat().st_size > 1000

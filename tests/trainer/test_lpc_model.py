@@ -169,7 +169,7 @@ def test_z_added_before_head_matches_float64_log_softmax(tokenizer, rows):
 @pytest.mark.parametrize("inference", ["expected", "argmax"])
 def test_inference_z_comes_from_the_prior(tokenizer, rows, inference):
     policy = _policy(tokenizer)
-    model = LPCModel(policy, LPCConfig(num_codes=5, inference=inference, codebook_init_std=0.5)).double().eval()
+    model = LPCModel(policy, LPCConfig(num_codes=5, inference=inference, codebook_scale=0.5)).double().eval()
     batch = _batch(tokenizer, rows)
     with torch.no_grad():
         out = model(batch, use_prior=True)
@@ -186,7 +186,7 @@ def test_training_latent_uses_gumbel_seed_and_prior_mix(tokenizer, rows):
     import lpc_kernels as lk
 
     policy = _policy(tokenizer)
-    model = LPCModel(policy, LPCConfig(num_codes=6, codebook_init_std=0.5)).double()
+    model = LPCModel(policy, LPCConfig(num_codes=6, codebook_scale=0.5)).double()
     batch = _batch(tokenizer, rows)
     with torch.no_grad():
         a = model(batch, mix=0.0, seed=7, offset=0)
@@ -227,7 +227,7 @@ def test_single_code_lpc_equals_plain_loss_with_constant_z(tokenizer, rows, loss
         for prm in policy.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
     ref = make_reference(ref_policy)
-    model = LPCModel(policy, LPCConfig(num_codes=1, codebook_init_std=0.3)).double()
+    model = LPCModel(policy, LPCConfig(num_codes=1, codebook_scale=0.3)).double()
     batch = _batch(tokenizer, rows)
     beta, gamma = 0.1, 0.5
     cfg = LossConfig(loss_type=loss_type, beta=beta, gamma=gamma, kl_weight=0.0)
@@ -257,7 +257,7 @@ def test_single_code_lpc_equals_plain_loss_with_constant_z(tokenizer, rows, loss
 
 
 def test_save_and_load_roundtrip(tokenizer, rows, tmp_path):
-    model = LPCModel(_policy(tokenizer, torch.float32), LPCConfig(num_codes=3, codebook_init_std=0.5)).eval()
+    model = LPCModel(_policy(tokenizer, torch.float32), LPCConfig(num_codes=3, codebook_scale=0.5)).eval()
     batch = _batch(tokenizer, rows)
     path = model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
     model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)  # overwriting an existing checkpoint works
@@ -353,18 +353,19 @@ def test_gumbel_offsets_make_each_examples_noise_independent_of_micro_batching()
     torch.nn.Module.__init__(model)
     model.lpc, model.backend = cfg, "reference"
     model.codebook = torch.nn.Parameter(torch.randn(k, 4))
+    model.register_buffer("hidden_rms", torch.tensor(1.5))
     post, prior = torch.randn(g, k), torch.randn(g, k)
     off, poff = model.gumbel_offsets(step, g, 0)
     # the documented layout: step s owns [s*2GK, (s+1)*2GK), posterior first, then the prior block
     assert (off, poff) == (step * 2 * g * k, step * 2 * g * k + g * k)
-    w_full, z_full = model.latent(prior, post, mix=0.5, seed=7, offset=off, prior_offset=poff)
+    w_full, z_full, _ = model.latent(prior, post, mix=0.5, seed=7, offset=off, prior_offset=poff)
     parts = []
     for lo, hi in ((0, 2), (2, 6)):
         o, p = model.gumbel_offsets(step, g, lo)
         parts.append(model.latent(prior[lo:hi], post[lo:hi], mix=0.5, seed=7, offset=o, prior_offset=p))
-    torch.testing.assert_close(torch.cat([w for w, _ in parts]), w_full, rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat([z for _, z in parts]), z_full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([w for w, _, _ in parts]), w_full, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([z for _, z, _ in parts]), z_full, rtol=1e-6, atol=1e-7)
     # the whole-batch layout is the plain one the first trainer used: offset advanced by gumbel_numel
     assert off == step * model.gumbel_numel(g)
-    w_plain, _ = model.latent(prior, post, mix=0.5, seed=7, offset=off)
+    w_plain, _, _ = model.latent(prior, post, mix=0.5, seed=7, offset=off)
     torch.testing.assert_close(w_plain, w_full, rtol=0, atol=0)

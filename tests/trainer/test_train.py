@@ -34,10 +34,11 @@ def test_short_lpc_dpo_run_learns_and_writes_outputs(tmp_path, cache_dir):
     for m in metrics:
         assert set(names) <= set(m), set(names) - set(m)
     assert metrics[0]["lpc/mix"] == 0.0 and metrics[-1]["lpc/mix"] == 1.0
-    # the policy starts as the reference: DPO loss log(2) plus the small KL term, then it learns
+    # the policy starts as the reference: DPO loss log(2) plus the weighted KL term, then it learns
     first = sum(m["loss"] for m in metrics[:10]) / 10
     last = sum(m["loss"] for m in metrics[-10:]) / 10
-    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=0.02)
+    assert metrics[0]["lpc/kl_weight"] == 1.0 and metrics[0]["lpc/kl"] > 0
+    assert metrics[0]["loss"] - metrics[0]["lpc/kl"] == pytest.approx(0.6931, abs=0.02)
     assert last < first - 0.1, (first, last)
     assert sum(m["rewards/accuracies"] for m in metrics[-10:]) / 10 > 0.7
 
