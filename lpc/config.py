@@ -25,6 +25,10 @@ LR_SCHEDULERS = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
 SYNTHETIC_PRESETS = ("sources", "annotators")
+# KL weight by loss when --kl-weight is not given. DPO's and SimPO's losses are the label's negative
+# log-likelihood, so 1 is the ELBO. IPO's (margin - 1/(2 beta))^2 is ~36x DPO's at a zero margin, and at 1 its
+# posterior passed the label through z in 10 of 10 seeds; at 10 in none (docs/results.md, "KL weight for IPO").
+DEFAULT_KL_WEIGHT = {"dpo": 1.0, "simpo": 1.0, "ipo": 10.0}
 
 # the --help groups of the training flags, in order
 GROUPS = ("objective", "latent (with --lpc)", "optimisation", "model", "data", "evaluation, checkpoints and output")
@@ -248,8 +252,10 @@ class TrainConfig(LPCConfig):
                                      check=in_half_open(0, 0.5))
     ipo_average: bool = setting(True, "IPO on length-averaged log-probs (TRL); --no-ipo-average: the IPO paper's "
                                       "sums", group=OBJECTIVE)
-    kl_weight: float = setting(1.0, "weight of KL(posterior || prior): 1 is the ELBO, below 1 the posterior is paid to "
-                                    "leak the label into z (paper: 0.05)", group=OBJECTIVE, check=number_at_least(0))
+    kl_weight: Optional[float] = setting(None, "weight of KL(posterior || prior) (default: 1 for dpo and simpo, the "
+                                               "ELBO; 10 for ipo, whose squared loss pays more for the label). Lower, "
+                                               "the posterior is paid to leak the label into z (paper: 0.05)",
+                                         group=OBJECTIVE, check=optional(number_at_least(0)))
     kl_warmup_steps: int = setting(0, "raise the KL weight linearly from 0 to --kl-weight over the first N steps "
                                       "(0: constant)", group=OBJECTIVE, check=int_at_least(0))
     free_bits: float = setting(0.0, "per-pair KL below this many nats is not penalised (free bits; 0: off)",
@@ -357,6 +363,8 @@ class TrainConfig(LPCConfig):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.kl_weight is None:
+            self.kl_weight = DEFAULT_KL_WEIGHT[self.loss]
         if self.max_prompt_length is not None and not (
                 _is_int(self.max_prompt_length) and 1 <= self.max_prompt_length < self.max_length):
             raise ConfigError("max_prompt_length", f"must be None or an integer in [1, max_length={self.max_length}), "

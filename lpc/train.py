@@ -238,14 +238,16 @@ def train_step(tr: Trainer, step: int) -> dict:
     return m
 
 
-LEAK_WINDOW, LEAK_GAP = 50, 0.25
+LEAK_WINDOW, LEAK_GAP = 50, 0.05
 
 
 def leak_warning(window: Sequence[dict]) -> Optional[str]:
     """The warning for a likely label leak, or ``None``: over the last ``LEAK_WINDOW`` steps, the batch's reward
     accuracy with z from the posterior's sample runs more than ``LEAK_GAP`` above the accuracy with z from the
-    prior. A posterior may legitimately know more than the prior (the annotator, read off the labelled pair),
-    but on our synthetic data that is worth at most 0.21 (docs/results.md); beyond it z carries the label."""
+    prior. In the 400 LPC runs of our two studies, no run without a held-out leak came closer than 0.044 (largest
+    gap over any 50-step window; 0.027 at KL weight 1), and every leak crossed 0.05 by step 132 (docs/results.md).
+    A posterior that legitimately knows more than the prior (say, the annotator) can trip it too: the warning
+    says "likely" and names the held-out check."""
     if len(window) < LEAK_WINDOW or "lpc/prior_accuracy" not in window[-1]:
         return None
     post = sum(m["lpc/posterior_accuracy"] for m in window) / len(window)

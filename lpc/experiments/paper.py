@@ -211,8 +211,10 @@ def write_report(out_dir: Path, study: dict, results: list, alias: dict) -> Path
           + f"; model: {'`' + base['model'] + '`' if base.get('model') else 'tiny random-init Llama'}",
           f"- per run: {base['steps']} steps x {base['batch_size']} pairs, {base['num_train']} training pairs"
           f"{' (synthetic)' if not real else ''}, {base['eval_size']} held-out pairs; other settings are "
-          "`TrainConfig` defaults (DPO/IPO beta 0.1; SimPO beta 2, gamma 1; K 32, KL weight 1, codebook scale 1, "
-          "lr 3e-3)",
+          "`TrainConfig` defaults (DPO/IPO beta 0.1; SimPO beta 2, gamma 1; K 32, codebook scale 1, lr 3e-3; KL "
+          "weight " + ", ".join(f"{METHOD_LABEL[loss]} {kl:g}" for loss in LOSSES
+                                for kl in sorted(set(res.values(f"{loss}-lpc-hint",
+                                                                lambda r: r["config"]["kl_weight"])))) + ")",
           f"- seeds: {res.seeds} ({len(results)} runs finished; sum of run wall times {fmt_duration(wall)})",
           "- mean ± std over seeds (sample std); Δ = LPC − plain, paired per seed (same data and init), as mean "
           "[Student-t 95% interval]",

@@ -114,13 +114,15 @@ def test_help_documents_every_flag_with_its_default():
         assert "default:" in " ".join(body.split()), flag
     # the documented defaults of the main flags (--no-lpc shares the "--lpc, --no-lpc" entry)
     entry_of = {flag: flag + body for flag, body in entries}
-    for flag, default in (("--loss", "dpo"), ("--num-codes", "32"), ("--kl-weight", "1.0"), ("--beta", "0.1"),
+    for flag, default in (("--loss", "dpo"), ("--num-codes", "32"), ("--kl-weight", None), ("--beta", "0.1"),
                           ("--gamma", "0.5"), ("--tau", "1.0"), ("--seed", "0"), ("--backend", "auto"),
                           ("--no-lpc", None)):
         entry = entry_of.get(flag) or next(e for e in entry_of.values() if flag in e.strip().split("\n")[0])
         assert "default:" in " ".join(entry.split()), flag
         if default is not None:
             assert f"default: {default})" in " ".join(entry.split()), (flag, entry)
+    kl = " ".join(entry_of["--kl-weight"].split())  # a default per loss (config.DEFAULT_KL_WEIGHT)
+    assert "default: 1 for dpo and simpo" in kl and "10 for ipo" in kl, kl
     # one flag per TrainConfig field
     from dataclasses import fields
 

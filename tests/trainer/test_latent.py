@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lpc import analysis
+from lpc.cli import parse_args as parse_train_args
 from lpc.config import ConfigError, LPCConfig, SyntheticConfig, TrainConfig
 from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
 from lpc.data.tokenizer import load_synthetic_tokenizer
@@ -295,6 +296,17 @@ def test_train_config_picks_the_presets_data():
     assert (src.preset, src.hint_prob, src.label_mode) == ("sources", 0.5, "deterministic")
     with pytest.raises(ConfigError, match="synthetic"):
         TrainConfig(synthetic="voters")
+
+
+def test_kl_weight_defaults_by_loss_and_an_explicit_one_wins(capsys):
+    assert [TrainConfig(loss=loss).kl_weight for loss in ("dpo", "simpo", "ipo")] == [1.0, 1.0, 10.0]
+    assert TrainConfig(loss="ipo", kl_weight=0.05).kl_weight == 0.05
+    assert TrainConfig(**TrainConfig(loss="ipo").to_dict()).kl_weight == 10.0
+    assert parse_train_args(["--loss", "ipo"]).kl_weight == 10.0
+    assert parse_train_args(["--loss", "ipo", "--kl-weight", "0"]).kl_weight == 0.0
+    with pytest.raises(SystemExit):
+        parse_train_args(["--kl-weight", "-1"])
+    assert "--kl-weight" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- study statistics
