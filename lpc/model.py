@@ -416,19 +416,21 @@ class LPCModel(nn.Module):
                 out.prior_chosen_logps, out.prior_rejected_logps = chosen.detach(), rejected.detach()
                 if diagnostics:
                     out.diagnostics = {name: (chosen.detach(), rejected.detach()) if name == "prior" else logps(zd)
-                                       for name, zd in self.diagnostic_zs(prior_logits, h_w, h_l, z).items()}
+                                       for name, zd in self.diagnostic_zs(posterior_logits, h_w, h_l, z).items()}
             elif diagnostics:
                 out.prior_chosen_logps, out.prior_rejected_logps = logps(self.prior_z(prior_logits)[1])
                 out.posterior_chosen_logps, out.posterior_rejected_logps = (
                     (chosen.detach(), rejected.detach()) if mix == 0.0 else logps(z_post))
         return out
 
-    def diagnostic_zs(self, prior_logits: Tensor, h_w: Tensor, h_l: Tensor, z_prior: Tensor) -> dict[str, Tensor]:
+    def diagnostic_zs(self, posterior_logits: Tensor, h_w: Tensor, h_l: Tensor,
+                      z_prior: Tensor) -> dict[str, Tensor]:
         """The latents evaluation compares (each ``[B, D]``): ``prior`` (the inference z), ``posterior`` (the
-        expected embedding of the posterior on the pair as labelled), ``posterior_swapped`` (of the posterior fed
-        ``[h_l ; h_w]``: the pair with its label flipped), ``zero``, and ``code_k = E[k]`` for every code."""
+        expected embedding of ``posterior_logits``, the posterior on the pair as labelled), ``posterior_swapped``
+        (of the posterior fed ``[h_l ; h_w]``: the pair with its label flipped), ``zero``, and ``code_k = E[k]``
+        for every code."""
         with torch.autocast(z_prior.device.type, enabled=False):
-            post = torch.softmax(self.posterior(torch.cat([h_w, h_l], dim=-1)).float(), dim=-1)
+            post = torch.softmax(posterior_logits.float(), dim=-1)
             swapped = torch.softmax(self.posterior(torch.cat([h_l, h_w], dim=-1)).float(), dim=-1)
             zs = {"prior": z_prior, "posterior": self.embed(post), "posterior_swapped": self.embed(swapped),
                   "zero": torch.zeros_like(z_prior)}
