@@ -72,6 +72,24 @@ def _batch(shape: Shape, g: torch.Generator) -> dict:
         out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels,
                     f"{side}_lengths": ans})
     out["source"] = torch.full((b,), -1, device=dev, dtype=torch.long)
+    return _padded_layout_keys(out)
+
+
+def _padded_layout_keys(out: dict) -> dict:
+    """The keys ``lpc.model`` reads (``lpc.data``'s padded layout: chosen rows, then rejected rows)."""
+    ids, mask, labels = _pair(out)
+    rows, t = ids.shape
+    b = rows // 2
+    keep = labels[:, 1:] != -100
+    seq, col = keep.nonzero(as_tuple=True)
+    row = torch.arange(rows, device=ids.device)
+    last = mask.sum(1) - 1
+    out.update(layout="padded", input_ids=ids, position_ids=torch.arange(t, device=ids.device).expand(rows, t),
+               segment_ids=torch.where(mask.bool(), row[:, None], -1), branch_ids=torch.zeros_like(ids),
+               score_index=seq * t + col, score_sequence=seq, score_target=labels[:, 1:][keep],
+               feature_index=torch.stack([row[:b] * t + out["prompt_lengths"] - 1, row[:b] * t + last[:b],
+                                          row[b:] * t + last[b:]]),
+               num_tokens=int(mask.sum()))
     return out
 
 

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import ConfigError, TrainConfig
-from .data import PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
+from .data import PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
 from .data.tokenizer import load_synthetic_tokenizer
-from .model import LPCModel, build_tiny_llama, make_reference
+from .model import LPCModel, build_tiny_llama, check_batch_layout, make_reference
 from .runtime import quiet_transformers
 
 
@@ -143,6 +143,18 @@ def apply_lora(policy, cfg: TrainConfig):
             return get_peft_model(policy, lcfg)
     except ValueError as exc:  # e.g. target modules not found
         raise ConfigError("lora_target_modules", str(exc)) from None
+
+
+def build_collator(cfg: TrainConfig, tokenizer, *models) -> PreferenceCollator:
+    """The collator of ``--batch-layout``; raises ``ConfigError`` when one of ``models`` (policy, reference) cannot
+    run that layout (its attention implementation takes no 4D mask)."""
+    for model in models:
+        if model is not None:
+            try:
+                check_batch_layout(model, cfg.batch_layout)
+            except ValueError as exc:
+                raise ConfigError("batch_layout", str(exc)) from None
+    return PreferenceCollator(tokenizer.pad_token_id, cfg.batch_layout)
 
 
 def build_lpc_model(cfg: TrainConfig, policy) -> LPCModel:

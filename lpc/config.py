@@ -25,6 +25,7 @@ LR_SCHEDULERS = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
 SYNTHETIC_PRESETS = ("sources", "annotators")
+BATCH_LAYOUTS = ("padded", "packed", "shared-prompt")  # lpc.data.batching
 # KL weight by loss when --kl-weight is not given. DPO's and SimPO's losses are the label's negative
 # log-likelihood, so 1 is the ELBO. IPO's (margin - 1/(2 beta))^2 is ~36x DPO's at a zero margin, and at 1 its
 # posterior passed the label through z in 10 of 10 seeds; at 10 in none (docs/results.md, "KL weight for IPO").
@@ -319,6 +320,16 @@ class TrainConfig(LPCConfig):
     max_prompt_length: Optional[int] = setting(None, "prompts keep their last N tokens; answers are then cut to fit "
                                                      "--max-length (default: prompts are cut to half of --max-length "
                                                      "only when a pair does not fit)", group=DATA)
+    batch_layout: str = setting("padded", "how a batch's sequences fill the backbone's rows: padded (one row per "
+                                          "sequence), packed (sequences concatenated without padding, each attending "
+                                          "to itself) or shared-prompt (one row [prompt | chosen | rejected] per pair, "
+                                          "the prompt encoded once); the same log-probs in all three (README: which "
+                                          "to use when)", group=DATA, choices=BATCH_LAYOUTS, resume=RESUME_FREE)
+    max_tokens_per_batch: Optional[int] = setting(None, "run each micro-batch in backbone passes of at most N "
+                                                        "positions (rows x row length, padding included), for an "
+                                                        "even cost per pass; the loss is unchanged (default: one "
+                                                        "pass per micro-batch)", group=DATA,
+                                                  check=optional(int_at_least(1)), resume=RESUME_FREE)
     strict: bool = setting(False, "stop with an error at the first malformed row (default: skip and count them)",
                            group=DATA, resume=RESUME_FREE)
     synthetic: str = setting("sources", "built-in data (without --dataset): sources (four sources, prompts hint at "
@@ -373,6 +384,10 @@ class TrainConfig(LPCConfig):
             raise ConfigError("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} (the "
                               f"pairs per optimizer step) into equal micro-batches, got "
                               f"{self.gradient_accumulation_steps}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 2 * self.max_length:
+            raise ConfigError("max_tokens_per_batch", f"must be at least 2 * max_length = {2 * self.max_length} "
+                                                      f"so that any pair fits in one pass, got "
+                                                      f"{self.max_tokens_per_batch}")
         if self.hidden_size % self.num_heads:
             raise ConfigError("num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
         if self.device != "auto":

@@ -17,7 +17,7 @@ Everything the trainer needs to run on several processes, on PyTorch's own distr
   as in a 1-process run). The frozen reference model is replicated under DDP and sharded the same way
   under FSDP2 (``lpc.reference.wrap_reference``). A module sharded by ``fsdp2_shard`` names the submodules to
   shard before it through its ``fsdp_units()`` method (``LPCModel``, ``lpc.reference.ReferenceScorer``).
-* **Same global batch as one process** (``rank_slice``, ``shard_batch``): every rank draws the same
+* **Same global batch as one process** (``rank_slice``): every rank draws the same
   global batch from the seeded sampler and takes its contiguous slice, so the optimizer sees the same
   gradient (the mean over the global batch) as the 1-process run and the loss curve matches. Each
   example keeps its GLOBAL index for its Gumbel ``(seed, offset)`` (``LPCModel.gumbel_offsets``), so a
@@ -255,17 +255,6 @@ def rank_slice(n: int, rank: int, world_size: int, *, what: str = "batch_size") 
                                 f"slice of the global batch (use a multiple of {world_size})")
     per = n // world_size
     return slice(rank * per, (rank + 1) * per)
-
-
-def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
-    """This rank's contiguous slice of a collated global batch (every tensor with the batch dimension first;
-    other values are kept). The padding length stays the global batch's, which does not change any
-    example's log-probs: padding is masked."""
-    sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0}
-    if len(sizes) != 1:
-        raise ValueError(f"every tensor of the batch must have the same leading (batch) size, got {sorted(sizes)}")
-    sl = rank_slice(sizes.pop(), rank, world_size)
-    return {k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in batch.items()}
 
 
 def split_evenly(n: int, rank: int, world_size: int) -> range:

@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .analysis import code_histogram, normalized_mutual_information, perplexity
-from .builders import build_data, build_lpc_model, build_policy, initial_reference, load_tokenizer
+from .builders import build_collator, build_data, build_lpc_model, build_policy, initial_reference, load_tokenizer
 from .cli import HelpFormatter
 from .config import TrainConfig
 from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, synthetic, to_device
@@ -239,7 +239,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
         model = _load_model(model_dir, cfg, dev)
         tokenizer = load_tokenizer(model_dir)
         train_set, eval_set, names, syn = build_data(cfg, tokenizer)
-        collator = PreferenceCollator(tokenizer.pad_token_id)
+        collator = build_collator(cfg, tokenizer, model.policy)
         loss_cfg = cfg.loss_config()
         ref = None
         if loss_cfg.needs_reference:

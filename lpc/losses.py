@@ -118,7 +118,7 @@ def z_rms_ratio(out: LPCOutput) -> Tensor:
 
 def merge_micro_batches(outs: list[LPCOutput], results: list):
     """One ``(LPCOutput, loss-like)`` of an accumulated step's detached micro-batch outputs: per-pair values
-    concatenated, the loss averaged (equal micro-batches), token counts summed; what ``step_metrics`` reads.
+    concatenated, the loss averaged over pairs, token counts summed; what ``step_metrics`` reads.
     ``results`` hold the fields of ``lk.PreferenceLossOutput`` as ``SimpleNamespace``s (which
     ``lpc.distributed.gather_fields`` combines over ranks)."""
     if len(outs) == 1:
@@ -130,6 +130,8 @@ def merge_micro_batches(outs: list[LPCOutput], results: list):
 
     out = LPCOutput(**{f.name: cat(f.name, outs) for f in dataclasses.fields(LPCOutput) if f.name != "num_tokens"},
                     num_tokens=sum(o.num_tokens for o in outs))
-    res = SimpleNamespace(**{name: cat(name, results) for name in vars(results[0]) if name != "loss"},
-                          loss=sum(r.loss for r in results) / len(results))
+    sizes = [o.chosen_logps.shape[0] for o in outs]
+    loss = (sum(r.loss for r in results) / len(results) if len(set(sizes)) == 1
+            else sum(r.loss * n for r, n in zip(results, sizes)) / sum(sizes))  # passes of a token budget
+    res = SimpleNamespace(**{name: cat(name, results) for name in vars(results[0]) if name != "loss"}, loss=loss)
     return out, res

@@ -2,12 +2,13 @@
 
 ``docs/design.md`` section 1 (the method) in code; section 7 walks through this file:
 
-* One backbone pass per sequence. The chosen and rejected sequences of ``B`` pairs run as one ``[2B, T]``
-  batch through the model's transformer body (``get_decoder()``, i.e. without the LM head), giving final
-  hidden states ``H [2B, T, D]`` (after the final norm). The backbone never sees ``z``, so the same ``H``
-  gives the features and the states the log-probs need.
-* Features: ``h_x = H[i, prompt_len - 1]`` (chosen half; with a causal model this equals a prompt-only
-  pass), ``h_w = H[i, last]`` and ``h_l = H[B + i, last]`` (last real token, the eos).
+* One backbone pass per batch. The chosen and rejected sequences of ``B`` pairs run as one ``[R, L]`` pass
+  in the batch's layout (``lpc.data``: padded, packed, or one shared prompt per pair) through the model's
+  transformer body (``get_decoder()``, i.e. without the LM head), giving final hidden states ``H [R * L, D]``
+  (after the final norm). The backbone never sees ``z``, so the same ``H`` gives the features and the states
+  the log-probs need; the batch's ``score_index`` and ``feature_index`` say where they are in any layout.
+* Features: ``h_x`` at the last prompt token (with a causal model this equals a prompt-only pass), ``h_w`` and
+  ``h_l`` at the last token (the eos) of the chosen and the rejected answer.
 * Prior ``softmax(MLP_prior(h_x))`` and posterior ``softmax(MLP_post([h_w ; h_l]))`` over ``K`` codes.
 * Training: ``w, z_post = gumbel_softmax_codes(posterior_logits, E, seed, offset)``;
   ``z = g * z_prior + (1 - g) * z_post`` with ``g`` from ``prior_mix_weight``. Inference: ``z`` from the
@@ -39,7 +40,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import lpc_kernels as lk
 
 from .config import LPCConfig
-from .data import IGNORE_INDEX
 from .io import atomic_directory
 from .runtime import quiet_transformers
 
@@ -100,36 +100,84 @@ def shard_units(policy: nn.Module) -> list[nn.Module]:
     return decoder_layers(policy) + ([] if tied else [decoder_of(policy)])
 
 
-def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``[B, T] -> [B, T, D]`` final-layer hidden states (after the final norm), no LM head."""
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+# attention implementations that take the 4D masks of the packed and shared-prompt layouts
+ATTENTION_4D = ("eager", "sdpa")
 
 
-def concat_pair(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, labels)``, each ``[2B, T]``: chosen rows first, then rejected."""
-    return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], dim=0)
-                 for k in ("input_ids", "attention_mask", "labels"))
+def layout_mask(segment_ids: Tensor, branch_ids: Tensor) -> Tensor:
+    """``[R, L]`` unit and branch ids (``lpc.data`` batch keys) -> ``[R, 1, L, L]`` bool, True where query ``i``
+    may attend to key ``j``: ``j <= i`` in the same unit, and ``j`` in the prompt or in ``i``'s own branch (the
+    rejected answer never sees the chosen one). Padding queries attend to themselves only (no empty rows)."""
+    length = segment_ids.shape[1]
+    idx = torch.arange(length, device=segment_ids.device)
+    causal = idx[None, :] <= idx[:, None]
+    same_unit = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] >= 0)
+    branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    allowed = (causal & same_unit & branch) | (idx[None, :] == idx[:, None])
+    return allowed[:, None]
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The HF attention implementation of ``model`` (``config._attn_implementation``; eager when unset)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+
+
+def check_batch_layout(model: nn.Module, layout: str) -> None:
+    """Raise ``ValueError`` naming the layout and the attention implementation when ``model`` cannot run
+    ``layout``: packed and shared-prompt rows need attention that takes a 4D mask (eager, sdpa), or, packed
+    only, flash attention (sequences found from the position ids)."""
+    impl = attention_implementation(model)
+    if layout == "padded" or impl in ATTENTION_4D or (layout == "packed" and impl.startswith("flash")):
+        return
+    raise ValueError(f"batch layout {layout!r} needs attention that takes a 4D mask ({', '.join(ATTENTION_4D)}"
+                     f"{'; or flash attention through position ids' if layout == 'packed' else ''}), but "
+                     f"{type(model).__name__} uses attn_implementation={impl!r}: use --batch-layout padded or load "
+                     "the model with attn_implementation='sdpa'")
+
+
+def attention_inputs(model: nn.Module, batch: dict) -> dict:
+    """The attention arguments of ``batch``'s layout for ``model``: a 2D padding mask (``padded``), a 4D mask
+    with per-sequence position ids (``packed``, ``shared-prompt``; eager and sdpa attention), or position ids
+    alone (``packed`` with flash attention: HF's varlen path). ``check_batch_layout`` says which models can."""
+    layout = batch["layout"]
+    if layout == "padded":
+        return {"attention_mask": (batch["segment_ids"] >= 0).long()}
+    check_batch_layout(model, layout)
+    impl = attention_implementation(model)
+    if impl not in ATTENTION_4D:
+        return {"position_ids": batch["position_ids"]}
+    allowed = layout_mask(batch["segment_ids"], batch["branch_ids"])
+    if impl == "eager":  # eager attention adds the mask to the scores
+        dtype = model.get_input_embeddings().weight.dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)
+    return {"attention_mask": allowed, "position_ids": batch["position_ids"]}
+
+
+def final_hidden_states(model: nn.Module, batch: dict) -> Tensor:
+    """``[R * L, D]`` final-layer hidden states (after the final norm, no LM head) of the batch's ``[R, L]`` rows,
+    flattened so that ``score_index`` and ``feature_index`` address them."""
+    out = decoder_of(model)(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(model, batch))
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 class ScoredPositions(NamedTuple):
     """The positions of ``S`` sequences that predict answer tokens, compacted (prompt and padding never reach
-    the log-prob op): ``hidden [N, D]``, the sequence of each ``rows [N]``, the token it predicts
+    the log-prob op): ``hidden [N, D]``, the sequence of each ``sequences [N]``, the token it predicts
     ``targets [N]``."""
 
     hidden: Tensor
-    rows: Tensor
+    sequences: Tensor
     targets: Tensor
     num_sequences: int
 
 
-def scored_positions(hidden: Tensor, labels: Tensor) -> ScoredPositions:
-    """``hidden [S, T, D]``, ``labels [S, T]`` (aligned with the input ids, ``-100`` where nothing is scored;
-    position ``t - 1`` predicts ``labels[:, t]``) -> their ``ScoredPositions``."""
-    target = labels[:, 1:]
-    keep = target != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]  # sequence index of each scored token (row-major, like boolean indexing)
-    return ScoredPositions(hidden[:, :-1][keep], rows, target[keep], hidden.shape[0])
+def scored_positions(hidden: Tensor, batch: dict) -> ScoredPositions:
+    """``hidden [R * L, D]`` (``final_hidden_states``) -> the ``ScoredPositions`` of the batch's ``2B``
+    sequences (pair ``b``'s chosen answer is sequence ``b``, its rejected answer ``B + b``)."""
+    return ScoredPositions(hidden[batch["score_index"]], batch["score_sequence"], batch["score_target"],
+                           2 * batch["prompt_lengths"].shape[0])
 
 
 def scored_logps(pos: ScoredPositions, weight: Tensor, bias: Optional[Tensor] = None, z: Optional[Tensor] = None,
@@ -139,7 +187,7 @@ def scored_logps(pos: ScoredPositions, weight: Tensor, bias: Optional[Tensor] = 
     for float64 inputs)."""
     h = pos.hidden
     if z is not None:
-        h = h + z.to(h.dtype)[pos.rows]
+        h = h + z.to(h.dtype)[pos.sequences]
     # the op needs one dtype: under autocast (--dtype bfloat16) it runs in the autocast dtype (fp32 master
     # weights are cast per step, as autocast does for nn.Linear); otherwise in the head's dtype
     dev = h.device.type
@@ -147,31 +195,31 @@ def scored_logps(pos: ScoredPositions, weight: Tensor, bias: Optional[Tensor] = 
     h, weight = h.to(dt), weight.to(dt)
     bias = None if bias is None else bias.to(dt)
     logp = lk.linear_token_logprobs(h, weight, pos.targets, bias=bias, backend=backend)
-    return logp.new_zeros(pos.num_sequences).index_add(0, pos.rows, logp)
+    return logp.new_zeros(pos.num_sequences).index_add(0, pos.sequences, logp)
 
 
-def response_logps(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+def response_logps(hidden: Tensor, batch: dict, weight: Tensor, bias: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """Summed answer log-probs per sequence (``scored_logps`` of ``scored_positions(hidden, labels)``).
+    """Summed answer log-probs per sequence (``scored_logps`` of ``scored_positions(hidden, batch)``).
 
     Args:
-        hidden: ``[S, T, D]`` final hidden states. labels: ``[S, T]`` int64 aligned with the input ids,
-            ``-100`` where no token is scored; position ``t - 1`` predicts ``labels[:, t]``.
-        weight / bias: LM head ``[V, D]`` / ``[V]``. z: ``[S, D]`` latent added to every scored position.
+        hidden: ``[R * L, D]`` final hidden states of the batch's rows (``final_hidden_states``).
+        batch: a collated batch (any layout; ``lpc.data``).
+        weight / bias: LM head ``[V, D]`` / ``[V]``. z: ``[2B, D]`` latent added to every scored position of each
+            sequence (chosen sequences first).
 
     Returns:
-        ``[S]`` float32 (float64 for float64 inputs) sums of ``log pi(y_t | ...)`` over answer tokens.
+        ``[2B]`` float32 (float64 for float64 inputs) sums of ``log pi(y_t | ...)`` over answer tokens, chosen
+        sequences first.
     """
-    return scored_logps(scored_positions(hidden, labels), weight, bias, z, backend=backend)
+    return scored_logps(scored_positions(hidden, batch), weight, bias, z, backend=backend)
 
 
 @torch.no_grad()
 def reference_logps(ref_model: nn.Module, batch: dict, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """``(chosen [B], rejected [B])`` summed log-probs of the frozen, unconditioned reference model."""
-    ids, mask, labels = concat_pair(batch)
-    hidden = final_hidden_states(ref_model, ids, mask)
     weight, bias = lm_head_of(ref_model)
-    logps = response_logps(hidden, labels, weight, bias, backend=backend)
+    logps = response_logps(final_hidden_states(ref_model, batch), batch, weight, bias, backend=backend)
     return logps.chunk(2)
 
 
@@ -224,7 +272,7 @@ class LPCOutput:
     posterior_logits: Optional[Tensor]  # [B, K]
     code_weights: Optional[Tensor]    # [B, K] the weights that formed z (Gumbel sample, prior probs or one-hot)
     z: Optional[Tensor]               # [B, D]
-    num_tokens: int                   # real (non-pad) tokens in the [2B, T] pass
+    num_tokens: int                   # real tokens of prompt+chosen and prompt+rejected (any layout)
     # LPC diagnostics (no gradient): the log-probs with z from the prior (the inference z) and, in training,
     # with z from the posterior's sample alone; mean z**2 per pair and the sum over the pair's scored positions
     # of mean h**2 (lpc/z_rms_ratio: docs/design.md section 7)
@@ -281,12 +329,9 @@ class LPCModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ latents
     def features(self, hidden: Tensor, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """``(h_x, h_w, h_l)``, each ``[B, D]``, from the ``[2B, T, D]`` hidden states of one pass."""
-        b = batch["prompt_lengths"].shape[0]
-        idx = torch.arange(b, device=hidden.device)
-        h_x = hidden[idx, batch["prompt_lengths"] - 1]
-        h_w = hidden[idx, batch["chosen_attention_mask"].sum(1) - 1]
-        h_l = hidden[b + idx, batch["rejected_attention_mask"].sum(1) - 1]
+        """``(h_x, h_w, h_l)``, each ``[B, D]``, from the ``[R * L, D]`` hidden states of one pass: the last prompt
+        token and the last token (eos) of each answer, wherever the batch layout put them."""
+        h_x, h_w, h_l = hidden[batch["feature_index"]]
         if self.lpc.detach_features:
             h_x, h_w, h_l = h_x.detach(), h_w.detach(), h_l.detach()
         dt = self.codebook.dtype
@@ -305,8 +350,7 @@ class LPCModel(nn.Module):
         """Set ``hidden_rms`` to the RMS of the policy's final hidden states at the scored positions of ``batch``
         (called once before training): the codebook's ``codebook_scale`` is then relative to this model's hidden
         states, whatever its hidden size or final norm. Returns the value."""
-        ids, mask, labels = concat_pair(batch)
-        pos = scored_positions(final_hidden_states(self.policy, ids, mask), labels)
+        pos = scored_positions(final_hidden_states(self.policy, batch), batch)
         self.hidden_rms.fill_(pos.hidden.float().pow(2).mean().sqrt())
         return float(self.hidden_rms)
 
@@ -382,10 +426,9 @@ class LPCModel(nn.Module):
         The codebook and heads always run in fp32 (autocast off): they are tiny, and the KL term and the
         Gumbel sample are sensitive to bf16 rounding of the code logits.
         """
-        ids, mask, labels = concat_pair(batch)
-        hidden = final_hidden_states(self.policy, ids, mask)
+        hidden = final_hidden_states(self.policy, batch)
         weight, bias = lm_head_of(self.policy)
-        pos = scored_positions(hidden, labels)
+        pos = scored_positions(hidden, batch)
 
         def logps(z: Optional[Tensor]) -> tuple[Tensor, Tensor]:
             return scored_logps(pos, weight, bias, None if z is None else torch.cat([z, z]),
@@ -394,7 +437,7 @@ class LPCModel(nn.Module):
         if self.lpc is None:
             chosen, rejected = logps(None)
             return LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], None, None, None,
-                             None, int(mask.sum()))
+                             None, batch["num_tokens"])
         with torch.autocast(hidden.device.type, enabled=False):
             h_x, h_w, h_l = self.features(hidden, batch)
             prior_logits = self.prior(h_x)
@@ -407,10 +450,10 @@ class LPCModel(nn.Module):
                                            prior_offset=prior_offset)
         chosen, rejected = logps(z)
         out = LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
-                        posterior_logits, w, z, int(mask.sum()))
+                        posterior_logits, w, z, batch["num_tokens"])
         with torch.no_grad():
             sq = pos.hidden.detach().float().pow(2).mean(-1)
-            out.hidden_sq = sum(sq.new_zeros(pos.num_sequences).index_add(0, pos.rows, sq).chunk(2))
+            out.hidden_sq = sum(sq.new_zeros(pos.num_sequences).index_add(0, pos.sequences, sq).chunk(2))
             out.z_sq = z.detach().float().pow(2).mean(-1)
             if use_prior:
                 out.prior_chosen_logps, out.prior_rejected_logps = chosen.detach(), rejected.detach()

@@ -40,7 +40,7 @@ class LiveReference:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
-        device = batch["chosen_input_ids"].device
+        device = batch["input_ids"].device
         with autocast(device, self.autocast_dtype):
             return reference_logps(self.model, batch, backend=self.backend)
 
@@ -75,7 +75,7 @@ class CachedReference:
         idx = batch["index"].cpu()  # one copy to the host, then the bounds check there
         if bool((idx < 0).any()) or int(idx.max()) >= self.chosen.numel():
             raise IndexError(f"batch indices outside the cached reference log-probs (N={self.chosen.numel()})")
-        dev = batch["chosen_input_ids"].device
+        dev = batch["input_ids"].device
         return self.chosen[idx].to(dev), self.rejected[idx].to(dev)
 
 
@@ -107,7 +107,7 @@ class ShardedReference:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
-        with autocast(batch["chosen_input_ids"].device, self.autocast_dtype):
+        with autocast(batch["input_ids"].device, self.autocast_dtype):
             return self.scorer(batch)
 
 

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .builders import (build_data, build_lpc_model, build_optimizer, build_policy, check_paths,
+from .builders import (build_collator, build_data, build_lpc_model, build_optimizer, build_policy, check_paths,
                        enable_gradient_checkpointing)
 from .cli import build_parser, parse_args
 from .config import ConfigError, LossConfig, SyntheticConfig, TrainConfig
@@ -128,7 +128,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
     train_set, eval_set, source_names, syn = build_data(cfg, tokenizer)
     if len(train_set) < cfg.batch_size:
         raise ConfigError("batch_size", f"must be <= the {len(train_set)} training pairs, got {cfg.batch_size}")
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    collator = build_collator(cfg, tokenizer, policy)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     model = build_lpc_model(cfg, policy).to(device)
@@ -205,17 +205,20 @@ def train_step(tr: Trainer, step: int) -> dict:
     forward = tr.train_model if tr.train_model is not None else tr.model
     tr.optimizer.zero_grad(set_to_none=True)
     outs, results = [], []
-    for j in range(accum):
-        first = local.start + j * mb
-        batch = to_device(tr.collator([tr.train_set[i] for i in indices[first:first + mb]]), tr.device)
+    passes = [p for j in range(accum) for p in backbone_passes(tr, indices, j, mb)]
+    for i_pass, (first, group) in enumerate(passes):
+        batch = to_device(tr.collator([tr.train_set[i] for i in group]), tr.device)
         offset, prior_offset = tr.model.gumbel_offsets(step, cfg.batch_size, first)
         with tr.autocast():
             ref = tr.train_ref(batch) if tr.train_ref is not None else (None, None)
             out = forward(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset,
                           diagnostics=cfg.latent_diagnostics)
         res = preference_objective(out, ref[0], ref[1], tr.loss_cfg, kl_weight=kl_weight)
-        with dist_lib.set_gradient_sync(forward, j == accum - 1):  # DDP: all-reduce once, after the last
-            (res.loss / accum if accum > 1 else res.loss).backward()
+        # each pass weighs by its share of this rank's pairs: the gradient is the one of the whole local batch
+        loss = res.loss if len(passes) == 1 else (
+            res.loss / accum if len(group) == mb else res.loss * (len(group) / (mb * accum)))
+        with dist_lib.set_gradient_sync(forward, i_pass == len(passes) - 1):  # DDP: all-reduce once, after the last
+            loss.backward()
         outs.append(out.detach())
         results.append(SimpleNamespace(**{k: t.detach() for k, t in res._asdict().items()},
                                        **vars(leak_margins(out, ref[0], ref[1], tr.loss_cfg))))
@@ -239,6 +242,32 @@ def train_step(tr: Trainer, step: int) -> dict:
 
 
 LEAK_WINDOW, LEAK_GAP = 50, 0.05
+
+
+def backbone_passes(tr: Trainer, indices: Sequence[int], j: int, mb: int) -> list[tuple[int, list[int]]]:
+    """The backbone passes of this rank's micro-batch ``j`` (``mb`` pairs) of the global batch ``indices``:
+    ``(global position of the first pair, dataset indices)`` each. One pass, unless ``--max-tokens-per-batch``
+    cuts the micro-batch (``PreferenceCollator.split``); then every rank runs as many passes as the rank that
+    needs the most (FSDP2 gathers the weights in every forward), splitting its largest passes in halves."""
+    ctx, budget = tr.dist, tr.cfg.max_tokens_per_batch
+
+    def micro_batch(rank: int) -> tuple[int, list[int], list[int]]:
+        first = dist_lib.rank_slice(len(indices), rank, ctx.world_size).start + j * mb
+        group = list(indices[first:first + mb])
+        sizes = [len(g) for g in tr.collator.split([tr.train_set[i] for i in group], budget)]
+        return first, group, sizes
+
+    first, group, sizes = micro_batch(ctx.rank)
+    if budget is not None and ctx.world_size > 1:
+        target = max(len(micro_batch(r)[2]) for r in range(ctx.world_size))
+        while len(sizes) < target:  # target <= mb, so a pass of >= 2 pairs is left to split
+            k = max(range(len(sizes)), key=sizes.__getitem__)
+            sizes[k:k + 1] = [sizes[k] - sizes[k] // 2, sizes[k] // 2]
+    passes, start = [], 0
+    for n in sizes:
+        passes.append((first + start, group[start:start + n]))
+        start += n
+    return passes
 
 
 def leak_warning(window: Sequence[dict]) -> Optional[str]:

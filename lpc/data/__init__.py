@@ -2,11 +2,12 @@
 (``batching``), the built-in synthetic data with known ground truth (``synthetic``) and its locally trained
 tokenizer (``tokenizer``)."""
 
-from .batching import (IGNORE_INDEX, EpochSampler, IndexView, PreferenceCollator, PreferenceDataset, TokenizedPair,
-                       batches, to_device, truncate_pair)
+from .batching import (BATCH_LAYOUTS, IGNORE_INDEX, EpochSampler, IndexView, PreferenceCollator, PreferenceDataset,
+                       TokenizedPair, batches, to_device, truncate_pair)
 from .rows import (REASONS, DataError, LoadStats, MalformedRow, assign_source_ids, load_jsonl, load_preference_rows,
                    looks_local, normalize_row)
 
-__all__ = ["IGNORE_INDEX", "EpochSampler", "IndexView", "PreferenceCollator", "PreferenceDataset", "TokenizedPair",
+__all__ = ["BATCH_LAYOUTS", "IGNORE_INDEX",
+           "EpochSampler", "IndexView", "PreferenceCollator", "PreferenceDataset", "TokenizedPair",
            "batches", "to_device", "truncate_pair", "REASONS", "DataError", "LoadStats", "MalformedRow",
            "assign_source_ids", "load_jsonl", "load_preference_rows", "looks_local", "normalize_row"]

@@ -1,19 +1,35 @@
 """Tokenised pairs, batches and the training order.
 
-Batch layout (``PreferenceCollator``), ``B`` pairs, ``T`` = longest sequence in the batch::
+Batch layouts (``PreferenceCollator``, ``BATCH_LAYOUTS``; ``docs/design.md`` section 8): ``B`` pairs become ``R``
+rows of ``L`` positions that the backbone runs as one ``[R, L]`` pass.
 
-    chosen_input_ids / rejected_input_ids     [B, T] int64  prompt + answer + eos, right-padded with pad_id
-    chosen_attention_mask / rejected_...      [B, T] int64  1 on real tokens
-    chosen_labels / rejected_labels           [B, T] int64  the token id on answer tokens, -100 on prompt and
-                                                            padding; aligned with input_ids (HF convention):
-                                                            the model predicts labels[:, t] from position t-1
-    prompt_lengths                            [B]    int64  prompt tokens (shared by both sequences)
-    chosen_lengths / rejected_lengths         [B]    int64  answer tokens, eos included (= labels != -100)
-    source                                    [B]    int64  source id, -1 when unknown
-    index                                     [B]    int64  position of the pair in its dataset (-1: unknown)
+* ``padded``: ``R = 2B`` rows, the chosen sequences (prompt + answer + eos) first, then the rejected ones,
+  right-padded to the longest (``L``).
+* ``packed``: the same ``2B`` sequences packed without padding into rows as long as the longest sequence
+  (first-fit decreasing); each sequence attends only to itself and its positions restart at 0.
+* ``shared-prompt``: one unit ``[prompt | chosen | rejected]`` per pair, packed the same way; the rejected
+  tokens attend to the prompt and to themselves, not to the chosen answer, and their positions restart at the
+  prompt's end. The prompt is encoded once per pair.
 
-Both sequences of a pair are padded to the same ``T`` so the model can run them as one ``[2B, T]`` pass
-(padding only, no packing: every sequence starts at position 0 and pads are masked out).
+Every layout gives the same keys::
+
+    layout            str                 the layout's name
+    input_ids         [R, L]  int64       token ids, pad_id at padding
+    position_ids      [R, L]  int64       position of each token in its own sequence (0 at padding)
+    segment_ids       [R, L]  int64       unit of each token (sequence; pair for shared-prompt), -1 at padding
+    branch_ids        [R, L]  int64       0 prompt, 1 chosen, 2 rejected (shared-prompt; 0 elsewhere)
+    score_index       [N]     int64       flat position r * L + t of the hidden state predicting each scored token
+    score_sequence    [N]     int64       its sequence: pair b's chosen answer is b, its rejected answer B + b
+    score_target      [N]     int64       the scored (answer) token; sequences in order, tokens in order
+    feature_index     [3, B]  int64       flat positions of h_x (last prompt token), h_w, h_l (last answer tokens)
+    prompt_lengths    [B]     int64       prompt tokens (shared by both sequences)
+    chosen_lengths / rejected_lengths [B] answer tokens, eos included
+    source            [B]     int64       source id, -1 when unknown
+    index             [B]     int64       position of the pair in its dataset (-1: unknown)
+    num_tokens        int                 real tokens of prompt + chosen and prompt + rejected: the same work
+                                          count in every layout (what ``tokens_per_s`` divides)
+
+The attention each layout needs is built from ``segment_ids`` / ``branch_ids`` by ``lpc.model``.
 """
 
 from __future__ import annotations
@@ -24,6 +40,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
+
+from ..config import BATCH_LAYOUTS
 
 IGNORE_INDEX = -100
 
@@ -135,34 +153,147 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return h.hexdigest()
 
 
-class PreferenceCollator:
-    """Pads a list of ``TokenizedPair`` into the batch dict described in the module docstring."""
 
-    def __init__(self, pad_token_id: int):
+# branch ids of the shared-prompt layout: a token attends to earlier tokens of its pair's prompt and its own branch
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bins of ``capacity`` tokens: the units (by index) of each row, in index order
+    within a row; rows ordered by their first unit. Deterministic (ties broken by index)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return sorted((sorted(r) for r in rows), key=lambda r: r[0])
+
+
+class PreferenceCollator:
+    """Lays out a list of ``TokenizedPair`` as the batch dict described in the module docstring.
+
+    Args:
+        pad_token_id: the id written at padding positions (never attended to or scored).
+        layout: ``"padded"``, ``"packed"`` or ``"shared-prompt"`` (``BATCH_LAYOUTS``).
+    """
+
+    def __init__(self, pad_token_id: int, layout: str = "padded"):
         if pad_token_id is None:
             raise ValueError("pad_token_id must be an int (set tokenizer.pad_token)")
-        self.pad = int(pad_token_id)
+        if layout not in BATCH_LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(BATCH_LAYOUTS)}; got {layout!r}")
+        self.pad, self.layout = int(pad_token_id), layout
+
+    def units(self, pairs: Sequence[TokenizedPair]) -> list[int]:
+        """Token count of each unit the layout places in a row: the ``2B`` sequences (chosen ones first) for
+        ``padded`` / ``packed``, the ``B`` rows ``prompt + chosen + rejected`` for ``shared-prompt``."""
+        if self.layout == "shared-prompt":
+            return [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
+        return [len(p.prompt) + len(getattr(p, side)) for side in ("chosen", "rejected") for p in pairs]
+
+    def rows(self, pairs: Sequence[TokenizedPair]) -> tuple[list[list[int]], int]:
+        """``(units of each row, row length L)``: one unit per row when padded, else packed into rows as long
+        as the longest unit."""
+        lengths = self.units(pairs)
+        longest = max(lengths)
+        if self.layout == "padded":
+            return [[i] for i in range(len(lengths))], longest
+        return pack_rows(lengths, longest), longest
+
+    def cost(self, pairs: Sequence[TokenizedPair]) -> int:
+        """Positions (``R * L``, padding included) the backbone runs for ``pairs`` in this layout."""
+        rows, length = self.rows(pairs)
+        return len(rows) * length
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> dict:
+        if not pairs:
+            raise ValueError("cannot collate an empty list of pairs")
         b = len(pairs)
-        t = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
-        out = {}
+        rows, length = self.rows(pairs)
+        r = len(rows)
+        ids = torch.full((r, length), self.pad, dtype=torch.long)
+        pos = torch.zeros((r, length), dtype=torch.long)
+        seg = torch.full((r, length), -1, dtype=torch.long)
+        branch = torch.zeros((r, length), dtype=torch.long)
+        score_index, score_sequence, score_target = [], [], []
+        feature = [[0] * b for _ in range(3)]  # h_x, h_w, h_l
+
+        def place(flat: int, tokens: list[int], positions: range, unit: int, br: int) -> None:
+            row, col = divmod(flat, length)
+            n = len(tokens)
+            ids[row, col:col + n] = torch.tensor(tokens, dtype=torch.long)
+            pos[row, col:col + n] = torch.tensor(positions, dtype=torch.long)
+            seg[row, col:col + n] = unit
+            branch[row, col:col + n] = br
+
+        def score(sequence: int, predictor: list[int], answer: list[int]) -> None:
+            score_index.extend(predictor)
+            score_sequence.extend([sequence] * len(answer))
+            score_target.extend(answer)
+
+        lengths = self.units(pairs)
+        starts = {}
+        for k, units in enumerate(rows):
+            col = 0
+            for u in units:
+                starts[u] = k * length + col
+                col += lengths[u]
+        scored = {}  # sequence -> (predictor positions, answer tokens), emitted in sequence order below
+        for i, p in enumerate(pairs):
+            n_p = len(p.prompt)
+            if self.layout == "shared-prompt":
+                s = starts[i]
+                place(s, p.prompt, range(n_p), i, PROMPT)
+                c0, r0 = s + n_p, s + n_p + len(p.chosen)
+                place(c0, p.chosen, range(n_p, n_p + len(p.chosen)), i, CHOSEN)
+                place(r0, p.rejected, range(n_p, n_p + len(p.rejected)), i, REJECTED)
+                feature[0][i] = s + n_p - 1
+                feature[1][i], feature[2][i] = c0 + len(p.chosen) - 1, r0 + len(p.rejected) - 1
+                # the first token of either answer is predicted by the last prompt token
+                scored[i] = [s + n_p - 1] + list(range(c0, c0 + len(p.chosen) - 1)), p.chosen
+                scored[b + i] = [s + n_p - 1] + list(range(r0, r0 + len(p.rejected) - 1)), p.rejected
+                continue
+            for j, side in enumerate(("chosen", "rejected")):
+                seq, answer = j * b + i, getattr(p, side)
+                s, n = starts[seq], n_p + len(answer)
+                place(s, p.prompt + answer, range(n), seq, PROMPT)
+                if j == 0:
+                    feature[0][i] = s + n_p - 1
+                feature[1 + j][i] = s + n - 1
+                scored[seq] = list(range(s + n_p - 1, s + n - 1)), answer
+        for seq in range(2 * b):
+            score(seq, *scored[seq])
+        out = {"layout": self.layout, "input_ids": ids, "position_ids": pos, "segment_ids": seg, "branch_ids": branch,
+               "score_index": torch.tensor(score_index, dtype=torch.long),
+               "score_sequence": torch.tensor(score_sequence, dtype=torch.long),
+               "score_target": torch.tensor(score_target, dtype=torch.long),
+               "feature_index": torch.tensor(feature, dtype=torch.long)}
         for side in ("chosen", "rejected"):
-            ids = torch.full((b, t), self.pad, dtype=torch.long)
-            mask = torch.zeros((b, t), dtype=torch.long)
-            labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-            for i, p in enumerate(pairs):
-                answer = getattr(p, side)
-                n_p, n = len(p.prompt), len(p.prompt) + len(answer)
-                ids[i, :n] = torch.tensor(p.prompt + answer)
-                mask[i, :n] = 1
-                labels[i, n_p:n] = torch.tensor(answer)
-            out[f"{side}_input_ids"], out[f"{side}_attention_mask"], out[f"{side}_labels"] = ids, mask, labels
             out[f"{side}_lengths"] = torch.tensor([len(getattr(p, side)) for p in pairs], dtype=torch.long)
         out["prompt_lengths"] = torch.tensor([len(p.prompt) for p in pairs], dtype=torch.long)
         out["source"] = torch.tensor([p.source for p in pairs], dtype=torch.long)
         out["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+        out["num_tokens"] = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
         return out
+
+    def split(self, pairs: Sequence[TokenizedPair], max_tokens: Optional[int]) -> list[list[TokenizedPair]]:
+        """``pairs`` cut, in order, into the fewest consecutive groups whose ``cost`` stays within
+        ``max_tokens`` (``None``: one group). A pair that alone exceeds the budget is a group by itself."""
+        if max_tokens is None:
+            return [list(pairs)]
+        groups: list[list[TokenizedPair]] = []
+        for p in pairs:
+            if groups and self.cost(groups[-1] + [p]) <= max_tokens:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        return groups
 
 
 def to_device(batch: dict, device) -> dict:

@@ -18,10 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..builders import build_data, build_policy, initial_reference
+from ..builders import build_collator, build_data, build_policy, initial_reference
 from ..cli import HelpFormatter
 from ..config import TrainConfig
-from ..data import PreferenceCollator
 from ..evaluate import evaluate
 from ..io import atomic_file, write_json_atomic
 from ..model import LPCModel
@@ -100,7 +99,7 @@ def run_one(run: dict, out_dir: str, base: dict, study_name: str) -> dict:
     del policy
     eval_cfg = dataclasses.replace(cfg, num_train=0)  # held-out pairs do not depend on num_train
     _, eval_set, source_names, syn = build_data(eval_cfg, tokenizer)
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    collator = build_collator(cfg, tokenizer, model.policy)
     ev, arrays = evaluate(model, ref_model, eval_set, collator, loss_cfg, batch_size=cfg.eval_batch_size,
                           source_names=source_names, return_arrays=True, diagnostics=True)
     trainer_ev = summary["eval"]

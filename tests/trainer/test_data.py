@@ -144,7 +144,7 @@ def test_dataset_lengths_respect_max_length_and_count_truncations():
     assert len(p.chosen) == 8 and p.chosen[-1] != 2  # cut answers lose their EOS
     assert ds[1].chosen[-1] == 2 and [q.index for q in ds] == [0, 1]
     batch = PreferenceCollator(0)([ds[0], ds[1]])
-    assert batch["chosen_input_ids"].shape == (2, 16) and batch["index"].tolist() == [0, 1]
+    assert batch["input_ids"].shape == (4, 16) and batch["index"].tolist() == [0, 1]
 
 
 def test_chat_template_prompt_rendering(tmp_path):

@@ -138,12 +138,13 @@ def _case_reductions(ctx, tmp):
     assert open(order).read().split() == ["0", "1"], open(order).read()
 
 
-def _compare_step(ctx, strategy, accum=1):
-    """Two AdamW steps: the plain model on the global batch vs the wrapped one on this rank's slice."""
+def _compare_step(ctx, strategy, accum=1, layout="padded"):
+    """Two AdamW steps: the plain model on the global batch (padded) vs the wrapped one on this rank's slice (in
+    ``layout``)."""
     from lpc.losses import step_metrics
 
     assert ctx.strategy == strategy
-    collate = PreferenceCollator(0)
+    collate, collate_rank = PreferenceCollator(0), PreferenceCollator(0, layout)
     plain, wrapped = _model(), _model()
     plain_opt = _optimizer(plain)
     call = D.wrap_model(wrapped, ctx, find_unused_parameters=False)
@@ -164,7 +165,7 @@ def _compare_step(ctx, strategy, accum=1):
         for j in range(accum):
             first = local.start + j * per
             with D.set_gradient_sync(call, j == accum - 1):
-                out, res = _loss(call, wrapped, collate(pairs[first:first + per]), step, first, GLOBAL_BATCH)
+                out, res = _loss(call, wrapped, collate_rank(pairs[first:first + per]), step, first, GLOBAL_BATCH)
                 (res.loss / accum).backward()
             outs.append(out)
             losses.append(res)
@@ -195,6 +196,14 @@ def _case_ddp(ctx, tmp):
 
 def _case_ddp_accum(ctx, tmp):
     _compare_step(ctx, "ddp", accum=2)
+
+
+def _case_ddp_shared_prompt(ctx, tmp):
+    _compare_step(ctx, "ddp", layout="shared-prompt")
+
+
+def _case_fsdp2_packed_accum(ctx, tmp):
+    _compare_step(ctx, "fsdp2", accum=2, layout="packed")
 
 
 def _case_fsdp2_accum(ctx, tmp):
@@ -361,15 +370,6 @@ def test_rank_slice_and_split():
     assert list(D.split_evenly(1, 1, 2)) == []
 
 
-def test_shard_batch_takes_the_rank_slice_of_a_collated_batch():
-    batch = PreferenceCollator(0)(_pairs(4))
-    half = D.shard_batch(batch, 1, 2)
-    assert half["index"].tolist() == [2, 3]
-    assert half["chosen_input_ids"].shape == (2, batch["chosen_input_ids"].shape[1])
-    with pytest.raises(ConfigError, match="batch_size: 4 is not divisible by the 3 processes"):
-        D.shard_batch(batch, 0, 3)
-
-
 def test_strategy_none_refuses_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -471,7 +471,8 @@ def test_failing_rank_stops_the_job_with_its_error(tmp_path):
 E2E_TIMEOUT_S = 150  # one torchrun job (start-up of 3 Python processes included)
 E2E_ARGS = ["--steps", "4", "--batch-size", "8", "--eval-size", "16", "--num-train", "64", "--hidden-size", "32",
             "--num-layers", "2", "--num-heads", "2", "--num-codes", "8", "--lr", "1e-2", "--warmup-steps", "1",
-            "--threads", "1", "--no-progress", "--save-every", "2", "--eval-every", "2"]
+            "--threads", "1", "--no-progress", "--save-every", "2", "--eval-every", "2", "--max-length", "64"]
+E2E_FSDP2_LAYOUT = ["--batch-layout", "shared-prompt", "--max-tokens-per-batch", "128"]
 
 
 def _env():
@@ -535,7 +536,9 @@ def e2e(tmp_path_factory):
     main(args + ["--output-dir", str(root / "one")])
     jobs = {}
     for strategy in ("ddp", "fsdp2"):
-        rc, out = _run(_torchrun("-m", "lpc.train", *args, "--strategy", strategy, "--output-dir",
+        # FSDP2 in the shared-prompt layout, cut into passes by a token budget: the same numbers as padded
+        layout = E2E_FSDP2_LAYOUT if strategy == "fsdp2" else []
+        rc, out = _run(_torchrun("-m", "lpc.train", *args, *layout, "--strategy", strategy, "--output-dir",
                                  str(root / strategy)))
         jobs[strategy] = (rc, out)
     return root, jobs

@@ -57,9 +57,9 @@ def test_calibrate_sets_hidden_rms_to_the_rms_of_the_scored_hidden_states(tokeni
     sq, n = 0.0, 0
     for side in ("chosen", "rejected"):
         for i in range(len(ds)):
-            length = int(batch[f"{side}_attention_mask"][i].sum())
-            ids = batch[f"{side}_input_ids"][i, :length]
-            p = int(batch["prompt_lengths"][i])
+            pair = ds[i]
+            ids = torch.tensor(pair.prompt + getattr(pair, side))
+            length, p = len(ids), len(pair.prompt)
             with torch.no_grad():
                 h = model.policy(ids[None], output_hidden_states=True).hidden_states[-1][0, p - 1:length - 1]
             sq, n = sq + float(h.pow(2).sum()), n + h.numel()

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lpc.config import LPCConfig, SyntheticConfig
-from lpc.data import IGNORE_INDEX, PreferenceCollator, PreferenceDataset, TokenizedPair, synthetic
+from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
 from lpc.losses import LossConfig, preference_objective
-from lpc.model import (LPCModel, build_tiny_llama, code_perplexity, concat_pair, entropy_from_logits,
-                       final_hidden_states, make_reference, prior_mix_weight, reference_logps,
-                       response_logps)
+from lpc.model import (LPCModel, build_tiny_llama, code_perplexity, entropy_from_logits, final_hidden_states,
+                       make_reference, prior_mix_weight, reference_logps, response_logps)
 from lpc.data.tokenizer import load_synthetic_tokenizer
 
 
@@ -27,22 +26,25 @@ def rows():
     return synthetic.generate_pairs(6, cfg, "train")
 
 
-def _batch(tokenizer, rows):
+def _pairs(tokenizer, rows):
     ds = PreferenceDataset(rows, tokenizer)
-    return PreferenceCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    return [ds[i] for i in range(len(ds))]
+
+
+def _batch(tokenizer, rows):
+    return PreferenceCollator(tokenizer.pad_token_id)(_pairs(tokenizer, rows))
 
 
 def _policy(tokenizer, dtype=torch.float64, seed=0):
     return build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=seed).to(dtype)
 
 
-def _independent_logps(logits_fn, batch, side, z=None):
+def _independent_logps(logits_fn, pairs, side, z=None):
     """Sum of log_softmax(logits)[label] over answer tokens, one unpadded sequence at a time, float64."""
     out = []
-    for i in range(batch[f"{side}_input_ids"].shape[0]):
-        n = int(batch[f"{side}_attention_mask"][i].sum())
-        ids = batch[f"{side}_input_ids"][i, :n]
-        p = int(batch["prompt_lengths"][i])
+    for i, pair in enumerate(pairs):
+        ids = torch.tensor(pair.prompt + getattr(pair, side))
+        n, p = len(ids), len(pair.prompt)
         logits = logits_fn(ids[None], None if z is None else z[i])[0].double()  # [n, V]
         lp = torch.log_softmax(logits, dim=-1)
         out.append(sum(lp[t - 1, ids[t]] for t in range(p, n)))
@@ -50,26 +52,6 @@ def _independent_logps(logits_fn, batch, side, z=None):
 
 
 # ------------------------------------------------------------------------------------------ collation
-def test_label_masking_hand_built():
-    pairs = [TokenizedPair(prompt=[2, 5, 6], chosen=[7, 8, 3], rejected=[9, 3], source=1),
-             TokenizedPair(prompt=[2, 4], chosen=[3], rejected=[10, 11, 12, 3], source=-1)]
-    b = PreferenceCollator(pad_token_id=0)(pairs)
-    # T = max over pairs of prompt + longest answer = max(3 + 3, 2 + 4) = 6
-    assert b["chosen_input_ids"].tolist() == [[2, 5, 6, 7, 8, 3], [2, 4, 3, 0, 0, 0]]
-    assert b["rejected_input_ids"].tolist() == [[2, 5, 6, 9, 3, 0], [2, 4, 10, 11, 12, 3]]
-    m = IGNORE_INDEX
-    assert b["chosen_labels"].tolist() == [[m, m, m, 7, 8, 3], [m, m, 3, m, m, m]]
-    assert b["rejected_labels"].tolist() == [[m, m, m, 9, 3, m], [m, m, 10, 11, 12, 3]]
-    assert b["chosen_attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
-    assert b["rejected_attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6]
-    assert b["prompt_lengths"].tolist() == [3, 2]
-    assert b["chosen_lengths"].tolist() == [3, 1]
-    assert b["rejected_lengths"].tolist() == [2, 4]
-    assert b["source"].tolist() == [1, -1]
-    for side in ("chosen", "rejected"):  # lengths == scored tokens after the causal shift
-        assert ((b[f"{side}_labels"][:, 1:] != m).sum(1) == b[f"{side}_lengths"]).all()
-
-
 def test_dataset_adds_bos_eos_and_truncates(tokenizer):
     row = {"prompt": "user_1 asks : tell me about cats .", "chosen": "yeah cats are warm .",
            "rejected": "indeed cats are calm and moreover they seem old ."}
@@ -102,18 +84,16 @@ def test_dataset_chat_template_renders_prompt(tokenizer):
 def test_features_from_one_pass_match_independent_forwards(tokenizer, rows):
     policy = _policy(tokenizer)
     model = LPCModel(policy, LPCConfig(num_codes=4)).double().eval()
+    pairs = _pairs(tokenizer, rows)
     batch = _batch(tokenizer, rows)
-    ids, mask, _ = concat_pair(batch)
     with torch.no_grad():
-        hidden = final_hidden_states(policy, ids, mask)
+        hidden = final_hidden_states(policy, batch)
         h_x, h_w, h_l = model.features(hidden, batch)
-        for i in range(len(rows)):
-            p = int(batch["prompt_lengths"][i])
-            prompt_only = policy(batch["chosen_input_ids"][i:i + 1, :p], output_hidden_states=True)
+        for i, pair in enumerate(pairs):
+            prompt_only = policy(torch.tensor([pair.prompt]), output_hidden_states=True)
             torch.testing.assert_close(h_x[i], prompt_only.hidden_states[-1][0, -1], rtol=1e-8, atol=1e-8)
             for side, h in (("chosen", h_w), ("rejected", h_l)):
-                n = int(batch[f"{side}_attention_mask"][i].sum())
-                full = policy(batch[f"{side}_input_ids"][i:i + 1, :n], output_hidden_states=True)
+                full = policy(torch.tensor([pair.prompt + getattr(pair, side)]), output_hidden_states=True)
                 torch.testing.assert_close(h[i], full.hidden_states[-1][0, -1], rtol=1e-8, atol=1e-8)
 
 
@@ -147,22 +127,21 @@ def test_detach_features_stops_head_gradients_into_the_backbone(tokenizer, rows,
 # ------------------------------------------------------------------------------- z before the LM head
 def test_z_added_before_head_matches_float64_log_softmax(tokenizer, rows):
     policy = _policy(tokenizer)
+    pairs = _pairs(tokenizer, rows)
     batch = _batch(tokenizer, rows)
-    ids, mask, labels = concat_pair(batch)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(2 * len(rows), 32, generator=gen, dtype=torch.float64)
     bias = torch.randn(len(tokenizer), generator=gen, dtype=torch.float64)
     w = policy.lm_head.weight
     with torch.no_grad():
-        hidden = final_hidden_states(policy, ids, mask)
-        got = response_logps(hidden, labels, w, bias, z, backend="reference")
+        got = response_logps(final_hidden_states(policy, batch), batch, w, bias, z, backend="reference")
 
         def logits_fn(x, zi):
             h = policy(x, output_hidden_states=True).hidden_states[-1]
             return F.linear(h + zi, w, bias)
 
         for k, side in enumerate(("chosen", "rejected")):
-            want = _independent_logps(logits_fn, batch, side, z[k * len(rows):(k + 1) * len(rows)])
+            want = _independent_logps(logits_fn, pairs, side, z[k * len(rows):(k + 1) * len(rows)])
             torch.testing.assert_close(got[k * len(rows):(k + 1) * len(rows)], want, rtol=1e-8, atol=1e-8)
 
 
@@ -178,7 +157,7 @@ def test_inference_z_comes_from_the_prior(tokenizer, rows, inference):
         z = w @ model.codebook
         torch.testing.assert_close(out.z, z)
         want = _independent_logps(lambda x, zi: policy.lm_head(policy(x, output_hidden_states=True)
-                                                               .hidden_states[-1] + zi), batch, "chosen", z)
+                                                               .hidden_states[-1] + zi), _pairs(tokenizer, rows), "chosen", z)
         torch.testing.assert_close(out.chosen_logps, want, rtol=1e-8, atol=1e-8)
 
 
@@ -228,6 +207,7 @@ def test_single_code_lpc_equals_plain_loss_with_constant_z(tokenizer, rows, loss
             prm.add_(0.05 * torch.randn_like(prm))
     ref = make_reference(ref_policy)
     model = LPCModel(policy, LPCConfig(num_codes=1, codebook_scale=0.3)).double()
+    pairs = _pairs(tokenizer, rows)
     batch = _batch(tokenizer, rows)
     beta, gamma = 0.1, 0.5
     cfg = LossConfig(loss_type=loss_type, beta=beta, gamma=gamma, kl_weight=0.0)
@@ -238,9 +218,9 @@ def test_single_code_lpc_equals_plain_loss_with_constant_z(tokenizer, rows, loss
     e = model.codebook.detach()[0]
     with torch.no_grad():
         pol = {s: _independent_logps(lambda x, _: policy.lm_head(policy(x, output_hidden_states=True)
-                                                                 .hidden_states[-1] + e), batch, s)
+                                                                 .hidden_states[-1] + e), pairs, s)
                for s in ("chosen", "rejected")}
-        rf = {s: _independent_logps(lambda x, _: ref(x).logits, batch, s) for s in ("chosen", "rejected")}
+        rf = {s: _independent_logps(lambda x, _: ref(x).logits, pairs, s) for s in ("chosen", "rejected")}
     lw, ll = batch["chosen_lengths"].double(), batch["rejected_lengths"].double()
     if loss_type == "dpo":
         h = beta * ((pol["chosen"] - rf["chosen"]) - (pol["rejected"] - rf["rejected"]))
