@@ -20,7 +20,9 @@ import sys
 from collections import OrderedDict, defaultdict
 
 OP_ORDER = ["linear_token_logprobs", "token_logprobs", "gumbel_softmax_codes", "preference_loss",
-            "fused_linear_preference", "train_step"]
+            "fused_linear_preference", "train_step", "batch_layout"]
+# issue 18, CPU: real tokens/s of each layout over padded's, at equal or lower peak memory
+LAYOUT_TARGETS = {"packed": 1.2, "shared_prompt": 1.4}
 MODES = ["fwd_bwd", "fwd", "bwd"]
 MODE_LABEL = {"fwd_bwd": "fwd+bwd", "fwd": "fwd", "bwd": "bwd"}
 PEER_KINDS = ("eager", "compile", "liger", "cce")
@@ -198,6 +200,16 @@ def targets(ix: Index, device: str) -> list:
                 "GPU target (CPU: info)"
             out.append((f"{'GPU' if device == 'cuda' else 'CPU'} {op} {shape} fwd+bwd, {impl}: >= 5x eager",
                         f"speedup {speedup:.2f}x" if speedup else "-", status))
+    op = "batch_layout"
+    shape = target_shape(op)
+    if shape and ix.get(op, shape, "padded", "fwd_bwd"):
+        tp, mp = ix.time(op, shape, "padded", "fwd_bwd"), ix.mem(op, shape, "padded", "fwd_bwd")
+        for impl, want in LAYOUT_TARGETS.items():
+            speed, rm = _ratio(tp, ix.time(op, shape, impl, "fwd_bwd")), _ratio(ix.mem(op, shape, impl, "fwd_bwd"), mp)
+            ok = speed is not None and rm is not None and speed >= want and rm <= 1.0
+            out.append((f"{'GPU' if device == 'cuda' else 'CPU'} {op} {shape}: {impl} real tokens/s >= {want}x padded, "
+                        f"peak memory <= padded", f"{fmt_ratio(speed)} tokens/s, memory {fmt_ratio(rm)}",
+                        ("met" if ok else "not met") if device == "cpu" else "CPU target (GPU: info)"))
     op = "train_step"
     shape = target_shape(op)
     if shape and ix.get(op, shape, "ours_lpc", "fwd_bwd") and ix.get(op, shape, "eager_lpc", "fwd_bwd"):
@@ -271,6 +283,8 @@ def op_tables(ix: Index, op: str, busy_load: float = float("inf")) -> list:
         header = ["impl", "fwd+bwd", "x best peer", "x eager", "peak mem", "mem x best peer", "mem x eager",
                   "fwd", "fwd x eager", "fwd mem", "bwd", "bwd x eager", "bwd mem", "check", "notes"]
         lines.append(table(header, body) + "\n")
+        if op == "batch_layout":
+            lines.append(layout_table(ix, op, shape) + "\n")
         if op == "token_logprobs":
             bw = bandwidth_rows(ix, op, shape)
             if bw:
@@ -278,6 +292,21 @@ def op_tables(ix: Index, op: str, busy_load: float = float("inf")) -> list:
                 lines.append(table(["impl", "fwd+bwd", "effective GB/s", "of copy bandwidth"],
                                    [[i, fmt_time(t), f"{g:.1f}", f"{f * 100:.0f}%"] for i, t, g, f in bw]) + "\n")
     return lines
+
+
+def layout_table(ix: Index, op: str, shape: str) -> str:
+    """Real tokens/s of each batch layout (the same real tokens in every layout) and what its rows cost."""
+    tp = ix.time(op, shape, "padded", "fwd_bwd")
+    body = []
+    for impl in ix.impls[(op, shape)]:
+        r = ix.get(op, shape, impl, "fwd_bwd") or {}
+        t, real = r.get("median"), r.get("real_tokens")
+        body.append([impl, real, r.get("positions"), f"{r.get('rows')} x {r.get('row_length')}",
+                     f"{r.get('padding_share', float('nan')) * 100:.0f}%", fmt_time(t),
+                     f"{real / t:.0f}" if t and real else "-", fmt_ratio(_ratio(tp, t)),
+                     fmt_bytes(r.get("peak_mem_bytes"))])
+    return table(["layout", "real tokens", "positions run", "rows x length", "padding", "fwd+bwd", "real tokens/s",
+                  "x padded", "peak mem"], body)
 
 
 def csv_rows(ix: Index) -> list:
@@ -429,7 +458,7 @@ def build_report(paths: list, out: str, plots_dir: str, csv_path: str) -> str:
     parts = [f"# lpc-kernels benchmarks ({device})\n", machine_section(machines, settings, meta), ""]
     tg = targets(ix, device)
     if tg:
-        parts += ["## Targets (issue 7)\n", table(["target", "measured", "status"], [list(t) for t in tg]), ""]
+        parts += ["## Targets\n", table(["target", "measured", "status"], [list(t) for t in tg]), ""]
     pngs = plots(ix, plots_dir) if rows else []
     cores = (machines[0].get("lpc_bench", {}) if machines else {}).get("cpu_count") or 0
     busy = cores + 1 if cores and device == "cpu" else float("inf")  # our own threads count in the load

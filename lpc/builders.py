@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .config import ConfigError, TrainConfig
 from .data import PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
 from .data.tokenizer import load_synthetic_tokenizer
-from .model import LPCModel, build_tiny_llama, check_batch_layout, make_reference
+from .model import LPCModel, build_tiny_llama, check_batch_layout, make_reference, supported_batch_layouts
 from .runtime import quiet_transformers
 
 
@@ -145,16 +145,23 @@ def apply_lora(policy, cfg: TrainConfig):
         raise ConfigError("lora_target_modules", str(exc)) from None
 
 
+# what --batch-layout auto prefers: the fastest first (benches/results/cpu/batch_layouts.md)
+BATCH_LAYOUTS_BY_SPEED = ("shared-prompt", "packed", "padded")
+
+
 def build_collator(cfg: TrainConfig, tokenizer, *models) -> PreferenceCollator:
-    """The collator of ``--batch-layout``; raises ``ConfigError`` when one of ``models`` (policy, reference) cannot
-    run that layout (its attention implementation takes no 4D mask)."""
+    """The collator of ``--batch-layout``; ``auto`` takes the fastest layout that every one of ``models`` (policy,
+    reference) can run. Raises ``ConfigError`` when one of them cannot run the layout asked for."""
+    layout = cfg.batch_layout
+    models = [m for m in models if m is not None]
+    if layout == "auto":
+        layout = next(x for x in BATCH_LAYOUTS_BY_SPEED if all(x in supported_batch_layouts(m) for m in models))
     for model in models:
-        if model is not None:
-            try:
-                check_batch_layout(model, cfg.batch_layout)
-            except ValueError as exc:
-                raise ConfigError("batch_layout", str(exc)) from None
-    return PreferenceCollator(tokenizer.pad_token_id, cfg.batch_layout)
+        try:
+            check_batch_layout(model, layout)
+        except ValueError as exc:
+            raise ConfigError("batch_layout", str(exc)) from None
+    return PreferenceCollator(tokenizer.pad_token_id, layout)
 
 
 def build_lpc_model(cfg: TrainConfig, policy) -> LPCModel:

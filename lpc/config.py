@@ -320,11 +320,13 @@ class TrainConfig(LPCConfig):
     max_prompt_length: Optional[int] = setting(None, "prompts keep their last N tokens; answers are then cut to fit "
                                                      "--max-length (default: prompts are cut to half of --max-length "
                                                      "only when a pair does not fit)", group=DATA)
-    batch_layout: str = setting("padded", "how a batch's sequences fill the backbone's rows: padded (one row per "
-                                          "sequence), packed (sequences concatenated without padding, each attending "
-                                          "to itself) or shared-prompt (one row [prompt | chosen | rejected] per pair, "
-                                          "the prompt encoded once); the same log-probs in all three (README: which "
-                                          "to use when)", group=DATA, choices=BATCH_LAYOUTS, resume=RESUME_FREE)
+    batch_layout: str = setting("auto", "how a batch's sequences fill the backbone's rows: padded (one row per "
+                                        "sequence), packed (sequences concatenated without padding, each attending "
+                                        "to itself) or shared-prompt (one row [prompt | chosen | rejected] per pair, "
+                                        "the prompt encoded once); the same log-probs in all three. auto: the "
+                                        "fastest the model's attention takes (shared-prompt for eager and sdpa, "
+                                        "packed for flash attention, else padded)", group=DATA,
+                                choices=("auto",) + BATCH_LAYOUTS, resume=RESUME_FREE)
     max_tokens_per_batch: Optional[int] = setting(None, "run each micro-batch in backbone passes of at most N "
                                                         "positions (rows x row length, padding included), for an "
                                                         "even cost per pass; the loss is unchanged (default: one "

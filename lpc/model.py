@@ -122,17 +122,26 @@ def attention_implementation(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
 
 
+def supported_batch_layouts(model: nn.Module) -> tuple[str, ...]:
+    """The batch layouts ``model`` can run, fastest first (``benches/bench_batch_layouts.py``): packed and
+    shared-prompt rows need attention that takes a 4D mask (eager, sdpa); flash attention takes packed rows
+    through the position ids; anything else runs padded rows only."""
+    impl = attention_implementation(model)
+    if impl in ATTENTION_4D:
+        return ("shared-prompt", "packed", "padded")
+    return ("packed", "padded") if impl.startswith("flash") else ("padded",)
+
+
 def check_batch_layout(model: nn.Module, layout: str) -> None:
     """Raise ``ValueError`` naming the layout and the attention implementation when ``model`` cannot run
-    ``layout``: packed and shared-prompt rows need attention that takes a 4D mask (eager, sdpa), or, packed
-    only, flash attention (sequences found from the position ids)."""
-    impl = attention_implementation(model)
-    if layout == "padded" or impl in ATTENTION_4D or (layout == "packed" and impl.startswith("flash")):
+    ``layout`` (``supported_batch_layouts``)."""
+    if layout in supported_batch_layouts(model):
         return
+    impl = attention_implementation(model)
     raise ValueError(f"batch layout {layout!r} needs attention that takes a 4D mask ({', '.join(ATTENTION_4D)}"
                      f"{'; or flash attention through position ids' if layout == 'packed' else ''}), but "
-                     f"{type(model).__name__} uses attn_implementation={impl!r}: use --batch-layout padded or load "
-                     "the model with attn_implementation='sdpa'")
+                     f"{type(model).__name__} uses attn_implementation={impl!r}: use --batch-layout "
+                     f"{supported_batch_layouts(model)[0]} or load the model with attn_implementation='sdpa'")
 
 
 def attention_inputs(model: nn.Module, batch: dict) -> dict:

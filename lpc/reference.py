@@ -22,10 +22,10 @@ from torch import Tensor
 
 from . import distributed as dist_lib
 from .builders import load_reference_model, reference_fingerprint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, to_device
 from .io import atomic_file
-from .model import LPCModel, make_reference, reference_logps, shard_units
+from .model import LPCModel, check_batch_layout, make_reference, reference_logps, shard_units
 from .runtime import autocast
 
 CACHE_FILE = "ref_logps.safetensors"
@@ -172,6 +172,10 @@ def build_reference_scorers(cfg: TrainConfig, policy, model: LPCModel, train_set
         return None, None
     if cfg.ref_model is not None:
         ref_model = load_reference_model(cfg).to(device)
+        try:
+            check_batch_layout(ref_model, collator.layout)
+        except ValueError as exc:
+            raise ConfigError("batch_layout", f"--ref-model {cfg.ref_model}: {exc}") from None
         live = LiveReference(ref_model, backend=cfg.backend, autocast_dtype=autocast_dtype)
     elif cfg.lora_r > 0:
         ref_model = None

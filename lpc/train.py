@@ -129,6 +129,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
     if len(train_set) < cfg.batch_size:
         raise ConfigError("batch_size", f"must be <= the {len(train_set)} training pairs, got {cfg.batch_size}")
     collator = build_collator(cfg, tokenizer, policy)
+    notes.append(f"batch layout: {collator.layout}" + (" (auto)" if cfg.batch_layout == "auto" else ""))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     model = build_lpc_model(cfg, policy).to(device)

@@ -154,6 +154,21 @@ def test_bad_layout_and_budget_are_clear_errors():
         TrainConfig(max_length=64, max_tokens_per_batch=100)
 
 
+def test_auto_takes_the_fastest_layout_the_attention_takes():
+    policy = build_tiny_llama(_Tok(), hidden_size=16, num_layers=1, num_heads=2)
+    cfg = TrainConfig()
+    assert cfg.batch_layout == "auto"
+    for impl, want in [("sdpa", "shared-prompt"), ("eager", "shared-prompt"), ("flash_attention_2", "packed"),
+                       ("flex_attention", "padded")]:
+        policy.config._attn_implementation = impl
+        assert build_collator(cfg, _Tok(), policy).layout == want, impl
+    # every model must take it: a flash-attention reference beside an sdpa policy -> packed
+    other = build_tiny_llama(_Tok(), hidden_size=16, num_layers=1, num_heads=2)
+    policy.config._attn_implementation = "sdpa"
+    other.config._attn_implementation = "flash_attention_2"
+    assert build_collator(cfg, _Tok(), policy, other).layout == "packed"
+
+
 def test_attention_without_4d_masks_is_refused_by_name():
     policy = build_tiny_llama(_Tok(), hidden_size=16, num_layers=1, num_heads=2)
     policy.config._attn_implementation = "flash_attention_2"
@@ -268,7 +283,7 @@ def test_training_runs_agree_across_layouts_and_token_budgets(tmp_path, cache_di
     passes = []
     real = train_module.backbone_passes
     monkeypatch.setattr(train_module, "backbone_passes", lambda *a: passes.append(real(*a)) or passes[-1])
-    want, want_eval = run("padded")
+    want, want_eval = run("padded", batch_layout="padded")
     assert [len(p) for p in passes] == [1] * 6  # 3 steps x 2 micro-batches
     for name, kw in [("packed", dict(batch_layout="packed")), ("shared", dict(batch_layout="shared-prompt")),
                      ("budget", dict(batch_layout="shared-prompt", max_tokens_per_batch=128))]:

@@ -472,7 +472,7 @@ E2E_TIMEOUT_S = 150  # one torchrun job (start-up of 3 Python processes included
 E2E_ARGS = ["--steps", "4", "--batch-size", "8", "--eval-size", "16", "--num-train", "64", "--hidden-size", "32",
             "--num-layers", "2", "--num-heads", "2", "--num-codes", "8", "--lr", "1e-2", "--warmup-steps", "1",
             "--threads", "1", "--no-progress", "--save-every", "2", "--eval-every", "2", "--max-length", "64"]
-E2E_FSDP2_LAYOUT = ["--batch-layout", "shared-prompt", "--max-tokens-per-batch", "128"]
+E2E_FSDP2_LAYOUT = ["--batch-layout", "packed", "--max-tokens-per-batch", "128"]
 
 
 def _env():
@@ -536,7 +536,8 @@ def e2e(tmp_path_factory):
     main(args + ["--output-dir", str(root / "one")])
     jobs = {}
     for strategy in ("ddp", "fsdp2"):
-        # FSDP2 in the shared-prompt layout, cut into passes by a token budget: the same numbers as padded
+        # FSDP2 in the packed layout, cut into passes by a token budget: the same numbers as the default (auto:
+        # shared-prompt) 1-process run
         layout = E2E_FSDP2_LAYOUT if strategy == "fsdp2" else []
         rc, out = _run(_torchrun("-m", "lpc.train", *args, *layout, "--strategy", strategy, "--output-dir",
                                  str(root / strategy)))
