@@ -13,8 +13,12 @@ Layout of ``<run>/checkpoints/step-00000050/``:
 
 Each checkpoint is written into a temp directory beside its final name and renamed into place
 (``lpc.io.atomic_directory``): a run killed mid-save leaves the previous checkpoint intact and only a
-``.step-*.tmp-*`` directory, which the next save removes. Loading uses ``safetensors`` and ``json``
-only, so a checkpoint from an untrusted source cannot run code.
+``.step-*.tmp-*`` directory, which the next save removes. A failed write (full disk, read-only directory)
+removes the temp directory and stops the run with ``CheckpointError``. ``manifest.json`` (every file's size and
+SHA-256, ``lpc.io.write_manifest``) is written last, before the rename; loading verifies it, and ``--resume
+latest`` skips checkpoints that fail (``newest_intact_checkpoint``). Checkpoints written before manifests
+existed load unverified. Loading uses ``safetensors`` and ``json`` only, so a checkpoint from an untrusted
+source cannot run code.
 
 Resume rules (``find_resume``, ``inherited_settings``, ``check_resume_compatible``): a resumed run takes the
 checkpoint's settings unless given, may change only the settings whose field says ``resume="free"``
@@ -23,6 +27,7 @@ checkpoint's settings unless given, may change only the settings whose field say
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -34,11 +39,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import RESUME_FREE, RESUME_LAUNCH, ConfigError, TrainConfig
-from .io import atomic_directory, remove_stale_temps, write_json_atomic, write_text_atomic
+from .io import (IntegrityError, atomic_directory, read_safetensors, remove_stale_temps, verify_manifest,
+                 write_json_atomic, write_manifest, write_text_atomic)
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -46,6 +51,10 @@ OPTIM_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 FORMAT = "lpc-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(IntegrityError):
+    """A checkpoint that cannot be written or used; the message names the file and what is wrong with it."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -67,36 +76,61 @@ def list_checkpoints(run_dir: os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: os.PathLike) -> Optional[Path]:
-    """The newest checkpoint of a run, or ``None``."""
+    """The newest checkpoint of a run (verified or not), or ``None``."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
 
-def resolve_resume(spec: str, output_dir: Optional[os.PathLike]) -> Optional[Path]:
-    """The checkpoint directory ``--resume`` names.
+def verify_checkpoint(path: os.PathLike) -> None:
+    """Raise ``CheckpointError`` naming the file when the checkpoint at ``path`` fails its manifest or its
+    ``trainer_state.json`` cannot be read (checkpoints without a manifest are only checked for the latter)."""
+    verify_manifest(path)
+    read_state(path)
 
-    ``"latest"``: the newest checkpoint under ``output_dir`` (``None`` when there is none yet, so a job
+
+def newest_intact_checkpoint(run_dir: os.PathLike) -> tuple[Optional[Path], list[str]]:
+    """``(the newest checkpoint that passes verify_checkpoint, notes on the newer ones skipped)``; ``(None, [])``
+    when the run has no checkpoint. Raises ``CheckpointError`` when it has some and none is intact."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path, skipped
+        except IntegrityError as exc:
+            skipped.append(f"skipped checkpoint {path.name}: {exc}")
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint under {Path(run_dir) / CHECKPOINTS_DIR} (newest: "
+                              f"{skipped[0].split(': ', 1)[1]})")
+    return None, []
+
+
+def resolve_resume(spec: str, output_dir: Optional[os.PathLike]) -> tuple[Optional[Path], list[str]]:
+    """The checkpoint directory ``--resume`` names, verified, with notes on the checkpoints skipped.
+
+    ``"latest"``: the newest intact checkpoint under ``output_dir`` (``None`` when there is none yet, so a job
     script can always pass ``--resume latest``). A checkpoint directory: itself. A run directory: its
-    newest checkpoint.
+    newest intact checkpoint.
 
     Raises:
         ValueError: ``latest`` without ``output_dir``; a path that is neither a checkpoint nor a run with one.
+        CheckpointError: the named checkpoint fails verification, or no checkpoint of the run is intact.
     """
     if spec == "latest":
         if output_dir is None:
             raise ValueError("--resume latest needs --output-dir (the run directory to look in)")
-        return latest_checkpoint(output_dir)
+        return newest_intact_checkpoint(output_dir)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ValueError(f"--resume {spec!r}: no such directory (pass a checkpoint directory, a run directory, "
                          "or 'latest' with --output-dir)")
     if (path / STATE_FILE).is_file():
-        return path
-    found = latest_checkpoint(path)
+        verify_checkpoint(path)
+        return path, []
+    found, notes = newest_intact_checkpoint(path)
     if found is None:
         raise ValueError(f"--resume {spec!r}: not a checkpoint (no {STATE_FILE}) and no checkpoints under "
                          f"{path / CHECKPOINTS_DIR}")
-    return found
+    return found, notes
 
 
 def run_dir_of(checkpoint: os.PathLike) -> Path:
@@ -172,18 +206,25 @@ def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimi
     optimizer's own (shards); called on rank 0 only. Returns the checkpoint path.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(root)  # leftovers of a save that was killed
     path = root / checkpoint_name(step)
-    with atomic_directory(path) as tmp:
-        model.write_files(tmp, tokenizer, {"train_config.json": config}, state_dict=model_state_dict)
-        tensors, meta = optimizer_to_tensors(optimizer_state_dict or optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT, "meta": json.dumps(meta)})
-        rng_tensors, rng_info = capture_rng()
-        save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": FORMAT})
-        state = {"format": FORMAT, "step": step, "scheduler": scheduler.state_dict(), "data": sampler_state,
-                 "rng": rng_info, "peft": is_peft(model.policy), "config": config, **extra_state}
-        write_json_atomic(tmp / STATE_FILE, state)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(root)  # leftovers of a save that was killed
+        with atomic_directory(path) as tmp:  # an exception removes tmp: nothing half-written stays
+            model.write_files(tmp, tokenizer, {"train_config.json": config}, state_dict=model_state_dict)
+            tensors, meta = optimizer_to_tensors(optimizer_state_dict or optimizer.state_dict())
+            save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": FORMAT, "meta": json.dumps(meta)})
+            rng_tensors, rng_info = capture_rng()
+            save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": FORMAT})
+            state = {"format": FORMAT, "step": step, "scheduler": scheduler.state_dict(), "data": sampler_state,
+                     "rng": rng_info, "peft": is_peft(model.policy), "config": config, **extra_state}
+            write_json_atomic(tmp / STATE_FILE, state)
+            write_manifest(tmp)  # last: it vouches for everything above
+    except OSError as exc:
+        prev = latest_checkpoint(run_dir)
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc} "
+                              f"({errno.errorcode.get(exc.errno, exc.errno)}); what it wrote was removed, the "
+                              f"newest checkpoint is {prev if prev is not None else 'none'}") from exc
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -191,24 +232,30 @@ def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimi
 
 
 def read_state(path: os.PathLike) -> dict:
-    """``trainer_state.json`` of a checkpoint."""
-    with open(Path(path) / STATE_FILE) as f:
-        state = json.load(f)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT})")
+    """``trainer_state.json`` of a checkpoint; ``CheckpointError`` naming the file when it cannot be read."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file}: unknown checkpoint format {got!r} (expected {FORMAT})")
     return state
 
 
 def _load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors(single)
     if index.is_file():
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: unreadable index ({exc})") from None
         out = {}
         for shard in shards:
-            out.update(load_file(str(directory / shard)))
+            out.update(read_safetensors(directory / shard))
         return out
     raise FileNotFoundError(f"{directory}: no model.safetensors (or model.safetensors.index.json)")
 
@@ -223,7 +270,7 @@ def load_policy_weights(policy, directory: os.PathLike) -> None:
     if is_peft(policy):
         from peft import set_peft_model_state_dict
 
-        res = set_peft_model_state_dict(policy, load_file(str(directory / "adapter_model.safetensors")))
+        res = set_peft_model_state_dict(policy, read_safetensors(directory / "adapter_model.safetensors"))
         unexpected = list(getattr(res, "unexpected_keys", []) or [])
         if unexpected:
             raise ValueError(f"{directory}: adapter has keys this model lacks: {unexpected[:5]}")
@@ -265,9 +312,11 @@ def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_opti
     """
     path = Path(path)
     state = read_state(path) if state is None else state
-    with safe_open(str(path / OPTIM_FILE), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_safetensors(path / OPTIM_FILE, with_metadata=True)
+    try:
+        meta = json.loads(metadata["meta"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / OPTIM_FILE}: no optimizer metadata ({exc})") from None
     sd = optimizer_from_tensors(tensors, meta)
     optimizer.load_state_dict(prepare_optimizer_state(sd) if prepare_optimizer_state is not None else sd)
     scheduler.load_state_dict(state["scheduler"])
@@ -276,7 +325,7 @@ def load_training_state(path: os.PathLike, *, optimizer, scheduler, prepare_opti
 
 def load_rng(path: os.PathLike, state: dict) -> None:
     """Restore the global RNG states saved with the checkpoint at ``path``."""
-    restore_rng(load_file(str(Path(path) / RNG_FILE)), state["rng"])
+    restore_rng(read_safetensors(Path(path) / RNG_FILE), state["rng"])
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -293,13 +342,13 @@ def find_resume(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict], Optio
     if not cfg.resume:
         return None, None, out_dir, []
     try:
-        path = resolve_resume(cfg.resume, out_dir)
-    except ValueError as exc:
+        path, skipped = resolve_resume(cfg.resume, out_dir)
+    except ValueError as exc:  # CheckpointError included
         raise ConfigError("resume", str(exc)) from None
     if path is None:
         return None, None, out_dir, [f"--resume latest: no checkpoint under {out_dir}, starting from step 0"]
     state = read_state(path)
-    notes = check_resume_compatible(cfg, state["config"], path)
+    notes = skipped + check_resume_compatible(cfg, state["config"], path)
     return path, state, out_dir or run_dir_of(path), notes
 
 
@@ -307,7 +356,7 @@ def inherited_settings(resume: str, output_dir: Optional[str]) -> dict:
     """The settings a run resumed from ``resume`` takes from its checkpoint (all but the launch ones), with the
     run directory; ``{}`` when there is no checkpoint yet (``latest``). Raises ``ValueError`` like
     ``resolve_resume``."""
-    found = resolve_resume(resume, output_dir)
+    found, _ = resolve_resume(resume, output_dir)
     if found is None:
         return {}
     launch = TrainConfig.fields_with(RESUME_LAUNCH)

@@ -38,7 +38,7 @@ from .losses import LossConfig, preference_objective, reward_margins
 from .model import LPCModel, code_perplexity, entropy_from_logits, reference_logps
 from .plots import plot_code_usage, plot_margins, plot_source_accuracy, plot_training_curves
 from .reference import LiveReference, cached_eval_reference
-from .runtime import autocast, autocast_dtype, resolve_device, threads_for
+from .runtime import autocast, autocast_dtype, log, resolve_device, threads_for
 
 
 def _nmi(a: np.ndarray, b: np.ndarray) -> float:
@@ -224,12 +224,16 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()), ignore_unknown=True)
     if checkpoint == "final":
         model_dir = run_dir / "final"
-    elif checkpoint == "latest":
-        model_dir = ckpt_lib.latest_checkpoint(run_dir)
+    elif checkpoint == "latest":  # the newest checkpoint that passes its manifest
+        model_dir, skipped = ckpt_lib.newest_intact_checkpoint(run_dir)
+        for note in skipped:
+            log(note)
         if model_dir is None:
             raise FileNotFoundError(f"--checkpoint latest: {run_dir} has no checkpoints")
     else:
         model_dir = Path(checkpoint)
+        if (model_dir / ckpt_lib.STATE_FILE).is_file():
+            ckpt_lib.verify_checkpoint(model_dir)
     if not (model_dir / "lpc_config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved LPC model (no lpc_config.json); finished runs have "
                                 "final/, use --checkpoint latest for an unfinished one")

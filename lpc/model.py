@@ -33,14 +33,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lpc_kernels as lk
 
 from .config import LPCConfig
-from .io import atomic_directory
+from .io import atomic_directory, read_safetensors, verify_manifest, write_manifest
 from .runtime import quiet_transformers
 
 HEADS_FILE = "lpc_heads.safetensors"
@@ -527,11 +527,13 @@ class LPCModel(nn.Module):
         ``lpc_config.json`` beside it, the tokenizer, and ``extra_files`` (name -> JSON-able object).
 
         Everything goes into a temp directory next to ``path`` which then replaces ``path`` by rename,
-        so a crash never leaves a half-written checkpoint under the final name.
+        so a crash never leaves a half-written checkpoint under the final name; ``manifest.json`` (every file's
+        size and SHA-256) is written last and ``from_pretrained`` verifies it.
         """
         path = Path(path)
         with atomic_directory(path) as tmp:
             self.write_files(tmp, tokenizer, extra_files, state_dict=state_dict)
+            write_manifest(tmp)
         return path
 
     def load_heads(self, directory: os.PathLike) -> None:
@@ -540,7 +542,7 @@ class LPCModel(nn.Module):
         Raises ``ValueError`` (``"<file>: missing [...], unexpected [...]"``) when the file does not hold
         exactly this model's non-policy tensors."""
         file = Path(directory) / HEADS_FILE
-        missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
+        missing, unexpected = self.load_state_dict(read_safetensors(file), strict=False)
         # heads written before hidden_rms existed: their codebook is in absolute units (hidden_rms = 1)
         missing = [k for k in missing if not k.startswith("policy.") and k != "hidden_rms"]
         if missing or unexpected:
@@ -548,8 +550,10 @@ class LPCModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: os.PathLike, *, backend: str = "auto", **model_kwargs) -> "LPCModel":
-        """Load what ``save_pretrained`` wrote (``model_kwargs`` go to ``AutoModelForCausalLM``)."""
+        """Load what ``save_pretrained`` wrote (``model_kwargs`` go to ``AutoModelForCausalLM``); raises
+        ``lpc.io.IntegrityError`` naming the file when a file fails the directory's manifest."""
         path = Path(path)
+        verify_manifest(path)
         with quiet_transformers():
             policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
         with open(path / LPC_CONFIG_FILE) as f:

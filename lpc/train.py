@@ -49,7 +49,7 @@ from .cli import build_parser, parse_args
 from .config import ConfigError, LossConfig, SyntheticConfig, TrainConfig
 from .data import DataError, EpochSampler, PreferenceCollator, PreferenceDataset, synthetic, to_device
 from .evaluate import evaluate_sharded
-from .io import write_json_atomic
+from .io import DirectoryInUse, DirectoryLock, IntegrityError, write_json_atomic
 from .losses import leak_margins, merge_micro_batches, preference_objective, step_metrics
 from .model import LPCModel, prior_mix_weight
 from .reference import build_reference_scorers
@@ -82,6 +82,7 @@ class Trainer:
     resumed_from: Optional[Path] = None
     resume_state: Optional[dict] = None
     notes: list = field(default_factory=list)
+    lock: Optional[DirectoryLock] = None  # rank 0's lock on out_dir
     # data parallelism (lpc.distributed): this rank's place, and the module training forwards go through
     # (the DDP wrapper; under FSDP2 and without a strategy ``model`` itself)
     dist: dist_lib.DistContext = field(default_factory=dist_lib.DistContext)
@@ -106,13 +107,32 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
     rank's place in a data-parallel job (``lpc.distributed``; default: one process on ``--device``).
     """
     ctx = ctx or dist_lib.DistContext(device=resolve_device(cfg.device))
-    device = ctx.device
     check_paths(cfg)  # before loading a model that may take minutes
     ckpt_path, state, out_dir, notes = ckpt_lib.find_resume(cfg)
     if out_dir is None:
         out_dir = Path("runs") / f"{cfg.loss}-{'lpc' if cfg.lpc else 'nolpc'}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(dist_lib.broadcast_object(str(out_dir), ctx))  # rank 0's: the timestamps may differ
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if ctx.is_main:  # one run per directory, for the run's lifetime (released by _run, or by the kernel at exit)
+        try:
+            lock = DirectoryLock(out_dir).acquire()
+        except DirectoryInUse as exc:
+            raise ConfigError("output_dir", str(exc)) from None
+        if lock.previous:
+            notes.append(f"took over the lock of a run that ended without releasing it (pid "
+                         f"{lock.previous.get('pid')} on {lock.previous.get('host')})")
+    try:
+        return _setup_locked(cfg, ctx, ckpt_path, state, out_dir, notes, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup_locked(cfg: TrainConfig, ctx: dist_lib.DistContext, ckpt_path: Optional[Path], state: Optional[dict],
+                  out_dir: Path, notes: list, lock: Optional[DirectoryLock]) -> Trainer:
+    device = ctx.device
     if ctx.is_main:
         write_json_atomic(out_dir / "train_config.json", {**cfg.to_dict(), "output_dir": str(out_dir)})
     if cfg.batch_size % (ctx.world_size * cfg.gradient_accumulation_steps):
@@ -157,7 +177,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
                  train_set=train_set, eval_set=eval_set, source_names=source_names, syn=syn,
                  loss_cfg=cfg.loss_config(), train_ref=train_ref, eval_ref=eval_ref, optimizer=optimizer,
                  scheduler=scheduler, sampler=sampler, gumbel_seed=gumbel_seed, autocast_dtype=amp_dtype,
-                 notes=notes, dist=ctx, train_model=train_model)
+                 notes=notes, dist=ctx, train_model=train_model, lock=lock)
     if ckpt_path is not None:
         _restore(tr, ckpt_path, state)
     return tr
@@ -340,6 +360,15 @@ def train(cfg: TrainConfig) -> dict:
 def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
     t_start = time.perf_counter()
     tr = setup(cfg, ctx)
+    try:
+        return _train_and_evaluate(tr, t_start)
+    finally:
+        if tr.lock is not None:
+            tr.lock.release()
+
+
+def _train_and_evaluate(tr: Trainer, t_start: float) -> dict:
+    cfg, ctx = tr.cfg, tr.dist
     main_rank = ctx.is_main  # rank 0 prints and writes every file
     say = log if main_rank else (lambda msg: None)
     for st in getattr(tr.train_set, "load_stats", []):
@@ -470,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         summary = train(cfg)
     except ConfigError as exc:
         parser.error(f"{exc.flag}: {exc.message}")
-    except (FileNotFoundError, ImportError, DataError) as exc:
+    except (FileNotFoundError, ImportError, DataError, IntegrityError) as exc:  # IntegrityError: checkpoints
         parser.error(str(exc))
     if summary.get("rank", 0) != 0:  # under torchrun rank 0 prints the results
         return summary

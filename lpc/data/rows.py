@@ -22,8 +22,9 @@ from typing import Any, Iterator, Optional, Sequence
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 # reasons a row is skipped, in the order the summary lists them
-REASONS = ("invalid JSON", "not an object", "missing field", "non-string content", "bad message list",
-           "empty prompt", "empty answer", "chosen == rejected", "prompts differ")
+REASONS = ("invalid JSON", "not UTF-8", "row too long", "not an object", "missing field", "non-string content",
+           "bad message list", "empty prompt", "empty answer", "chosen == rejected", "prompts differ")
+MAX_ROW_BYTES = 64 * 2**20  # a JSON Lines row longer than this is skipped ("row too long"), never parsed
 
 
 class DataError(ValueError):
@@ -155,41 +156,58 @@ def _iter_local(path: Path) -> Iterator[tuple[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from exc
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:  # ArrowIOError / ArrowInvalid
+            raise DataError(f"{path}: cannot read as parquet ({exc})") from None
+        for i, row in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", row
         return
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if suffix == ".json" and text.lstrip().startswith(("[", "{")) and not _is_json_lines(text):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if suffix == ".json" and data.lstrip().startswith((b"[", b"{")) and not _is_json_lines(data):
         try:
-            data = json.loads(text)
+            parsed = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 (byte {exc.start} of the file: {exc.reason})") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON ({exc}); expected a list of rows or JSON Lines") from None
-        if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers
-            lists = [v for v in data.values() if isinstance(v, list)]
+        if isinstance(parsed, dict):  # {"data": [...]} / {"train": [...]} wrappers
+            lists = [v for v in parsed.values() if isinstance(v, list)]
             if len(lists) != 1:
                 raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list)")
-            data = lists[0]
-        for i, row in enumerate(data):
+            parsed = lists[0]
+        for i, row in enumerate(parsed):
             yield f"{path}:row {i}", row
         return
-    for i, line in enumerate(text.splitlines()):
-        if line.strip():
-            try:
-                yield f"{path}:{i + 1}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"{path}:{i + 1}", MalformedRow("invalid JSON", str(exc))
+    for i, raw in enumerate(data.split(b"\n")):  # one row per line; each decoded on its own
+        if not raw.strip():
+            continue
+        loc = f"{path}:{i + 1}"
+        if len(raw) > MAX_ROW_BYTES:
+            yield loc, MalformedRow("row too long", f"{len(raw)} bytes, more than {MAX_ROW_BYTES}")
+            continue
+        try:
+            yield loc, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield loc, MalformedRow("not UTF-8", f"byte {exc.start} of the line: {exc.reason}")
+        except json.JSONDecodeError as exc:
+            yield loc, MalformedRow("invalid JSON", str(exc))
 
 
-def _is_json_lines(text: str) -> bool:
-    """True when the text is several JSON values, one per line (a ``.json`` file may be either)."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+def _is_json_lines(data: bytes) -> bool:
+    """True when the file is several JSON values, one per line (a ``.json`` file may be either)."""
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
     if len(lines) < 2:
         return False
     try:
-        json.loads(lines[0])
+        json.loads(lines[0].decode("utf-8"))
         return True
-    except json.JSONDecodeError:
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return False
 
 
