@@ -222,9 +222,9 @@ def save_checkpoint(run_dir: os.PathLike, step: int, *, model, tokenizer, optimi
             write_manifest(tmp)  # last: it vouches for everything above
     except OSError as exc:
         prev = latest_checkpoint(run_dir)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc} "
-                              f"({errno.errorcode.get(exc.errno, exc.errno)}); what it wrote was removed, the "
-                              f"newest checkpoint is {prev if prev is not None else 'none'}") from exc
+        code = f" ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else ""
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}{code}; what it wrote was "
+                              f"removed, the newest checkpoint is {prev if prev is not None else 'none'}") from exc
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

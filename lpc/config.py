@@ -287,6 +287,10 @@ class TrainConfig(LPCConfig):
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less activation "
                                                   "memory, more compute)", group=OPTIM)
     seed: int = setting(0, "seed of model init, data order and Gumbel noise", group=OPTIM, check=int_at_least(0))
+    deterministic: bool = setting(False, "bitwise reproducible on one device: deterministic PyTorch algorithms (no "
+                                         "atomics in gathers and scatters), cuBLAS's fixed workspace, the Triton "
+                                         "LM head's split backward (can be slower on GPU)",
+                                  group=OPTIM, resume=RESUME_FREE)
     # model
     model: Optional[str] = setting(None, "HF causal LM: a local directory or a hub id (default: a tiny random-init "
                                          "Llama)", group=MODEL, check=NON_EMPTY_STRING)

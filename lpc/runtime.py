@@ -49,6 +49,34 @@ def resolve_device(name: str, local_rank: Optional[int] = None, world_size: int 
     return torch.device("cuda", local_rank)
 
 
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """``--deterministic``: bitwise reproducible runs on one device, restored on exit. PyTorch's deterministic
+    algorithms (the trainer's gathers and scatters, ``index_add`` and the backward of ``hidden[index]``, then take
+    their sort-based CUDA paths instead of atomics; an op without one raises), cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, before CUDA starts), no cuDNN autotuning, and the Triton LM head's ``split``
+    backward (no atomics; ``LPC_TRITON_LINEAR_BWD``). The CPU and CUDA backends have no atomics in their sums."""
+    if not enabled:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "LPC_TRITON_LINEAR_BWD")}
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["LPC_TRITON_LINEAR_BWD"] = "split"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def autocast_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
     """The forward passes' autocast dtype for ``--dtype`` (``None``: fp32, no autocast)."""
     return torch.bfloat16 if cfg.dtype == "bfloat16" else None

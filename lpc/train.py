@@ -53,7 +53,7 @@ from .io import DirectoryInUse, DirectoryLock, IntegrityError, write_json_atomic
 from .losses import leak_margins, merge_micro_batches, preference_objective, step_metrics
 from .model import LPCModel, prior_mix_weight
 from .reference import build_reference_scorers
-from .runtime import autocast, autocast_dtype, log, resolve_device, threads_for
+from .runtime import autocast, autocast_dtype, determinism, log, resolve_device, threads_for
 
 
 @dataclass
@@ -353,7 +353,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     # --strategy ddp|fsdp2: a process group (torchrun's environment; NCCL on GPU, gloo on CPU), destroyed on the
     # way out; a rank that raises aborts it and exits non-zero (torchrun then stops the others)
-    with threads_for(cfg), dist_lib.process_group(cfg.strategy, cfg.device) as ctx:
+    with determinism(cfg.deterministic), threads_for(cfg), dist_lib.process_group(cfg.strategy, cfg.device) as ctx:
         return _run(cfg, ctx)
 
 

@@ -209,8 +209,11 @@ def _lin_fwd_kernel(
                          HAS_BIAS, EVEN_H, DOT_PREC, UPCAST, CDT, BLOCK_N, BLOCK_V, BLOCK_H)
         x = tl.where(v_mask[None, :], x, float("-inf"))
         tgt += tl.sum(tl.where(offs_v[None, :] == labels[:, None], x, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(x, axis=1))  # finite: every tile has at least one real column
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # a row whose logits so far are all -inf (a -inf bias over whole tiles) has m_new = -inf: rescale
+        # against 0 instead, so that -inf - -inf is never formed (s stays 0, the split's lse -inf)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
         m = m_new
     out = split.to(tl.int64) * NV + offs_n
     tl.store(part_lse_ptr + out, m + tl.log(s), mask=n_mask)
@@ -232,6 +235,7 @@ def _lin_combine_kernel(
     part = tl.load(part_lse_ptr + idx, mask=mask, other=0.0)
     part = tl.where((offs_s < SPLITS)[:, None], part, float("-inf"))
     m = tl.max(part, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split -inf: lse = 0 + log(0) = -inf, no NaN
     lse = m + tl.log(tl.sum(tl.exp(part - m[None, :]), axis=0))
     tgt = tl.sum(tl.load(part_tgt_ptr + idx, mask=mask, other=0.0), axis=0)
     rows = tl.load(rows_ptr + offs_n, mask=n_mask, other=0)

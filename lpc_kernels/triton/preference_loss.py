@@ -149,7 +149,8 @@ def _kl_parts(lq, lp, k_mask):
 @triton.jit
 def _online_lse_step(x, m, s):
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no -inf - -inf
+    s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
     return m_new, s
 
 

@@ -376,3 +376,21 @@ def test_directory_and_unreadable_files_are_one_line_errors(tmp_path, cache_dir,
     monkeypatch.setattr("builtins.open", real_open)
     with pytest.raises(DataError, match=f"{g}: cannot read as parquet"):
         load_preference_rows(g)
+
+
+# ----------------------------------------------------------------------------------------- determinism
+def test_determinism_switches_on_and_restores(monkeypatch):
+    import torch
+
+    from lpc.runtime import determinism
+
+    monkeypatch.setenv("LPC_TRITON_LINEAR_BWD", "atomic")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    with determinism(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["LPC_TRITON_LINEAR_BWD"] == "split" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled() == before
+    assert os.environ["LPC_TRITON_LINEAR_BWD"] == "atomic" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with determinism(False):
+        assert os.environ["LPC_TRITON_LINEAR_BWD"] == "atomic"

@@ -51,7 +51,8 @@ def test_short_lpc_dpo_run_learns_and_writes_outputs(tmp_path, cache_dir):
     for name in ("model.safetensors", "config.json", "lpc_heads.safetensors", "lpc_config.json",
                  "tokenizer.json", "train_config.json"):
         assert (final / name).exists(), name
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temp files were renamed away
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # temp files were renamed away
+    assert (out / ".lock").read_text() == ""  # the run lock, released
     loaded = LPCModel.from_pretrained(final)
     assert loaded.lpc.num_codes == 32 and loaded.codebook.shape == (32, 32)
 
