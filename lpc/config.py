@@ -26,6 +26,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
 SYNTHETIC_PRESETS = ("sources", "annotators")
 BATCH_LAYOUTS = ("padded", "packed", "shared-prompt")  # lpc.data.batching
+REPORT_TO = ("none", "tensorboard", "wandb")  # lpc.tracking
 # KL weight by loss when --kl-weight is not given. DPO's and SimPO's losses are the label's negative
 # log-likelihood, so 1 is the ELBO. IPO's (margin - 1/(2 beta))^2 is ~36x DPO's at a zero margin, and at 1 its
 # posterior passed the label through z in 10 of 10 seeds; at 10 in none (docs/results.md, "KL weight for IPO").
@@ -377,6 +378,12 @@ class TrainConfig(LPCConfig):
     cache_dir: Optional[str] = setting(None, "tokenizer cache (default: $LPC_CACHE_DIR or ~/.cache/lpc-kernels)",
                                        group=OUTPUT, check=NON_EMPTY_STRING, resume=RESUME_FREE)
     progress: bool = setting(True, "show the progress bar", group=OUTPUT, resume=RESUME_FREE)
+    report_to: str = setting("none", "experiment trackers, comma-separated: none, tensorboard (event files in "
+                                     "<run>/tensorboard; pip install tensorboard), wandb (offline unless "
+                                     "WANDB_MODE=online; pip install wandb); the metric names of metrics.jsonl",
+                             group=OUTPUT, check=(lambda v: isinstance(v, str) and bool(v.strip()) and all(
+                                 n.strip() in REPORT_TO for n in v.split(",") if n.strip()),
+                                 f"a comma-separated list of {', '.join(REPORT_TO)}"), resume=RESUME_FREE)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -54,6 +54,7 @@ from .losses import leak_margins, merge_micro_batches, preference_objective, ste
 from .model import LPCModel, prior_mix_weight
 from .reference import build_reference_scorers
 from .runtime import autocast, autocast_dtype, determinism, log, resolve_device, threads_for
+from .tracking import Trackers, check_trackers, trackers_of
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Trainer:
     resume_state: Optional[dict] = None
     notes: list = field(default_factory=list)
     lock: Optional[DirectoryLock] = None  # rank 0's lock on out_dir
+    trackers: Optional[Trackers] = None   # rank 0's --report-to trackers
     # data parallelism (lpc.distributed): this rank's place, and the module training forwards go through
     # (the DDP wrapper; under FSDP2 and without a strategy ``model`` itself)
     dist: dist_lib.DistContext = field(default_factory=dist_lib.DistContext)
@@ -108,6 +110,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Train
     """
     ctx = ctx or dist_lib.DistContext(device=resolve_device(cfg.device))
     check_paths(cfg)  # before loading a model that may take minutes
+    check_trackers(cfg.report_to)
     ckpt_path, state, out_dir, notes = ckpt_lib.find_resume(cfg)
     if out_dir is None:
         out_dir = Path("runs") / f"{cfg.loss}-{'lpc' if cfg.lpc else 'nolpc'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -361,8 +364,12 @@ def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
     t_start = time.perf_counter()
     tr = setup(cfg, ctx)
     try:
+        if ctx.is_main and trackers_of(cfg.report_to):
+            tr.trackers = Trackers(cfg.report_to, tr.out_dir, cfg.to_dict(), resumed=tr.resumed_from is not None)
         return _train_and_evaluate(tr, t_start)
     finally:
+        if tr.trackers is not None:
+            tr.trackers.close()
         if tr.lock is not None:
             tr.lock.release()
 
@@ -402,6 +409,8 @@ def _train_and_evaluate(tr: Trainer, t_start: float) -> dict:
             if main_rank:
                 mf.write(json.dumps(m) + "\n")
                 mf.flush()
+                if tr.trackers is not None:
+                    tr.trackers.log(m, tr.step)
             recent = (recent + [m])[-20:]
             leak_window = (leak_window + [m])[-LEAK_WINDOW:]
             warning = None if warned else leak_warning(leak_window)
@@ -417,6 +426,8 @@ def _train_and_evaluate(tr: Trainer, t_start: float) -> dict:
                 if main_rank:
                     with open(eval_log, "a") as ef:
                         ef.write(json.dumps({"step": tr.step, **ev}) + "\n")
+                    if tr.trackers is not None:
+                        tr.trackers.log(ev, tr.step, prefix="eval/")
                     bar.write(f"step {tr.step}: held-out accuracy {ev['accuracy']:.3f}")
             if cfg.save_every > 0 and tr.step % cfg.save_every == 0:
                 save_checkpoint(tr, tr.step)
@@ -432,6 +443,8 @@ def _train_and_evaluate(tr: Trainer, t_start: float) -> dict:
     full_sd = dist_lib.full_state_dict(tr.model, ctx) if ctx.strategy == "fsdp2" else None  # every rank
     if main_rank:
         write_json_atomic(tr.out_dir / "eval.json", final_eval)
+        if tr.trackers is not None:
+            tr.trackers.log(final_eval, cfg.steps, prefix="eval/")
         if ckpt_lib.is_peft(tr.model.policy):  # final/ is a plain HF model: merge the adapters into the weights
             tr.model.policy = tr.model.policy.merge_and_unload()
         # full_sd: under FSDP2 the full weights gathered to this rank (None otherwise); the same files
