@@ -72,8 +72,9 @@ def build_data(cfg: TrainConfig, tokenizer):
             train_rows = [rows[i] for i in train_idx]
         names = assign_source_ids(train_rows, eval_rows)
     # a real chat model (--model with a chat template) sees prompts the way it was tuned on them
-    chat = cfg.model is not None and bool(getattr(tokenizer, "chat_template", None))
-    kw = dict(chat_template=chat, max_prompt_length=cfg.max_prompt_length)
+    chat = cfg.model is not None and bool(getattr(tokenizer, "chat_template", None)) and cfg.chat_template != "never"
+    kw = dict(chat_template=chat, max_prompt_length=cfg.max_prompt_length,
+              conversational_only=cfg.chat_template == "conversational")
     train_set = PreferenceDataset(train_rows, tokenizer, cfg.max_length, **kw)
     eval_set = PreferenceDataset(eval_rows, tokenizer, cfg.max_length, **kw)
     train_set.load_stats = stats
@@ -97,12 +98,27 @@ def build_policy(cfg: TrainConfig, model_spec: Optional[str] = None):
     if spec is None:
         tok = load_synthetic_tokenizer(cfg.cache_dir)
         policy = build_tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                                  num_heads=cfg.num_heads, seed=cfg.seed)
-        return policy.to(dtype), tok
-    tok = load_tokenizer(spec)
-    with quiet_transformers():
-        policy = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+                                  num_heads=cfg.num_heads, seed=cfg.seed).to(dtype)
+    else:
+        tok = load_tokenizer(spec)
+        with quiet_transformers():
+            policy = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    if cfg.disable_dropout:
+        disable_dropout(policy)
     return policy, tok
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set ``p = 0`` on every ``nn.Dropout`` of ``model`` (what TRL's ``disable_dropout_in_model`` does) and the
+    functional attention dropout HF attention modules keep as a float (``attention_dropout``, e.g. Llama, Qwen2);
+    returns how many were switched off."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p, n = 0.0, n + 1
+        elif isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout, n = 0.0, n + 1
+    return n
 
 
 def load_tokenizer(spec) -> object:

@@ -244,7 +244,8 @@ class TrainConfig(LPCConfig):
     """
 
     # objective
-    loss: str = setting("dpo", "pairwise preference loss", group=OBJECTIVE, choices=LOSS_TYPES)
+    loss: str = setting("dpo", "pairwise preference loss (sigmoid: TRL's name for dpo)", group=OBJECTIVE,
+                        choices=LOSS_TYPES + ("sigmoid",))
     lpc: bool = setting(True, "learn the latent codebook with prior/posterior heads (--no-lpc: plain "
                               "DPO/IPO/SimPO)", group=OBJECTIVE)
     beta: float = setting(0.1, "DPO/IPO/SimPO beta", group=OBJECTIVE, check=number_above(0))
@@ -304,6 +305,9 @@ class TrainConfig(LPCConfig):
     lora_r: int = setting(0, "LoRA rank through peft (0: full fine-tuning)", group=MODEL, check=int_at_least(0))
     lora_alpha: float = setting(16.0, "LoRA alpha", group=MODEL, check=number_above(0))
     lora_dropout: float = setting(0.0, "LoRA dropout", group=MODEL, check=in_half_open(0, 1))
+    disable_dropout: bool = setting(True, "set every dropout probability of the policy (and so of its copy, the "
+                                          "reference) to 0, as TRL does by default; --no-disable-dropout keeps the "
+                                          "model's (LoRA dropout is --lora-dropout)", group=MODEL)
     lora_target_modules: str = setting("all-linear", "modules LoRA adapts: all-linear (every linear layer but the "
                                                      "LM head) or a comma-separated list", group=MODEL)
     hidden_size: int = setting(64, "tiny Llama hidden size D (without --model)", group=MODEL, check=int_at_least(1))
@@ -337,6 +341,10 @@ class TrainConfig(LPCConfig):
                                                         "even cost per pass; the loss is unchanged (default: one "
                                                         "pass per micro-batch)", group=DATA,
                                                   check=optional(int_at_least(1)), resume=RESUME_FREE)
+    chat_template: str = setting("always", "with --model whose tokenizer has a chat template: always render the "
+                                           "prompts with it, conversational (only rows given as message lists, as "
+                                           "TRL does; string rows are tokenized as written) or never", group=DATA,
+                                 choices=("always", "conversational", "never"))
     strict: bool = setting(False, "stop with an error at the first malformed row (default: skip and count them)",
                            group=DATA, resume=RESUME_FREE)
     synthetic: str = setting("sources", "built-in data (without --dataset): sources (four sources, prompts hint at "
@@ -387,6 +395,8 @@ class TrainConfig(LPCConfig):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.loss == "sigmoid":  # TRL's loss_type name for DPO
+            self.loss = "dpo"
         if self.kl_weight is None:
             self.kl_weight = DEFAULT_KL_WEIGHT[self.loss]
         if self.max_prompt_length is not None and not (

@@ -22,9 +22,11 @@ from .data import load_preference_rows
 from .io import atomic_directory
 from .runtime import quiet_transformers
 
-# a ChatML-style template: every turn is "<|role|> text <eos>", the generation prompt opens an assistant turn
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{{ eos_token }}"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+# a ChatML-style template: every turn is "<|role|>text<eos>", the generation prompt opens an assistant turn. No
+# space after the role token: with a byte-level tokenizer it would be a lone space token ending every prompt,
+# so the rendered prompt would not be a token prefix of prompt + answer (TRL warns about exactly that)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>")
 
 

@@ -88,13 +88,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     Prompt ids start with BOS when the tokenizer has one; with ``chat_template=True`` the prompt's
     conversation is rendered by the tokenizer's chat template with the generation prompt instead (the
-    template adds BOS). Answer ids end with EOS. Long pairs are cut by ``truncate_pair``;
-    ``num_truncated`` counts them. ``rows`` are normalised rows (``normalize_row``) or plain dicts with
-    string ``prompt``/``chosen``/``rejected`` and an int ``source``.
+    template adds BOS); with ``conversational_only`` too, only for rows that came as message lists (TRL's
+    rule). Answer ids end with EOS. Long pairs are cut by ``truncate_pair``; ``num_truncated`` counts them.
+    ``rows`` are normalised rows (``normalize_row``) or plain dicts with string ``prompt``/``chosen``/``rejected``
+    and an int ``source``.
     """
 
     def __init__(self, rows: Sequence[dict], tokenizer, max_length: int = 512, *, chat_template: bool = False,
-                 max_prompt_length: Optional[int] = None):
+                 max_prompt_length: Optional[int] = None, conversational_only: bool = False):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         if max_prompt_length is not None and not 1 <= max_prompt_length < max_length:
@@ -106,15 +107,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if eos is None:
             raise ValueError("the tokenizer needs an eos token (answers end with it)")
         prompts = [row["prompt"] for row in self.rows]
-        if chat_template:  # render each conversation + generation prompt; the template adds BOS
+        # rows rendered by the chat template (which adds BOS): all, or (conversational_only, as TRL does) only those
+        # given as message lists
+        templated = [chat_template and not (conversational_only and row.get("conversational") is False)
+                     for row in self.rows]
+        if chat_template:  # render each conversation + generation prompt
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError("chat_template=True but the tokenizer has no chat template")
             prompts = [tokenizer.apply_chat_template(
                 row.get("messages") or [{"role": "user", "content": row["prompt"]}], tokenize=False,
-                add_generation_prompt=True) for row in self.rows]
-            bos_prefix = None
-        else:
-            bos_prefix = bos
+                add_generation_prompt=True) if use else row["prompt"] for row, use in zip(self.rows, templated)]
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
 
@@ -128,7 +130,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         chosen_ids = enc([row["chosen"] for row in self.rows])
         rejected_ids = enc([row["rejected"] for row in self.rows])
         for i, (row, prompt, chosen, rejected) in enumerate(zip(self.rows, enc(prompts), chosen_ids, rejected_ids)):
-            prompt = ([bos_prefix] if bos_prefix is not None else []) + prompt
+            prompt = ([bos] if bos is not None and not templated[i] else []) + prompt
             prompt, chosen, rejected, cut = truncate_pair(prompt, chosen + [eos], rejected + [eos], max_length,
                                                           max_prompt_length, bos=bos)
             self.num_truncated += cut

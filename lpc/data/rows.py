@@ -74,8 +74,27 @@ def _prompt_text(messages: Sequence[dict]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen answer, rejected answer)`` of a row whose two texts carry the prompt: the prompt is their
+    common prefix, and a space just before the split goes with the answers (as TRL's ``extract_prompt`` does).
+
+    Raises:
+        MalformedRow: the texts share no prefix (no prompt to take).
+    """
+    n, most = 0, min(len(chosen), len(rejected))
+    while n < most and chosen[n] == rejected[n]:
+        n += 1
+    if n < most and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        raise MalformedRow("missing field", "no 'prompt', and chosen and rejected share no prefix to take as the "
+                                            "prompt")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def normalize_row(row: Any) -> dict:
-    """Validate one raw row; returns ``{"prompt": str, "messages": [...], "chosen", "rejected", "source"}``.
+    """Validate one raw row; returns ``{"prompt": str, "messages": [...], "chosen", "rejected", "source",
+    "conversational"}`` (``conversational``: the row came as message lists).
 
     ``messages`` is the conversation before the answer (for chat templates); ``prompt`` its plain-text
     form (the ``prompt`` string when the row has one). ``source`` is the raw value or ``None``.
@@ -98,11 +117,12 @@ def normalize_row(row: Any) -> dict:
     elif isinstance(prompt, str):
         text = prompt
         messages = hist_c if hist_c else [{"role": "user", "content": prompt}]
-    elif prompt is None:
-        if not hist_c:
-            raise MalformedRow("missing field", "no 'prompt' and no conversation before the answers")
+    elif prompt is None and hist_c:
         messages = hist_c
         text = _prompt_text(messages)
+    elif prompt is None:  # an implicit prompt (TRL's extract_prompt): the text the two answers share
+        text, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        messages = [{"role": "user", "content": text}]
     else:
         raise MalformedRow("non-string content", f"prompt is {type(prompt).__name__}")
     if hist_c is not None and hist_r is not None and hist_c != hist_r:
@@ -117,7 +137,9 @@ def normalize_row(row: Any) -> dict:
     source = row.get("source")
     if source is not None and (isinstance(source, bool) or not isinstance(source, (str, int))):
         raise MalformedRow("non-string content", f"source is {type(source).__name__}, expected a string or int")
-    return {"prompt": text, "messages": messages, "chosen": chosen, "rejected": rejected, "source": source}
+    conversational = isinstance(prompt, list) or hist_c is not None  # given as message lists (TRL's term)
+    return {"prompt": text, "messages": messages, "chosen": chosen, "rejected": rejected, "source": source,
+            "conversational": conversational}
 
 
 # ------------------------------------------------------------------------------------------- loading

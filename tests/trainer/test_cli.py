@@ -87,7 +87,7 @@ def test_config_file_layers_under_explicit_flags(tmp_path):
     ("btach_size: 4\n", "unknown setting 'btach_size' (did you mean 'batch_size'?)"),
     ("steps: many\n", "--steps must be an integer, got 'many'"),
     ("lpc: 1\n", "--lpc must be true or false"),
-    ("loss: kto\n", "--loss must be one of ['dpo', 'ipo', 'simpo']"),
+    ("loss: kto\n", "--loss must be one of ['dpo', 'ipo', 'simpo', 'sigmoid']"),
     ("- a\n- b\n", "expected a mapping"),
     ("steps: [1\n", "is not valid YAML"),
 ])

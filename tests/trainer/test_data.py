@@ -158,9 +158,15 @@ def test_chat_template_prompt_rendering(tmp_path):
         PreferenceDataset(rows[:2], tok, chat_template=True)  # source names not mapped to ids yet
     assign_source_ids(rows)
     ds = PreferenceDataset(rows[:2], tok, chat_template=True)
-    # the template renders "<s><|user|> {content}</s><|assistant|> " (lpc.tiny_model.CHAT_TEMPLATE)
-    assert tok.decode(ds[0].prompt) == "<s><|user|> How do I reverse a list in Python?</s><|assistant|> "
+    # the template renders "<s><|user|>{content}</s><|assistant|>" (lpc.tiny_model.CHAT_TEMPLATE)
+    assert tok.decode(ds[0].prompt) == "<s><|user|>How do I reverse a list in Python?</s><|assistant|>"
     assert tok.decode(ds[0].chosen) == rows[0]["chosen"] + "</s>"
+    # the prompt is a token prefix of prompt + answer rendered as one conversation (no lone space token)
+    messages = [{"role": "user", "content": rows[0]["prompt"]}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": rows[0]["chosen"]}],
+                                   tokenize=True, return_dict=False)
+    assert full[:len(prompt)] == prompt and full[len(prompt):] == ds[0].chosen
 
 
 def test_source_ids_for_ints_and_missing():
