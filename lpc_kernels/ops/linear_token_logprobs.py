@@ -9,6 +9,7 @@ inputs that need them; a ``[0]``-shaped tensor stands for one not asked for).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -28,7 +29,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
 
     Args:
         hidden: ``[..., H]`` float32 / bfloat16 / float16 / float64 (for LPC: final hidden states + z).
-        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``. The kernels read contiguous rows: a strided
+            weight (e.g. a transposed ``[H, V]`` matrix) is copied on every call, with a warning saying so.
         labels: ``[...]`` int64 (or int32) target ids, in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]``.
         ignore_index: label value whose row is skipped (log-prob 0, zero gradient).
@@ -44,6 +46,11 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
+    if not weight.is_contiguous():  # a full copy of the head (1 GiB at 128k x 4096 bf16): say so
+        warnings.warn(f"linear_token_logprobs: weight {tuple(weight.shape)} with strides {weight.stride()} is not "
+                      f"contiguous, so it is copied on every call ({weight.numel() * weight.element_size() / 2**20:.0f}"
+                      " MiB); pass a contiguous weight (weight.contiguous() once, outside the step) to avoid it",
+                      stacklevel=2)
     name = resolve_backend(backend, hidden.device)
     lead = labels.shape
     logp, _ = linear_token_logprobs_op(

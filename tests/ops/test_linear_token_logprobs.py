@@ -111,6 +111,25 @@ def test_linear_token_logprobs_no_grad_forward(backend):
     truth_close(out, f_linear_token_logprobs(hidden, weight, labels), atol=1e-4)
 
 
+def test_strided_weight_is_copied_with_a_warning(backend):
+    """A transposed [H, V] matrix as weight: the same values and gradients as the contiguous weight, and a warning
+    naming the copy (the kernels read contiguous rows)."""
+    hidden, base = new_leaf(torch.randn(4, 16)), torch.randn(16, 40)
+    labels = torch.randint(0, 40, (4,))
+    strided = base.clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"weight \(40, 16\) with strides \(1, 40\) is not contiguous, so it is "
+                                         r"copied on every call"):
+        out = lk.linear_token_logprobs(hidden, strided.T, labels, backend=backend)
+    out.sum().backward()
+    contiguous = base.T.contiguous().requires_grad_(True)
+    h2 = new_leaf(hidden)
+    want = lk.linear_token_logprobs(h2, contiguous, labels, backend=backend)
+    want.sum().backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(strided.grad.T, contiguous.grad)
+    torch.testing.assert_close(hidden.grad, h2.grad)
+
+
 def test_sequence_logprobs(backend):
     hidden, weight = new_leaf(torch.randn(2, 5, 8)), torch.randn(30, 8)
     labels = torch.tensor([[-100, -100, 3, 4, 29], [-100, 7, 8, -100, -100]])
