@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Optional
 
@@ -83,8 +84,6 @@ def _wandb_id(run_dir: Path) -> Optional[str]:
     f = run_dir / "wandb_id.txt"
     if f.is_file():
         return f.read_text().strip() or None
-    import secrets
-
     run_id = secrets.token_hex(4)
     f.write_text(run_id + "\n")
     return run_id
