@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import lpc_kernels as lk
 
 from .config import LPCConfig
+from .data.batching import PROMPT
 from .io import atomic_directory, read_safetensors, verify_manifest, write_manifest
 from .runtime import quiet_transformers
 
@@ -112,7 +113,7 @@ def layout_mask(segment_ids: Tensor, branch_ids: Tensor) -> Tensor:
     idx = torch.arange(length, device=segment_ids.device)
     causal = idx[None, :] <= idx[:, None]
     same_unit = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] >= 0)
-    branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    branch = (branch_ids[:, None, :] == PROMPT) | (branch_ids[:, :, None] == branch_ids[:, None, :])
     allowed = (causal & same_unit & branch) | (idx[None, :] == idx[:, None])
     return allowed[:, None]
 

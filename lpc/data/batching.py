@@ -155,7 +155,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return h.hexdigest()
 
 
-
 # branch ids of the shared-prompt layout: a token attends to earlier tokens of its pair's prompt and its own branch
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
@@ -199,31 +198,30 @@ class PreferenceCollator:
             return [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
         return [len(p.prompt) + len(getattr(p, side)) for side in ("chosen", "rejected") for p in pairs]
 
-    def rows(self, pairs: Sequence[TokenizedPair]) -> tuple[list[list[int]], int]:
-        """``(units of each row, row length L)``: one unit per row when padded, else packed into rows as long
-        as the longest unit."""
+    def rows(self, pairs: Sequence[TokenizedPair]) -> tuple[list[int], list[list[int]], int]:
+        """``(token count of each unit, units of each row, row length L)``: one unit per row when padded, else
+        packed into rows as long as the longest unit."""
         lengths = self.units(pairs)
         longest = max(lengths)
         if self.layout == "padded":
-            return [[i] for i in range(len(lengths))], longest
-        return pack_rows(lengths, longest), longest
+            return lengths, [[i] for i in range(len(lengths))], longest
+        return lengths, pack_rows(lengths, longest), longest
 
     def cost(self, pairs: Sequence[TokenizedPair]) -> int:
         """Positions (``R * L``, padding included) the backbone runs for ``pairs`` in this layout."""
-        rows, length = self.rows(pairs)
+        _, rows, length = self.rows(pairs)
         return len(rows) * length
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> dict:
         if not pairs:
             raise ValueError("cannot collate an empty list of pairs")
         b = len(pairs)
-        rows, length = self.rows(pairs)
+        lengths, rows, length = self.rows(pairs)
         r = len(rows)
         ids = torch.full((r, length), self.pad, dtype=torch.long)
         pos = torch.zeros((r, length), dtype=torch.long)
         seg = torch.full((r, length), -1, dtype=torch.long)
         branch = torch.zeros((r, length), dtype=torch.long)
-        score_index, score_sequence, score_target = [], [], []
         feature = [[0] * b for _ in range(3)]  # h_x, h_w, h_l
 
         def place(flat: int, tokens: list[int], positions: range, unit: int, br: int) -> None:
@@ -234,12 +232,6 @@ class PreferenceCollator:
             seg[row, col:col + n] = unit
             branch[row, col:col + n] = br
 
-        def score(sequence: int, predictor: list[int], answer: list[int]) -> None:
-            score_index.extend(predictor)
-            score_sequence.extend([sequence] * len(answer))
-            score_target.extend(answer)
-
-        lengths = self.units(pairs)
         starts = {}
         for k, units in enumerate(rows):
             col = 0
@@ -269,8 +261,12 @@ class PreferenceCollator:
                     feature[0][i] = s + n_p - 1
                 feature[1 + j][i] = s + n - 1
                 scored[seq] = list(range(s + n_p - 1, s + n - 1)), answer
+        score_index, score_sequence, score_target = [], [], []
         for seq in range(2 * b):
-            score(seq, *scored[seq])
+            predictor, answer = scored[seq]
+            score_index += predictor
+            score_sequence += [seq] * len(answer)
+            score_target += answer
         out = {"layout": self.layout, "input_ids": ids, "position_ids": pos, "segment_ids": seg, "branch_ids": branch,
                "score_index": torch.tensor(score_index, dtype=torch.long),
                "score_sequence": torch.tensor(score_sequence, dtype=torch.long),

@@ -69,22 +69,36 @@ def _close(ours, truth, same, *, atol, what, rtol=1e-5, out_dtype=None, terms=No
                                        f"{(err.abs() - bound).max().item():.3e}"
 
 
+def _view(leaf: torch.Tensor, layout: str, rows: int, cols: int) -> torch.Tensor:
+    """The ``[rows, cols]`` view of ``layout`` over a leaf that ``_layout`` built (or a copy of one)."""
+    if layout == "transposed":
+        return leaf.T
+    if layout == "sliced":
+        return leaf[:, ::2]
+    if layout == "expanded":
+        return leaf.expand(rows, cols)
+    return leaf
+
+
 def _layout(base: torch.Tensor, layout: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(leaf, view)``: a ``[rows, cols]`` view of the given layout over a fresh leaf built from ``base``
     (``[rows, cols]`` values; ``expanded`` repeats the first row)."""
     if layout == "transposed":
-        leaf = base.T.contiguous().requires_grad_(True)
-        return leaf, leaf.T
-    if layout == "sliced":
-        wide = torch.zeros(rows, 2 * cols, dtype=base.dtype)
-        wide[:, ::2] = base
-        leaf = wide.requires_grad_(True)
-        return leaf, leaf[:, ::2]
-    if layout == "expanded":
-        leaf = base[:1].clone().requires_grad_(True)
-        return leaf, leaf.expand(rows, cols)
-    leaf = base.clone().requires_grad_(True)
-    return leaf, leaf
+        leaf = base.T.contiguous()
+    elif layout == "sliced":
+        leaf = torch.zeros(rows, 2 * cols, dtype=base.dtype)
+        leaf[:, ::2] = base
+    elif layout == "expanded":
+        leaf = base[:1].clone()
+    else:
+        leaf = base.clone()
+    leaf.requires_grad_(True)
+    return leaf, _view(leaf, layout, rows, cols)
+
+
+def _recast(leaf: torch.Tensor, dtype: torch.dtype, layout: str, rows: int, cols: int) -> torch.Tensor:
+    """The ``layout`` view of a fresh leaf copy of ``leaf`` in ``dtype``: the formulas' input, same strides."""
+    return _view(leaf.detach().to(dtype).requires_grad_(True), layout, rows, cols)
 
 
 def _labels(n, v, pattern, low, gen):
@@ -137,9 +151,7 @@ def test_token_logprobs_properties(backend):
             labels = torch.where(labels == IGNORE, labels, torch.full_like(labels, v - 1))
         leaf, logits = _layout(base, layout, n, v)
         ours = lk.token_logprobs(logits, labels, backend=backend)
-        leaf64 = leaf.detach().double().requires_grad_(True)
-        logits64 = {"transposed": lambda: leaf64.T, "sliced": lambda: leaf64[:, ::2],
-                    "expanded": lambda: leaf64.expand(n, v)}.get(layout, lambda: leaf64)()
+        logits64 = _recast(leaf, torch.float64, layout, n, v)
         truth = f_token_logprobs(logits64, labels)
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         same = f_token_logprobs(logits64.detach().to(cdt), labels).to(cdt)
@@ -150,9 +162,7 @@ def test_token_logprobs_properties(backend):
         g = torch.randn(n, generator=gen, dtype=torch.float64)
         (got,) = _grads(ours, [logits], g.to(ours.dtype))
         (want,) = _grads(truth, [logits64], g)
-        same_leaf = leaf.detach().to(cdt).requires_grad_(True)
-        same_view = {"transposed": lambda: same_leaf.T, "sliced": lambda: same_leaf[:, ::2],
-                     "expanded": lambda: same_leaf.expand(n, v)}.get(layout, lambda: same_leaf)()
+        same_view = _recast(leaf, cdt, layout, n, v)
         (same_g,) = _grads(f_token_logprobs(same_view, labels).to(cdt), [same_view], g.to(cdt))
         assert got.dtype == dtype and torch.isfinite(got).all()
         _close(got, want, same_g, atol=atol, what=f"{backend} grad", out_dtype=dtype)
@@ -162,6 +172,7 @@ def test_token_logprobs_properties(backend):
 
 # -------------------------------------------------------------------------------- linear_token_logprobs
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.filterwarnings("ignore:linear_token_logprobs. weight .* is not contiguous")  # strided weights, on purpose
 def test_linear_token_logprobs_properties(backend):
     @_examples(backend, 100)
     @example(n=3, h=8, v=1100, dtype=torch.float32, h_layout="contiguous", w_layout="contiguous", scale=1.0,
@@ -187,21 +198,12 @@ def test_linear_token_logprobs_properties(backend):
         h_leaf, hidden = _layout(hb, h_layout, n, h)
         w_leaf, weight = _layout(wb, w_layout, v, h)
         ours = lk.linear_token_logprobs(hidden, weight, labels, bias=b_leaf, backend=backend)
-        views = {"transposed": lambda t: t.T, "sliced": lambda t: t[:, ::2]}
-
-        def view(leaf, layout, rows, cols):
-            if layout == "expanded":
-                return leaf.expand(rows, cols)
-            return views.get(layout, lambda t: t)(leaf)
-
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        leaves64 = [t.detach().double().requires_grad_(True) for t in (h_leaf, w_leaf)]
         b64 = None if b_leaf is None else b_leaf.detach().double().requires_grad_(True)
-        views64 = [view(leaves64[0], h_layout, n, h), view(leaves64[1], w_layout, v, h)]
+        views64 = [_recast(h_leaf, torch.float64, h_layout, n, h), _recast(w_leaf, torch.float64, w_layout, v, h)]
         truth = f_linear_token_logprobs(*views64, labels, b64)
-        same_leaves = [t.detach().to(cdt).requires_grad_(True) for t in (h_leaf, w_leaf)]
         b_same = None if b_leaf is None else b_leaf.detach().to(cdt).requires_grad_(True)
-        hs, ws = view(same_leaves[0], h_layout, n, h), view(same_leaves[1], w_layout, v, h)
+        hs, ws = _recast(h_leaf, cdt, h_layout, n, h), _recast(w_leaf, cdt, w_layout, v, h)
         logits_same = hs @ ws.T + (b_same if b_same is not None else 0)
         same = f_token_logprobs(logits_same, labels).to(cdt)
         terms = (hs.detach().abs() @ ws.detach().abs().T).max() + (0 if b_leaf is None else
@@ -246,14 +248,10 @@ def test_gumbel_softmax_codes_properties(backend):
         l_leaf, logits = _layout(lb, layout, b, k)
         w, z = lk.gumbel_softmax_codes(logits, cb_leaf, tau=tau, hard=hard, seed=seed, offset=offset,
                                        backend=backend)
-        view = {"transposed": lambda t: t.T, "sliced": lambda t: t[:, ::2],
-                "expanded": lambda t: t.expand(b, k)}.get(layout, lambda t: t)
-        l64, c64 = (t.detach().double().requires_grad_(True) for t in (l_leaf, cb_leaf))
-        l64 = view(l64)
+        l64, c64 = _recast(l_leaf, torch.float64, layout, b, k), cb_leaf.detach().double().requires_grad_(True)
         w64, z64 = f_gumbel(l64, c64, tau, hard, seed, offset)
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        ls, cs = (t.detach().to(cdt).requires_grad_(True) for t in (l_leaf, cb_leaf))
-        ls = view(ls)
+        ls, cs = _recast(l_leaf, cdt, layout, b, k), cb_leaf.detach().to(cdt).requires_grad_(True)
         ws, zs = f_gumbel(ls, cs, tau, hard, seed, offset)
         ws, zs = ws.to(cdt), zs.to(cdt)
         if hard:  # the same one-hot sample, unless two perturbed logits tie to rounding
@@ -308,13 +306,11 @@ def test_preference_loss_properties(backend):
         out = lk.preference_loss(pc, pr, rc, rr, chosen_lengths=cl, rejected_lengths=rl, prior_logits=prior,
                                  posterior_logits=post, backend=backend, **opts)
         inputs = [t for t in (pc, pr, rc, rr, prior, post) if t is not None]  # what the op received
-        view = {"sliced": lambda t: t[:, ::2], "expanded": lambda t: t.expand(b, k)}.get(layout, lambda t: t)
-
         def formula(cast):
             c = {id(t): t.detach().to(cast).requires_grad_(True) for t in (pc, pr, rc, rr, prior_leaf, post_leaf)
                  if t is not None}
             args = [None if t is None else c[id(t)] for t in (pc, pr, rc, rr)]
-            args += [None if t is None else view(c[id(t)]) for t in (prior_leaf, post_leaf)]
+            args += [None if t is None else _view(c[id(t)], layout, b, k) for t in (prior_leaf, post_leaf)]
             res = f_preference(*args[:4], cl, rl, *args[4:], opts["loss_type"], opts["beta"], opts["gamma"],
                                opts["label_smoothing"], opts["kl_weight"], opts["ipo_average"])
             return res, [a for a in args if a is not None]
