@@ -8,6 +8,7 @@ Public API (every op is a ``torch.library`` custom op in the ``lpc`` namespace, 
     sequence_logprobs(hidden, weight, labels)        # per-sequence sums and token counts
     gumbel_softmax_codes(logits, codebook)           # Gumbel-softmax code weights and z = w @ E
     preference_loss(pc, pr, rc, rr, ...)             # DPO / IPO / SimPO + KL(q || p)
+    linear_preference_loss(hidden, weight, labels, ...)  # LM head + preference_loss, gradients in the forward
     available_backends(), resolve_backend(backend, device)
 
 Vocab-parallel (tensor-parallel LM head; ``torch.distributed``, eager, not a custom op; see docs/distributed.md)::
@@ -22,6 +23,7 @@ functions every backend implements in ``backend_interface.py``, the backends in 
 from .backends import available_backends, resolve_backend
 from .numerics import DEFAULT_CHUNK_SIZE
 from .ops.gumbel_softmax_codes import gumbel_softmax_codes
+from .ops.linear_preference_loss import LinearPreferenceLossOutput, linear_preference_loss
 from .ops.linear_token_logprobs import linear_token_logprobs, sequence_logprobs
 from .ops.preference_loss import PreferenceLossOutput, preference_loss
 from .ops.token_logprobs import token_logprobs
@@ -33,6 +35,8 @@ __all__ = [
     "vocab_parallel_linear_token_logprobs",
     "gumbel_softmax_codes",
     "preference_loss",
+    "linear_preference_loss",
+    "LinearPreferenceLossOutput",
     "PreferenceLossOutput",
     "sequence_logprobs",
     "available_backends",
