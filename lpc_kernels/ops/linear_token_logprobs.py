@@ -4,7 +4,9 @@ logits, and its composition ``sequence_logprobs``.
 Contract: ``docs/design.md`` section 2 (linear_token_logprobs). Layers: ``linear_token_logprobs`` (checks)
 -> ``linear_token_logprobs_op`` (custom op ``lpc::linear_token_logprobs``: label values, then the backend's
 ``linear_token_logprobs_fwd``) -> autograd -> ``linear_token_logprobs_backward_op`` (gradients only for the
-inputs that need them; a ``[0]``-shaped tensor stands for one not asked for).
+inputs that need them; a ``[0]``-shaped tensor stands for one not asked for). A frozen head takes
+``linear_token_logprobs_frozen_head_op`` instead (custom op ``lpc::linear_token_logprobs_frozen_head``: the hidden
+gradient's factor computed in the forward, the backward one multiply).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import Tensor
 from ..backends import backend_module, resolve_backend
 from ..checks import (check_float, check_int, check_label_values, check_labels, check_same_device,
                       check_tensor)
-from ..numerics import DEFAULT_CHUNK_SIZE
+from ..head_gemm import HeadGemms
+from ..numerics import DEFAULT_CHUNK_SIZE, chunks
 from .token_logprobs import per_row_outputs
 
 
@@ -37,12 +40,15 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         chunk_size: rows per recomputed ``[chunk, V]`` logits block for the chunked backends
             (reference, cpu, cuda); default ``DEFAULT_CHUNK_SIZE``. Peak extra memory ~ ``chunk * V``.
-        filter_eps: opt-in gradient filter (triton backend): skip logits tiles holding no label whose
+        filter_eps: opt-in gradient filter (trainable head) (triton backend): skip logits tiles holding no label whose
             softmax entries are all below it; each skipped gradient entry is off by at most
             ``|grad_logp| * filter_eps``. 0 (default) is exact; other backends always compute exactly.
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to hidden, weight, bias.
+        Frozen head (``hidden`` requires grad, ``weight`` and ``bias`` do not, e.g. LoRA): the forward also
+        computes ``a = W[label] - softmax @ W`` ``[..., H]`` (hidden's dtype, one more GEMM) and the backward is
+        ``grad_hidden = grad * a``: 2 GEMMs in all instead of 3, no second logits pass.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
@@ -53,11 +59,14 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
                       stacklevel=2)
     name = resolve_backend(backend, hidden.device)
     lead = labels.shape
-    logp, _ = linear_token_logprobs_op(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        bias.contiguous() if bias is not None else None, labels.reshape(-1).long().contiguous(), ignore_index,
-        chunk_size, name, float(filter_eps))
-    return logp.view(lead)
+    args = (hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+            bias.contiguous() if bias is not None else None, labels.reshape(-1).long().contiguous(), ignore_index,
+            chunk_size, name)
+    frozen_head = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+                   and (bias is None or not bias.requires_grad))
+    if frozen_head:
+        return linear_token_logprobs_frozen_head_op(*args)[0].view(lead)
+    return linear_token_logprobs_op(*args, float(filter_eps))[0].view(lead)
 
 
 def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
@@ -140,6 +149,49 @@ def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight:
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
       need_bias, backend, filter_eps=0.0):
     return gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+@torch.library.custom_op("lpc::linear_token_logprobs_frozen_head", mutates_args=())
+def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                         ignore_index: int, chunk_size: int,
+                                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N], a [N, H]) with
+    ``a = d logp / d hidden = W[label] - softmax @ W`` (hidden's dtype; 0 on ignored rows): per chunk of scored
+    rows, the logits GEMM, the backend's ``token_logprobs_fwd``, its ``token_logprobs_bwd`` with unit gradient
+    (in place: ``onehot - softmax``), and one GEMM with W."""
+    check_label_values(labels, weight.shape[0], ignore_index)
+    be = backend_module(backend)
+    logp, lse = per_row_outputs(hidden)
+    logp.zero_(), lse.zero_()
+    a = torch.zeros_like(hidden)
+    rows = torch.nonzero(labels != ignore_index).squeeze(1)  # ignored rows never reach a GEMM
+    gemm = HeadGemms(weight, bias)
+    for s, e in chunks(rows.numel(), chunk_size):
+        r = rows[s:e]
+        x = gemm.logits(gemm.operand(hidden.index_select(0, r)))
+        lp, ls = be.token_logprobs_fwd(x, labels[r], ignore_index)
+        logp[r], lse[r] = lp, ls
+        d = be.token_logprobs_bwd(torch.ones_like(lp), x, labels[r], ls, ignore_index, True)
+        a[r] = gemm.hidden_grad(gemm.tile(d)).to(a.dtype)
+    return logp, lse, a
+
+
+@linear_token_logprobs_frozen_head_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend):
+    return per_row_outputs(hidden) + (torch.empty_like(hidden),)
+
+
+def _setup_frozen(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_frozen(ctx, grad_logp, grad_lse, grad_a):
+    (a,) = ctx.saved_tensors
+    return (grad_logp.to(a.dtype)[:, None] * a,) + (None,) * 6
+
+
+linear_token_logprobs_frozen_head_op.register_autograd(_backward_frozen, setup_context=_setup_frozen)
 
 
 def _setup(ctx, inputs, output):

@@ -4,7 +4,8 @@ CUDA) and of every public custom op with its backward ops (tests/ops, per op fam
 import torch
 
 from lpc_kernels.ops.gumbel_softmax_codes import gumbel_softmax_codes_backward_op, gumbel_softmax_codes_op
-from lpc_kernels.ops.linear_token_logprobs import linear_token_logprobs_backward_op, linear_token_logprobs_op
+from lpc_kernels.ops.linear_token_logprobs import (linear_token_logprobs_backward_op,
+                                                  linear_token_logprobs_frozen_head_op, linear_token_logprobs_op)
 from lpc_kernels.ops.preference_loss import preference_loss_backward_op, preference_loss_op
 from lpc_kernels.ops.token_logprobs import (token_logprobs_backward_inplace_op, token_logprobs_backward_op,
                                             token_logprobs_op)
@@ -144,6 +145,7 @@ def public_op_cases(backend, device, family=None):
         (linear_token_logprobs_op, (h, w, b, labels, -100, 2, backend)),
         (linear_token_logprobs_op, (h, w, b_grad, labels, -100, 2, backend)),
         (linear_token_logprobs_op, (h, w, None, labels, -100, 16, backend)),
+        (linear_token_logprobs_frozen_head_op, (h, w.detach(), b, labels, -100, 2, backend)),
         (linear_token_logprobs_backward_op,
          (g4, h.detach(), w.detach(), b.detach(), labels, lin_lse, -100, 2, True, False, True, backend)),
         (linear_token_logprobs_backward_op,
@@ -170,6 +172,7 @@ def public_op_cases(backend, device, family=None):
 
 FAMILY = {token_logprobs_op: "token_logprobs", token_logprobs_backward_op: "token_logprobs",
           token_logprobs_backward_inplace_op: "token_logprobs", linear_token_logprobs_op: "linear_token_logprobs",
-          linear_token_logprobs_backward_op: "linear_token_logprobs", gumbel_softmax_codes_op: "gumbel_softmax_codes",
+          linear_token_logprobs_backward_op: "linear_token_logprobs",
+          linear_token_logprobs_frozen_head_op: "linear_token_logprobs", gumbel_softmax_codes_op: "gumbel_softmax_codes",
           gumbel_softmax_codes_backward_op: "gumbel_softmax_codes", preference_loss_op: "preference_loss",
           preference_loss_backward_op: "preference_loss"}

@@ -103,6 +103,32 @@ def test_linear_token_logprobs_all_ignored_and_frozen_weight(backend):
     assert weight.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_gradient_from_the_forward(backend, dtype, monkeypatch):
+    """Frozen weight and bias: the hidden gradient (g * a, a computed in the forward) against float64, and the
+    trainable head's backward op is never called; with no gradient wanted the frozen-head op is not used."""
+    from lpc_kernels.ops import linear_token_logprobs as module
+
+    hidden = new_leaf(torch.randn(2, 5, 16), dtype)
+    weight, bias = torch.randn(40, 16).to(dtype) / 4, torch.randn(40).to(dtype)
+    labels = torch.randint(0, 40, (2, 5))
+    labels[1, 2] = -100
+    monkeypatch.setattr(module, "linear_token_logprobs_backward_op", None)  # calling it would fail
+    out = lk.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend, chunk_size=3)
+    g = torch.randn(2, 5)
+    out.backward(g)
+    h64 = new_leaf(hidden.detach(), torch.float64)
+    truth = f_linear_token_logprobs(h64, weight, labels, bias)
+    truth.backward(g.double())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    truth_close(out, truth, rtol=1e-5, atol=1e-4)
+    truth_close(hidden.grad, h64.grad, **tol)
+    assert hidden.grad.dtype == dtype and torch.equal(hidden.grad[1, 2], torch.zeros(16, dtype=dtype))
+    monkeypatch.setattr(module, "linear_token_logprobs_frozen_head_op", None)
+    with torch.no_grad():  # the reference pass: no gradient factor computed
+        lk.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+
+
 def test_linear_token_logprobs_no_grad_forward(backend):
     hidden, weight = torch.randn(5, 16), torch.randn(40, 16)
     labels = torch.randint(0, 40, (5,))
