@@ -87,6 +87,7 @@ def _padded_layout_keys(out: dict) -> dict:
     out.update(layout="padded", input_ids=ids, position_ids=torch.arange(t, device=ids.device).expand(rows, t),
                segment_ids=torch.where(mask.bool(), row[:, None], -1), branch_ids=torch.zeros_like(ids),
                score_index=seq * t + col, score_sequence=seq, score_target=labels[:, 1:][keep],
+               score_lengths=keep.sum(1).tolist(),
                feature_index=torch.stack([row[:b] * t + out["prompt_lengths"] - 1, row[:b] * t + last[:b],
                                           row[b:] * t + last[b:]]),
                num_tokens=int(mask.sum()))

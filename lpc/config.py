@@ -263,6 +263,11 @@ class TrainConfig(LPCConfig):
                                       "(0: constant)", group=OBJECTIVE, check=int_at_least(0))
     free_bits: float = setting(0.0, "per-pair KL below this many nats is not penalised (free bits; 0: off)",
                                group=OBJECTIVE, check=number_at_least(0))
+    fused_loss: bool = setting(True, "compute the LM head, pair loss and KL in one op with its gradients in the "
+                                     "forward (lk.linear_preference_loss: 3 GEMMs instead of 4); "
+                                     "--no-fused-loss: the composition of linear_token_logprobs and "
+                                     "preference_loss (same values to rounding)", group=OBJECTIVE,
+                               resume=RESUME_FREE)
     latent_diagnostics: bool = setting(True, "also score each training batch with z from the prior and from the "
                                              "posterior's sample alone (no gradient, up to 2 more LM-head passes): "
                                              "lpc/prior_accuracy, lpc/posterior_accuracy and the label-leak warning",

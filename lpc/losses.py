@@ -19,22 +19,25 @@ from torch import Tensor
 import lpc_kernels as lk
 
 from .config import LossConfig
-from .model import LPCOutput, code_perplexity, entropy_from_logits
+from .model import LPCOutput, code_perplexity, entropy_from_logits, op_kl_weight
 
 
 def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
                          cfg: LossConfig, *, kl_weight: Optional[float] = None) -> lk.PreferenceLossOutput:
-    """The loss for one batch; ``ref_*`` are ``[B]`` reference log-probs (None for SimPO). ``kl_weight``: this
-    step's KL weight (default ``cfg.kl_weight``; the trainer passes the warm-up's). With ``cfg.free_bits`` the
-    KL term is ``kl_weight * mean_i max(KL_i, free_bits)``, which is flat (no gradient) below the threshold."""
+    """The loss for one batch (``out.objective`` when the forward computed it); ``ref_*`` are ``[B]`` reference
+    log-probs (None for SimPO). ``kl_weight``: this step's KL weight (default ``cfg.kl_weight``; the trainer
+    passes the warm-up's). With ``cfg.free_bits`` the KL term is ``kl_weight * mean_i max(KL_i, free_bits)``, which is flat (no gradient) below the threshold."""
     lpc = out.prior_logits is not None
     kl_weight = (cfg.kl_weight if kl_weight is None else kl_weight) if lpc else 0.0
-    res = margins_and_loss(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected, out, cfg,
-                           out.prior_logits if lpc else None, out.posterior_logits if lpc else None,
-                           0.0 if cfg.free_bits > 0 else kl_weight)
+    res = out.objective  # computed in the forward (``lpc.model.Objective``) with op_kl_weight
+    if res is None:
+        res = margins_and_loss(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected, out, cfg,
+                               out.prior_logits if lpc else None, out.posterior_logits if lpc else None,
+                               op_kl_weight(cfg, kl_weight, lpc))
     if cfg.free_bits > 0 and lpc:
-        losses = res.losses + kl_weight * res.kl.clamp_min(cfg.free_bits)
-        res = res._replace(loss=losses.mean(), losses=losses)
+        kl_term = kl_weight * res.kl.clamp_min(cfg.free_bits)
+        # from res.loss, not losses.mean(): the fused op's per-pair losses are values without gradient
+        res = res._replace(loss=res.loss + kl_term.mean(), losses=res.losses + kl_term)
     return res
 
 

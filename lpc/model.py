@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lpc_kernels as lk
 
-from .config import LPCConfig
+from .config import LossConfig, LPCConfig
 from .data.batching import PROMPT
 from .io import atomic_directory, read_safetensors, verify_manifest, write_manifest
 from .runtime import quiet_transformers
@@ -198,14 +198,54 @@ def scored_logps(pos: ScoredPositions, weight: Tensor, bias: Optional[Tensor] = 
     h = pos.hidden
     if z is not None:
         h = h + z.to(h.dtype)[pos.sequences]
-    # the op needs one dtype: under autocast (--dtype bfloat16) it runs in the autocast dtype (fp32 master
-    # weights are cast per step, as autocast does for nn.Linear); otherwise in the head's dtype
-    dev = h.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    h, weight = h.to(dt), weight.to(dt)
-    bias = None if bias is None else bias.to(dt)
+    h, weight, bias = head_inputs(h, weight, bias)
     logp = lk.linear_token_logprobs(h, weight, pos.targets, bias=bias, backend=backend)
     return logp.new_zeros(pos.num_sequences).index_add(0, pos.sequences, logp)
+
+
+def head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The LM-head ops need one dtype: under autocast (--dtype bfloat16) the autocast dtype (fp32 master weights
+    are cast per step, as autocast does for nn.Linear); otherwise the head's dtype."""
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+
+
+class Objective(NamedTuple):
+    """What ``LPCModel.forward`` needs to compute the training loss itself, through ``lk.linear_preference_loss``
+    (the LM head, pair loss and KL in one op, inside the forward so FSDP2 still holds the unsharded head):
+    reference log-probs ``[B]`` (None for SimPO), the loss settings and this step's KL weight (``op_kl_weight``)."""
+
+    ref_chosen: Optional[Tensor]
+    ref_rejected: Optional[Tensor]
+    cfg: LossConfig
+    kl_weight: float
+
+
+def op_kl_weight(cfg: LossConfig, kl_weight: Optional[float], lpc: bool) -> float:
+    """The KL weight the loss op applies: this step's weight (default ``cfg.kl_weight``), 0 without the latent,
+    and 0 with free bits (``lpc.losses.preference_objective`` adds the clamped KL term itself)."""
+    if not lpc or cfg.free_bits > 0:
+        return 0.0
+    return cfg.kl_weight if kl_weight is None else kl_weight
+
+
+def fused_objective(pos: ScoredPositions, batch: dict, weight: Tensor, bias: Optional[Tensor], z: Optional[Tensor],
+                    prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor], obj: Objective,
+                    backend: str) -> lk.LinearPreferenceLossOutput:
+    """``lk.linear_preference_loss`` on the batch's scored positions (packed layout: they are sorted by sequence,
+    ``batch["score_lengths"]`` counts them), ``z [B, D]`` added to both answers of each pair."""
+    cfg = obj.cfg
+    h, weight, bias = head_inputs(pos.hidden, weight, bias)
+    lpc = prior_logits is not None
+    return lk.linear_preference_loss(
+        h, weight, pos.targets, bias=bias, z=z, ref_chosen_logps=obj.ref_chosen if cfg.needs_reference else None,
+        ref_rejected_logps=obj.ref_rejected if cfg.needs_reference else None,
+        prior_logits=prior_logits if lpc else None, posterior_logits=posterior_logits if lpc else None,
+        loss_type=cfg.loss_type, beta=cfg.beta, gamma=cfg.gamma if cfg.loss_type == "simpo" else 0.0,
+        label_smoothing=cfg.label_smoothing if cfg.loss_type != "ipo" else 0.0,
+        kl_weight=op_kl_weight(cfg, obj.kl_weight, lpc), ipo_average=cfg.ipo_average, backend=backend,
+        sequence_ids=pos.sequences, sequence_lengths=batch["score_lengths"])
 
 
 def response_logps(hidden: Tensor, batch: dict, weight: Tensor, bias: Optional[Tensor] = None,
@@ -294,11 +334,15 @@ class LPCOutput:
     hidden_sq: Optional[Tensor] = None               # [B]
     # evaluation with diagnostics: {name: (chosen [B], rejected [B])} for every z of ``LPCModel.diagnostic_zs``
     diagnostics: Optional[dict] = None
+    # training with an ``Objective``: the loss computed in the forward (``lk.PreferenceLossOutput``; the log-probs
+    # above are then values without gradient)
+    objective: Optional[lk.PreferenceLossOutput] = None
 
     def detach(self) -> "LPCOutput":
-        """The same outputs cut from the graph (what the step metrics read after backward)."""
+        """The same outputs cut from the graph, without the loss (what the step metrics read after backward)."""
         return LPCOutput(*(v.detach() if isinstance(v, Tensor) else v
-                           for v in (getattr(self, f.name) for f in dataclasses.fields(LPCOutput))))
+                           for v in (getattr(self, f.name) for f in dataclasses.fields(LPCOutput)
+                                     if f.name != "objective")))
 
 
 class LPCModel(nn.Module):
@@ -421,7 +465,8 @@ class LPCModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, *, mix: float = 0.0, seed: int = 0, offset: int = 0,
-                prior_offset: Optional[int] = None, use_prior: bool = False, diagnostics: bool = False) -> LPCOutput:
+                prior_offset: Optional[int] = None, use_prior: bool = False, diagnostics: bool = False,
+                objective: Optional[Objective] = None) -> LPCOutput:
         """One policy pass over a collated batch (see ``lpc.data``).
 
         Args:
@@ -432,6 +477,8 @@ class LPCModel(nn.Module):
                 LM-head pass each, no gradient; the backbone runs once). In training (LPC), the log-probs with
                 z from the prior and, when ``mix > 0``, from the posterior's sample alone (the leak diagnostics
                 of the step metrics; up to two more LM-head passes, no gradient).
+            objective: compute the training loss here with ``lk.linear_preference_loss`` (``out.objective``)
+                instead of differentiable log-probs for ``lpc.losses.preference_objective``.
 
         The codebook and heads always run in fp32 (autocast off): they are tiny, and the KL term and the
         Gumbel sample are sensitive to bf16 rounding of the code logits.
@@ -445,6 +492,11 @@ class LPCModel(nn.Module):
                                 backend=self.backend).chunk(2)
 
         if self.lpc is None:
+            if objective is not None:
+                res = fused_objective(pos, batch, weight, bias, None, None, None, objective, self.backend)
+                return LPCOutput(res.chosen_logps, res.rejected_logps, batch["chosen_lengths"],
+                                 batch["rejected_lengths"], None, None, None, None, batch["num_tokens"],
+                                 objective=lk.PreferenceLossOutput(*res[:5]))
             chosen, rejected = logps(None)
             return LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], None, None, None,
                              None, batch["num_tokens"])
@@ -458,9 +510,15 @@ class LPCModel(nn.Module):
             else:
                 w, z, z_post = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset,
                                            prior_offset=prior_offset)
-        chosen, rejected = logps(z)
+        res = None
+        if objective is not None:
+            res = fused_objective(pos, batch, weight, bias, z, prior_logits, posterior_logits, objective, self.backend)
+            chosen, rejected = res.chosen_logps, res.rejected_logps
+        else:
+            chosen, rejected = logps(z)
         out = LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
-                        posterior_logits, w, z, batch["num_tokens"])
+                        posterior_logits, w, z, batch["num_tokens"],
+                        objective=lk.PreferenceLossOutput(*res[:5]) if res is not None else None)
         with torch.no_grad():
             sq = pos.hidden.detach().float().pow(2).mean(-1)
             out.hidden_sq = sum(sq.new_zeros(pos.num_sequences).index_add(0, pos.sequences, sq).chunk(2))

@@ -51,7 +51,7 @@ from .data import DataError, EpochSampler, PreferenceCollator, PreferenceDataset
 from .evaluate import evaluate_sharded
 from .io import DirectoryInUse, DirectoryLock, IntegrityError, write_json_atomic
 from .losses import leak_margins, merge_micro_batches, preference_objective, step_metrics
-from .model import LPCModel, prior_mix_weight
+from .model import LPCModel, Objective, prior_mix_weight
 from .reference import build_reference_scorers
 from .runtime import autocast, autocast_dtype, determinism, log, resolve_device, threads_for
 from .tracking import Trackers, check_trackers, trackers_of
@@ -235,8 +235,9 @@ def train_step(tr: Trainer, step: int) -> dict:
         offset, prior_offset = tr.model.gumbel_offsets(step, cfg.batch_size, first)
         with tr.autocast():
             ref = tr.train_ref(batch) if tr.train_ref is not None else (None, None)
+            objective = Objective(ref[0], ref[1], tr.loss_cfg, kl_weight) if cfg.fused_loss else None
             out = forward(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset,
-                          diagnostics=cfg.latent_diagnostics)
+                          diagnostics=cfg.latent_diagnostics, objective=objective)
         res = preference_objective(out, ref[0], ref[1], tr.loss_cfg, kl_weight=kl_weight)
         # each pass weighs by its share of this rank's pairs: the gradient is the one of the whole local batch
         loss = res.loss if len(passes) == 1 else (

@@ -21,6 +21,8 @@ Every layout gives the same keys::
     score_index       [N]     int64       flat position r * L + t of the hidden state predicting each scored token
     score_sequence    [N]     int64       its sequence: pair b's chosen answer is b, its rejected answer B + b
     score_target      [N]     int64       the scored (answer) token; sequences in order, tokens in order
+    score_lengths     list    2B ints     scored positions per sequence (host values: lk.linear_preference_loss's
+                                          sequence_lengths, so the loss op never reads the device)
     feature_index     [3, B]  int64       flat positions of h_x (last prompt token), h_w, h_l (last answer tokens)
     prompt_lengths    [B]     int64       prompt tokens (shared by both sequences)
     chosen_lengths / rejected_lengths [B] answer tokens, eos included
@@ -262,6 +264,7 @@ class PreferenceCollator:
                 feature[1 + j][i] = s + n - 1
                 scored[seq] = list(range(s + n_p - 1, s + n - 1)), answer
         score_index, score_sequence, score_target = [], [], []
+        score_lengths = [len(scored[seq][1]) for seq in range(2 * b)]
         for seq in range(2 * b):
             predictor, answer = scored[seq]
             score_index += predictor
@@ -270,7 +273,7 @@ class PreferenceCollator:
         out = {"layout": self.layout, "input_ids": ids, "position_ids": pos, "segment_ids": seg, "branch_ids": branch,
                "score_index": torch.tensor(score_index, dtype=torch.long),
                "score_sequence": torch.tensor(score_sequence, dtype=torch.long),
-               "score_target": torch.tensor(score_target, dtype=torch.long),
+               "score_target": torch.tensor(score_target, dtype=torch.long), "score_lengths": score_lengths,
                "feature_index": torch.tensor(feature, dtype=torch.long)}
         for side in ("chosen", "rejected"):
             out[f"{side}_lengths"] = torch.tensor([len(getattr(p, side)) for p in pairs], dtype=torch.long)

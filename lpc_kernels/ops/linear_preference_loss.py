@@ -171,6 +171,15 @@ def linear_preference_loss_op(
     loss to hidden, weight, bias, z, prior_logits, posterior_logits, of kl to prior_logits, posterior_logits, and
     of the loss to ref_chosen_logps, ref_rejected_logps); ``needs`` (``GRAD_NAMES``) says which gradients to
     compute, a ``[0]`` tensor stands for the others."""
+    with torch.autocast(hidden.device.type, enabled=False):  # autocast reaches custom-op bodies: keep the dtypes
+        return _forward(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, ref_chosen_logps,
+                        ref_rejected_logps, prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing,
+                        kl_weight, ipo_average, ignore_index, chunk_size, needs, backend)
+
+
+def _forward(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, ref_chosen_logps,
+             ref_rejected_logps, prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight,
+             ipo_average, ignore_index, chunk_size, needs, backend):
     be = backend_module(backend)
     need_h, need_w, need_b, need_z, need_ref, need_codes = needs
     b2, b = len(sequence_lengths), len(sequence_lengths) // 2

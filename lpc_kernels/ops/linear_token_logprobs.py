@@ -166,6 +166,12 @@ def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: O
     a = torch.zeros_like(hidden)
     rows = torch.nonzero(labels != ignore_index).squeeze(1)  # ignored rows never reach a GEMM
     gemm = HeadGemms(weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):  # autocast reaches custom-op bodies: keep the dtypes
+        _frozen_head_chunks(be, gemm, hidden, labels, rows, ignore_index, chunk_size, logp, lse, a)
+    return logp, lse, a
+
+
+def _frozen_head_chunks(be, gemm, hidden, labels, rows, ignore_index, chunk_size, logp, lse, a):
     for s, e in chunks(rows.numel(), chunk_size):
         r = rows[s:e]
         x = gemm.logits(gemm.operand(hidden.index_select(0, r)))
@@ -173,7 +179,6 @@ def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: O
         logp[r], lse[r] = lp, ls
         d = be.token_logprobs_bwd(torch.ones_like(lp), x, labels[r], ls, ignore_index, True)
         a[r] = gemm.hidden_grad(gemm.tile(d)).to(a.dtype)
-    return logp, lse, a
 
 
 @linear_token_logprobs_frozen_head_op.register_fake

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lpc.config import LPCConfig, SyntheticConfig
 from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
 from lpc.losses import LossConfig, preference_objective
-from lpc.model import (LPCModel, build_tiny_llama, code_perplexity, entropy_from_logits, final_hidden_states,
+from lpc.model import (LPCModel, Objective, build_tiny_llama, code_perplexity, entropy_from_logits, final_hidden_states,
                        make_reference, prior_mix_weight, reference_logps, response_logps)
 from lpc.data.tokenizer import load_synthetic_tokenizer
 
@@ -349,3 +349,32 @@ def test_gumbel_offsets_make_each_examples_noise_independent_of_micro_batching()
     assert off == step * model.gumbel_numel(g)
     w_plain, _, _ = model.latent(prior, post, mix=0.5, seed=7, offset=off)
     torch.testing.assert_close(w_plain, w_full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type,lpc,free_bits", [("dpo", True, 0.0), ("ipo", True, 0.3), ("simpo", True, 0.0),
+                                                     ("dpo", False, 0.0)])
+def test_loss_in_the_forward_equals_the_composition(tokenizer, rows, loss_type, lpc, free_bits):
+    """``forward(objective=...)`` (lk.linear_preference_loss inside the forward) against log-probs from the forward
+    and ``preference_objective`` on them: the same loss, metrics inputs and every parameter's gradient (fp64)."""
+    batch = _batch(tokenizer, rows)
+    b = batch["chosen_lengths"].shape[0]
+    ref = (None, None) if loss_type == "simpo" else (torch.randn(b, dtype=torch.float64) - 20,
+                                                     torch.randn(b, dtype=torch.float64) - 20)
+    cfg = LossConfig(loss_type=loss_type, kl_weight=0.7, free_bits=free_bits, backend="reference")
+    got = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = LPCModel(_policy(tokenizer), LPCConfig(num_codes=4, codebook_scale=1.0) if lpc else None,
+                         backend="reference").double()
+        objective = Objective(*ref, cfg, 0.4) if fused else None
+        out = model(batch, mix=0.3, seed=1, offset=0, objective=objective)
+        res = preference_objective(out, *ref, cfg, kl_weight=0.4)
+        res.loss.backward()
+        got.append((res, out, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (r1, o1, g1), (r2, o2, g2) = got
+    for a, c in zip(r1, r2):
+        torch.testing.assert_close(a.detach(), c.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(o1.chosen_logps, o2.chosen_logps.detach(), rtol=1e-12, atol=1e-10)
+    assert g1.keys() == g2.keys() and len(g1) > 5
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-8, atol=1e-12, msg=k)
