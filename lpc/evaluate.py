@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import lpc_kernels as lk
+
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .analysis import code_histogram, normalized_mutual_information, perplexity
@@ -120,6 +122,7 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
         model.train(was_training)
     if not parts:
         return ({"num_pairs": 0}, {}) if return_arrays else {"num_pairs": 0}
+    lk.raise_pending_errors()  # the values are on the host now: report what the ops found on the device
     arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
     codes = sorted((k for k in arrays if k.startswith("margin_code_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     if codes:  # one [N, K] matrix: the margin of every pair under every code

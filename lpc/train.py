@@ -41,6 +41,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm.auto import tqdm
 
+import lpc_kernels as lk
+
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .builders import (build_collator, build_data, build_lpc_model, build_optimizer, build_policy, check_paths,
@@ -251,6 +253,7 @@ def train_step(tr: Trainer, step: int) -> dict:
     # the global batch's per-pair values, in global order, on every rank: the metrics are the 1-process ones
     out, res = dist_lib.gather_fields(out, ctx), dist_lib.gather_fields(res, ctx)
     metrics = step_metrics(out, res)  # of the detached outputs: the same before and after the update
+    lk.raise_pending_errors()  # the metrics read the device: report a bad value an op found there
     loss_value = metrics["loss"]
     if not math.isfinite(loss_value):  # before the update: the last checkpoint stays a good one
         raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; lower --lr or check the data")

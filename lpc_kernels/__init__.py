@@ -10,6 +10,7 @@ Public API (every op is a ``torch.library`` custom op in the ``lpc`` namespace, 
     preference_loss(pc, pr, rc, rr, ...)             # DPO / IPO / SimPO + KL(q || p)
     linear_preference_loss(hidden, weight, labels, ...)  # LM head + preference_loss, gradients in the forward
     available_backends(), resolve_backend(backend, device)
+    raise_pending_errors()                           # value errors found on a GPU since the last call
 
 Vocab-parallel (tensor-parallel LM head; ``torch.distributed``, eager, not a custom op; see docs/distributed.md)::
 
@@ -21,6 +22,7 @@ functions every backend implements in ``backend_interface.py``, the backends in 
 """
 
 from .backends import available_backends, resolve_backend
+from .checks import raise_pending_errors
 from .numerics import DEFAULT_CHUNK_SIZE
 from .ops.gumbel_softmax_codes import gumbel_softmax_codes
 from .ops.linear_preference_loss import LinearPreferenceLossOutput, linear_preference_loss
@@ -40,6 +42,7 @@ __all__ = [
     "PreferenceLossOutput",
     "sequence_logprobs",
     "available_backends",
+    "raise_pending_errors",
     "resolve_backend",
     "DEFAULT_CHUNK_SIZE",
 ]

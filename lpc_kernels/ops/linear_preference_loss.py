@@ -184,7 +184,7 @@ def _forward(hidden, weight, bias, labels, sequence_ids, sequence_lengths, posit
     need_h, need_w, need_b, need_z, need_ref, need_codes = needs
     b2, b = len(sequence_lengths), len(sequence_lengths) // 2
     cdt, dev = compute_dtype(hidden), hidden.device
-    check_label_values(labels, weight.shape[0], ignore_index)
+    labels = check_label_values(labels, weight.shape[0], ignore_index)
     counts = torch.zeros(b2, dtype=torch.long, device=dev).index_add_(0, sequence_ids, (labels != ignore_index).long())
     cl, rl = counts[:b], counts[b:]
     raise_if_bad_values({"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
 from ..checks import (check_float, check_int, check_label_values, check_labels, check_same_device,
-                      check_tensor)
+                      check_tensor, readable_labels)
 from ..head_gemm import HeadGemms
 from ..numerics import DEFAULT_CHUNK_SIZE, chunks
 from .token_logprobs import per_row_outputs
@@ -123,7 +123,7 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              ignore_index: int, chunk_size: int, backend: str,
                              filter_eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N]), fp32."""
-    check_label_values(labels, weight.shape[0], ignore_index)
+    labels = check_label_values(labels, weight.shape[0], ignore_index)
     return backend_module(backend).linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
                                                              chunk_size)
 
@@ -139,6 +139,7 @@ def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight:
                                       need_hidden: bool, need_weight: bool, need_bias: bool,
                                       backend: str, filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for hidden, weight, bias; a tensor of shape [0] stands for one not asked for."""
+    labels = readable_labels(labels, weight.shape[0], ignore_index)
     grads = backend_module(backend).linear_token_logprobs_bwd(
         grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
         need_bias, filter_eps=filter_eps)
@@ -159,7 +160,7 @@ def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: O
     ``a = d logp / d hidden = W[label] - softmax @ W`` (hidden's dtype; 0 on ignored rows): per chunk of scored
     rows, the logits GEMM, the backend's ``token_logprobs_fwd``, its ``token_logprobs_bwd`` with unit gradient
     (in place: ``onehot - softmax``), and one GEMM with W."""
-    check_label_values(labels, weight.shape[0], ignore_index)
+    labels = check_label_values(labels, weight.shape[0], ignore_index)
     be = backend_module(backend)
     logp, lse = per_row_outputs(hidden)
     logp.zero_(), lse.zero_()

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
-from ..checks import check_bool, check_int, check_label_values, check_labels, check_same_device, check_tensor
+from ..checks import (check_bool, check_int, check_label_values, check_labels, check_same_device, check_tensor,
+                      readable_labels)
 from ..numerics import compute_dtype
 
 
@@ -61,7 +62,7 @@ def per_row_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
 def token_logprobs_op(logits: Tensor, labels: Tensor, ignore_index: int, inplace_backward: bool,
                       backend: str) -> tuple[Tensor, Tensor]:
     """logits [N, V], labels [N] -> (logp [N], lse [N]) in fp32 (fp64 for fp64 logits)."""
-    check_label_values(labels, logits.shape[1], ignore_index)
+    labels = check_label_values(labels, logits.shape[1], ignore_index)
     return backend_module(backend).token_logprobs_fwd(logits, labels, ignore_index)
 
 
@@ -73,6 +74,7 @@ def _(logits, labels, ignore_index, inplace_backward, backend):
 @torch.library.custom_op("lpc::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
                                ignore_index: int, backend: str) -> Tensor:
+    labels = readable_labels(labels, logits.shape[1], ignore_index)
     return backend_module(backend).token_logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, False)
 
 
@@ -85,6 +87,7 @@ def _(grad_logp, logits, labels, lse, ignore_index, backend):
 def token_logprobs_backward_inplace_op(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
                                        ignore_index: int, backend: str) -> None:
     """Writes d logp / d logits into ``logits`` (its forward values are dead after this)."""
+    labels = readable_labels(labels, logits.shape[1], ignore_index)
     backend_module(backend).token_logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, True)
 
 

@@ -103,3 +103,31 @@ def test_nn_modules_match_functions():
     pc, pr, rc, rr = (torch.randn(3) for _ in range(4))
     out = PreferenceLoss(beta=0.2, backend="reference")(pc, pr, rc, rr)
     torch.testing.assert_close(out.loss, lk.preference_loss(pc, pr, rc, rr, beta=0.2, backend="reference").loss)
+
+
+# ------------------------------------------------------------------------------------ value checks
+def test_value_checks_deferred_to_the_next_read(backend, monkeypatch):
+    """With the checks deferred (``LPC_KERNELS_SYNC_CHECKS=0``, the default for GPU tensors) a bad label or a NaN
+    does not stop the op, no kernel reads outside the vocabulary (the row counts as ignored, forward and
+    backward), and ``raise_pending_errors`` raises the message the op would have raised, once."""
+    monkeypatch.setenv("LPC_KERNELS_SYNC_CHECKS", "0")
+    x = torch.randn(3, 11, requires_grad=True)
+    bad = torch.tensor([0, 11, -100])
+    out = lk.token_logprobs(x, bad, backend=backend)
+    out.sum().backward()
+    assert out[1] == 0 and torch.isfinite(x.grad).all() and x.grad[1].abs().sum() == 0
+    h, w = torch.randn(3, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
+    lk.linear_token_logprobs(h, w, bad, backend=backend).sum().backward()
+    lk.linear_token_logprobs(h, w.detach(), bad, backend=backend).sum().backward()  # frozen head
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\) or equal ignore_index=-100, got 11 \(found "
+                                         r"on the device by an earlier op"):
+        lk.raise_pending_errors()
+    lk.raise_pending_errors()  # reported once
+    pc = torch.tensor([0.0, float("nan")])
+    lk.preference_loss(pc, pc.flip(0), pc, pc, backend=backend)
+    with pytest.raises(ValueError, match="policy_chosen_logps contains NaN"):
+        lk.raise_pending_errors()
+    monkeypatch.setenv("LPC_KERNELS_SYNC_CHECKS", "1")  # raise inside the op
+    with pytest.raises(ValueError, match="got 11") as info:
+        lk.token_logprobs(x, bad, backend=backend)
+    assert "earlier op" not in str(info.value)
