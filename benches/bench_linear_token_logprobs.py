@@ -6,8 +6,14 @@ Implementations (all return fp32 log-probs ``[N]``; backward gets the same upstr
   liger           ``-LigerFusedLinearCrossEntropyLoss(reduction="none")`` (Triton: GPU only)
   cce             ``-cut_cross_entropy.linear_cross_entropy(reduction="none")``, impl ``cce`` on GPU,
                   ``torch_compile`` on CPU (library defaults otherwise, e.g. ``filter_eps="high"``)
+  torch_chunked   ``-torch.nn.functional.linear_cross_entropy(reduction="none",
+                  options=torch.nn.LinearCrossEntropyOptions())``: PyTorch's own chunked path, auto options
+  trl             TRL's ``trl.kernels.ChunkedLogProbFunction`` (what ``add_fused_lm_head`` runs), log-probs only,
+                  TRL's chunk size
   ours_<backend>  ``lpc_kernels.linear_token_logprobs(backend=...)``, default chunk size
                   (``ours_reference``, the pure-PyTorch oracle, at the target shape only)
+  *_frozen        the same with a frozen head (``weight`` without grad, as under LoRA): ``eager_frozen``,
+                  ``ours_<backend>_frozen`` (the frozen-head path: the hidden gradient's factor in the forward)
   ours_triton_<v> the triton backend with backward variant ``v`` (``split``: deterministic, per V chunk a
                   logits-gradient kernel and two gradient products; ``atomic``: one kernel with fp32
                   atomics), set through ``LPC_TRITON_LINEAR_BWD`` around each backward
@@ -40,11 +46,15 @@ SHAPES = C.shapes_for(
          _s(4096, 4096, 128256, "bfloat16", 10),
          _s(16384, 4096, 32000, "bfloat16", 10)],
 )
-TRITON_BWD_VARIANTS = ("split", "atomic")  # lpc_kernels.triton.linear_token_logprobs.BWD_VARIANTS
+TRITON_BWD_VARIANTS = ("split", "atomic")
+# trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16 (vocabulary columns per tile); read from the source, as
+# importing trl.trainer needs TRL's full dependency set
+TRL_CHUNK_SIZE = 32768  # lpc_kernels.triton.linear_token_logprobs.BWD_VARIANTS
 IMPLS = (["eager"]
          + [impl for b in C.OURS_BACKENDS[:-1]
             for impl in ([f"ours_triton_{v}" for v in TRITON_BWD_VARIANTS] if b == "triton" else [f"ours_{b}"])]
-         + ["cce", "liger", "compile"] + [f"ours_{C.OURS_BACKENDS[-1]}"])
+         + ["eager_frozen"] + [f"ours_{b}_frozen" for b in C.OURS_BACKENDS[:-1]]
+         + ["torch_chunked", "trl", "cce", "liger", "compile"] + [f"ours_{C.OURS_BACKENDS[-1]}"])
 
 
 @contextlib.contextmanager
@@ -79,8 +89,33 @@ def eager(hidden, weight, labels):
 def build(impl: str, shape: Shape, x: dict) -> C.Case:
     hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
     info = {}
+    if impl.endswith("_frozen"):
+        frozen = weight.detach()
+        info["frozen_head"] = True
+        if impl == "eager_frozen":
+            fwd = lambda: eager(hidden, frozen, labels)  # noqa: E731
+        else:
+            backend = C.ours_backend(impl)
+            C.require_ours(backend)
+            import lpc_kernels as lk
+
+            info["backend"] = backend
+            fwd = lambda: lk.linear_token_logprobs(hidden, frozen, labels, backend=backend)  # noqa: E731
+        return C.Case(forward=fwd, backward=C.backward_with(x["grad"]), params=[hidden], info=info)
     if impl == "eager":
         fwd = lambda: eager(hidden, weight, labels)  # noqa: E731
+    elif impl == "torch_chunked":
+        F = torch.nn.functional
+        if not hasattr(F, "linear_cross_entropy"):
+            raise C.Unavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+        options = torch.nn.LinearCrossEntropyOptions()
+        fwd = lambda: -F.linear_cross_entropy(hidden, weight, labels, reduction="none", options=options)  # noqa: E731
+    elif impl == "trl":
+        kernels = C.require_module("trl.kernels", "trl")
+        chunk = TRL_CHUNK_SIZE
+        info["chunk_size"] = chunk
+        fwd = lambda: kernels.ChunkedLogProbFunction.apply(  # noqa: E731
+            hidden, weight, None, labels, 1.0, chunk, None, 1.0, ())[0]
     elif impl == "compile":
         fn = C.compiled(eager)
         fwd = lambda: fn(hidden, weight, labels)  # noqa: E731

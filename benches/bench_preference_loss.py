@@ -16,7 +16,10 @@
   compile         ``torch.compile`` of that eager step
   liger           ``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearSimPOLoss`` (``compute_nll_loss=False``
                   so it computes the same loss; chunked PyTorch + torch.compile, runs on CPU too)
-  ours_<backend>  ``lpc_kernels.sequence_logprobs`` (policy and reference) + ``lpc_kernels.preference_loss``
+  composed_<b>    today's composition: ``lpc_kernels.sequence_logprobs`` (policy and reference) +
+                  ``lpc_kernels.preference_loss`` (4 GEMMs for the policy: the backward recomputes the logits)
+  ours_<backend>  ``lpc_kernels.linear_preference_loss`` (gradients computed in the forward, 3 GEMMs; the reference
+                  log-probs through ``sequence_logprobs`` under ``no_grad``); ``fwd`` includes the gradients
   No latent here (kl_weight = 0): Liger has no LPC term; the LPC step is in bench_train_step.py.
 """
 
@@ -122,11 +125,13 @@ def _l(loss, b, t, h, v, dtype, rounds, quick=False):
 
 
 LINEAR_SHAPES = C.shapes_for(
-    cpu=[_l("dpo", 2, 128, 256, 32000, "float32", 3, quick=True), _l("simpo", 2, 128, 256, 32000, "float32", 3)],
+    cpu=[_l("dpo", 8, 256, 512, 32000, "float32", 3, quick=True), _l("dpo", 2, 128, 256, 32000, "float32", 3),
+         _l("simpo", 2, 128, 256, 32000, "float32", 3)],
     gpu=[_l("dpo", 4, 1024, 4096, 128256, "bfloat16", 5, quick=True),
          _l("simpo", 4, 1024, 4096, 128256, "bfloat16", 5)],
 )
-LINEAR_IMPLS = ["eager"] + [f"ours_{b}" for b in C.OURS_BACKENDS[:-1]] + ["liger", "compile", "ours_reference"]
+LINEAR_IMPLS = (["eager"] + [f"ours_{b}" for b in C.OURS_BACKENDS[:-1]]
+                + [f"composed_{b}" for b in C.OURS_BACKENDS[:-1]] + ["liger", "compile", "ours_reference"])
 SHAPES = SHAPES + LINEAR_SHAPES  # one list, so _memory.py finds either kind by id
 
 
@@ -193,6 +198,22 @@ def build_linear(impl: str, shape: Shape, x: dict) -> C.Case:
         info["note"] = "Liger computes the gradients inside its forward call (fwd includes them; bwd is a copy)"
     elif impl.startswith("ours_"):
         backend = C.ours_backend(impl)
+        C.require_ours(backend)
+        import lpc_kernels as lk
+
+        info["backend"] = backend
+        info["note"] = "gradients computed inside the forward call (fwd includes them; bwd scales them)"
+
+        def fwd():
+            ref = {}
+            if lt != "simpo":
+                with torch.no_grad():
+                    ref_logps, _ = lk.sequence_logprobs(ref_hidden, ref_weight, labels, backend=backend)
+                ref = dict(ref_chosen_logps=ref_logps[:b], ref_rejected_logps=ref_logps[b:])
+            return lk.linear_preference_loss(hidden, weight, labels, **ref, loss_type=lt, beta=beta,
+                                             gamma=GAMMA if lt == "simpo" else 0.0, backend=backend).loss
+    elif impl.startswith("composed_"):
+        backend = impl.split("_")[1]
         C.require_ours(backend)
         import lpc_kernels as lk
 
