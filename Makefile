@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH := torch==2.13.0 triton==3.8.0
 DEPS := numpy transformers safetensors tqdm tokenizers ninja pytest pytest-benchmark hypothesis \
-	pyyaml matplotlib pyarrow peft scikit-learn tensorboard
+	pyyaml matplotlib pyarrow peft scikit-learn tensorboard "trl>=1.16,<1.17"
 PYTEST_ARGS ?=
 
 .PHONY: venv build test train build-cuda bench clean info

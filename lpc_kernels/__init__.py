@@ -16,6 +16,8 @@ Vocab-parallel (tensor-parallel LM head; ``torch.distributed``, eager, not a cus
 
     vocab_parallel_linear_token_logprobs(hidden, weight_shard, labels, vocab_start=...)
 
+Inside TRL's trainers: ``lpc_kernels.integrations.trl.patch_fused_lm_head()`` (TRL's fused LM head on our op).
+
 Where things are: each op's contract in ``lpc_kernels/ops/<op>.py``, backend choice in ``backends.py``, the
 functions every backend implements in ``backend_interface.py``, the backends in ``reference.py``,
 ``_cpp.py`` (+ ``csrc/``) and ``triton/``; the design in ``docs/design.md``.

@@ -75,7 +75,7 @@ def check_labels(labels: Tensor, lead_shape, lead_name: str) -> None:
 
 SYNC_CHECKS_ENV = "LPC_KERNELS_SYNC_CHECKS"
 MAX_PENDING = 256  # deferred checks kept before they are read anyway (bounds what an unchecked loop holds)
-_PENDING: list = []  # (flags [k] bool, values [k] float64, messages: k format strings with {value})
+_PENDING: list = []  # (ok: 0-d bool device tensor, culprit: () -> message of the first bad value)
 
 
 def checks_block(device: torch.device) -> bool:
@@ -96,63 +96,61 @@ def raise_pending_errors() -> None:
         return
     pending = _PENDING[:]
     _PENDING.clear()
-    for flags, values, messages in pending:
-        hits = flags.tolist()
-        if any(hits):
-            i = hits.index(True)
-            raise ValueError(messages[i].format(value=_number(values[i].item())) + " (found on the device by an "
-                             f"earlier op; {SYNC_CHECKS_ENV}=1 raises inside the op)")
+    oks = torch.stack([ok.to(pending[0][0].device) for ok, _ in pending]).tolist()
+    for ok, (_, culprit) in zip(oks, pending):
+        if not ok:
+            raise ValueError(f"{culprit()} (found on the device by an earlier op; {SYNC_CHECKS_ENV}=1 raises "
+                             "inside the op)")
 
 
-def _number(v: float):
-    return int(v) if float(v).is_integer() else v
-
-
-def _report(flags: list, values: list, messages: list) -> None:
-    """Raise now (``checks_block``) or record for ``raise_pending_errors``: ``flags`` / ``values`` are 0-d device
-    tensors, ``messages`` format strings with ``{value}``."""
-    flags_t, values_t = torch.stack(flags), torch.stack([v.double() for v in values])
-    if checks_block(flags_t.device):
-        hits = flags_t.tolist()
-        if any(hits):
-            i = hits.index(True)
-            raise ValueError(messages[i].format(value=_number(values_t[i].item())))
+def _report(ok: Tensor, culprit) -> None:
+    """``ok``: a 0-d bool device tensor, all values valid; ``culprit()``: the message naming the first bad value
+    (run only when ``ok`` is false: it reads the tensors again). Raise now (``checks_block``) or record it for
+    ``raise_pending_errors`` (the message is then built from the tensors as they are at that time)."""
+    if checks_block(ok.device):
+        if not bool(ok):
+            raise ValueError(culprit())
         return
-    _PENDING.append((flags_t, values_t, messages))
+    _PENDING.append((ok, culprit))
     if len(_PENDING) >= MAX_PENDING:
         raise_pending_errors()
 
 
 def raise_if_bad_values(named: dict, positive: tuple = ()) -> None:
-    """NaN/inf in any float tensor of ``named``, then values <= 0 in the ``positive`` ones (lengths); raised or
-    deferred by ``_report`` (no per-tensor read)."""
-    flags, values, messages = [], [], []
-    for name, t in named.items():
-        if t is not None and t.is_floating_point():
-            bad = ~torch.isfinite(t)
-            flags.append(bad.any())
-            values.append(t.reshape(-1)[bad.reshape(-1).int().argmax()] if t.numel() else t.new_zeros(()))
-            messages.append(f"{name} contains NaN or infinite values (e.g. {{value}})")
-    for name in positive:
-        t = named[name]
-        if t is not None:
-            low = t.min()
-            flags.append(low <= 0)
-            values.append(low)
-            messages.append(f"{name} must be > 0 (response token counts), got min {{value}}")
-    if flags:
-        _report(flags, values, messages)
+    """NaN/inf in any float tensor of ``named``, then values <= 0 in the ``positive`` ones (lengths): one flag for
+    all of them (raised or deferred by ``_report``); the per-tensor search runs only to name the culprit."""
+    floats = [t for t in named.values() if t is not None and t.is_floating_point() and t.numel()]
+    # max |x| of every tensor in one call: NaN or inf in a tensor makes its norm non-finite
+    flags = [torch.isfinite(torch.stack(torch._foreach_norm(floats, float("inf")))).all()] if floats else []
+    flags += [(named[n] > 0).all() for n in positive if named[n] is not None]
+    if not flags:
+        return
+
+    def culprit() -> str:
+        for name, t in named.items():
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{name} contains NaN or infinite values"
+        for name in positive:
+            t = named[name]
+            if t is not None and not bool((t > 0).all()):
+                return f"{name} must be > 0 (response token counts), got min {t.min().item()}"
+        return "a value check failed, but the tensors changed since"
+
+    _report(torch.stack(flags).all() if len(flags) > 1 else flags[0], culprit)
 
 
 def check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """``labels`` in ``[0, vocab)`` or ``ignore_index``; returns the labels the kernels may read: when the check is
     deferred, out-of-range labels become ``ignore_index`` (no kernel reads outside the vocabulary) until
     ``raise_pending_errors`` reports them."""
-    if labels.numel() == 0:
-        return labels
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    _report([bad.any()], [labels[bad.int().argmax()]],
-            [f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, got {{value}}"])
+
+    def culprit() -> str:
+        now = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        value = int(labels[now][0]) if bool(now.any()) else "(changed since)"
+        return f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, got {value}"
+
+    _report(~bad.any(), culprit)
     return labels if checks_block(labels.device) else torch.where(bad, ignore_index, labels)
 
 

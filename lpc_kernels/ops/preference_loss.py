@@ -61,9 +61,11 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     check_preference_loss(*args, *options)
     name = resolve_backend(backend, policy_chosen_logps.device)
     args = tuple(t.contiguous() if t is not None else None for t in args)
-    out = preference_loss_op(*args, loss_type, float(beta), float(gamma), float(label_smoothing),
-                             float(kl_weight), ipo_average, name)
-    return PreferenceLossOutput(*out)
+    options = (loss_type, float(beta), float(gamma), float(label_smoothing), float(kl_weight), ipo_average, name)
+    # eager: a plain autograd.Function around the same bodies (the custom op's Python autograd layer costs more
+    # than this op's kernels); torch.compile sees the custom op
+    op = preference_loss_op if torch.compiler.is_compiling() else _PreferenceLossFunction.apply
+    return PreferenceLossOutput(*op(*args, *options))
 
 
 def check_preference_loss(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing,
@@ -142,6 +144,14 @@ def preference_loss_op(policy_chosen_logps: Tensor, policy_rejected_logps: Tenso
                        beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """B pairs -> (loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B]), fp32."""
+    return _forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    chosen_lengths, rejected_lengths, prior_logits, posterior_logits, loss_type, beta, gamma,
+                    label_smoothing, kl_weight, ipo_average, backend)
+
+
+def _forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+             rejected_lengths, prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight,
+             ipo_average, backend):
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
             rejected_lengths, prior_logits, posterior_logits)
     raise_if_bad_values(dict(zip(INPUT_NAMES, args)), positive=("chosen_lengths", "rejected_lengths"))
@@ -165,6 +175,16 @@ def preference_loss_backward_op(grad_loss: Tensor, grad_losses: Tensor, grad_cho
                                 label_smoothing: float, kl_weight: float, ipo_average: bool,
                                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (pc, pr, rc, rr, prior, post); a [0]-shaped tensor stands for an absent input."""
+    return _backward_grads(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl,
+                           policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                           chosen_lengths, rejected_lengths, prior_logits, posterior_logits, loss_type, beta, gamma,
+                           label_smoothing, kl_weight, ipo_average, backend)
+
+
+def _backward_grads(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, policy_chosen_logps,
+                    policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+                    prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average,
+                    backend):
     grads = backend_module(backend).preference_loss_bwd(
         grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, policy_chosen_logps,
         policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
@@ -183,7 +203,7 @@ def _setup(ctx, inputs, output):
     ctx.options = inputs[8:]
 
 
-def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl):
+def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl, backward_op=preference_loss_backward_op):
     saved = ctx.saved_tensors
     pc = saved[0]
     dt = compute_dtype(pc)
@@ -192,8 +212,8 @@ def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl):
     def _grad(g, shape):
         return torch.zeros(shape, dtype=dt, device=pc.device) if g is None else g.to(dt).contiguous()
 
-    grads = preference_loss_backward_op(_grad(g_loss, ()), _grad(g_losses, b), _grad(g_cr, b), _grad(g_rj, b),
-                                        _grad(g_kl, b), *saved, *ctx.options)
+    grads = backward_op(_grad(g_loss, ()), _grad(g_losses, b), _grad(g_cr, b), _grad(g_rj, b), _grad(g_kl, b),
+                        *saved, *ctx.options)
     d_pc, d_pr, d_rc, d_rr, d_prior, d_post = grads
     need = ctx.needs_input_grad
     out = [d_pc, d_pr, d_rc, d_rr, None, None, d_prior, d_post]
@@ -202,3 +222,17 @@ def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl):
 
 
 preference_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _PreferenceLossFunction(torch.autograd.Function):
+    """The eager path: the custom op's bodies under a plain ``autograd.Function`` (same numerics)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _forward(*inputs)
+        _setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward_op=_backward_grads)
