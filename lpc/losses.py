@@ -26,7 +26,8 @@ def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejec
                          cfg: LossConfig, *, kl_weight: Optional[float] = None) -> lk.PreferenceLossOutput:
     """The loss for one batch (``out.objective`` when the forward computed it); ``ref_*`` are ``[B]`` reference
     log-probs (None for SimPO). ``kl_weight``: this step's KL weight (default ``cfg.kl_weight``; the trainer
-    passes the warm-up's). With ``cfg.free_bits`` the KL term is ``kl_weight * mean_i max(KL_i, free_bits)``, which is flat (no gradient) below the threshold."""
+    passes the warm-up's). With ``cfg.free_bits`` the KL term is ``kl_weight * mean_i max(KL_i, free_bits)``,
+    which is flat (no gradient) below the threshold."""
     lpc = out.prior_logits is not None
     kl_weight = (cfg.kl_weight if kl_weight is None else kl_weight) if lpc else 0.0
     res = out.objective  # computed in the forward (``lpc.model.Objective``) with op_kl_weight

@@ -570,15 +570,21 @@ class LPCModel(nn.Module):
             self.policy.save_pretrained(directory, safe_serialization=True, **policy_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+        self.write_lpc_files(directory, heads)
+        for name, obj in (extra_files or {}).items():
+            with open(directory / name, "w") as f:
+                json.dump(obj, f, indent=2)
+
+    def write_lpc_files(self, directory: os.PathLike, heads: Optional[dict] = None) -> None:
+        """``lpc_config.json`` and (with the latent) ``lpc_heads.safetensors`` of ``heads`` (default: this model's
+        ``head_state_dict``) into ``directory``, beside a policy written by its own ``save_pretrained``."""
+        directory = Path(directory)
         meta = {"lpc": self.lpc.to_dict() if self.lpc is not None else None}
         with open(directory / LPC_CONFIG_FILE, "w") as f:
             json.dump(meta, f, indent=2)
         if self.lpc is not None:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in (heads or self.head_state_dict()).items()}
             save_file(tensors, str(directory / HEADS_FILE), metadata={"lpc_config": json.dumps(meta["lpc"])})
-        for name, obj in (extra_files or {}).items():
-            with open(directory / name, "w") as f:
-                json.dump(obj, f, indent=2)
 
     def save_pretrained(self, path: os.PathLike, tokenizer=None, extra_files: Optional[dict] = None, *,
                         state_dict: Optional[dict] = None) -> Path:

@@ -98,8 +98,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
            for t in (bias, z, ref_chosen_logps, ref_rejected_logps, prior_logits, posterior_logits)]
     out = linear_preference_loss_op(
         flat_hidden.contiguous(), weight.contiguous(), opt[0], flat_labels.long().contiguous(), seq_ids, lengths,
-        positions, *opt[1:], loss_type, float(beta), float(gamma), float(label_smoothing), float(kl_weight), ipo_average,
-        ignore_index, chunk_size, needs[:5] + needs[6:], resolve_backend(backend, flat_hidden.device))
+        positions, *opt[1:], loss_type, float(beta), float(gamma), float(label_smoothing), float(kl_weight),
+        ipo_average, ignore_index, chunk_size, needs[:5] + needs[6:], resolve_backend(backend, flat_hidden.device))
     return LinearPreferenceLossOutput(*out[:7])
 
 
@@ -159,7 +159,8 @@ GRAD_NAMES = ("hidden", "weight", "bias", "z", "ref_logps", "code_logits")
 @torch.library.custom_op("lpc::linear_preference_loss", mutates_args=())
 def linear_preference_loss_op(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, sequence_ids: Tensor,
-        sequence_lengths: list[int], positions: Optional[Tensor], z: Optional[Tensor], ref_chosen_logps: Optional[Tensor],
+        sequence_lengths: list[int], positions: Optional[Tensor], z: Optional[Tensor],
+        ref_chosen_logps: Optional[Tensor],
         ref_rejected_logps: Optional[Tensor], prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor],
         loss_type: str, beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
         ignore_index: int, chunk_size: int, needs: list[bool], backend: str
@@ -272,8 +273,8 @@ def _cast(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @linear_preference_loss_op.register_fake
-def _(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, rc, rr, prior, post, loss_type, beta, gamma,
-      label_smoothing, kl_weight, ipo_average, ignore_index, chunk_size, needs, backend):
+def _(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, rc, rr, prior, post, loss_type,
+      beta, gamma, label_smoothing, kl_weight, ipo_average, ignore_index, chunk_size, needs, backend):
     b = len(sequence_lengths) // 2
     values = loss_outputs(hidden.new_empty(b, dtype=compute_dtype(hidden)))
     logps = tuple(hidden.new_empty(b, dtype=compute_dtype(hidden)) for _ in range(2))

@@ -171,9 +171,13 @@ def check_compiled_step_matches_eager(backend, device):
                                  kl_weight=0.1, backend=backend)
         return out.loss
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    args = (x, h, w, lg, cb)
-    got = compiled(*args)
+    assert_compiled_matches_eager(step, (x, h, w, lg, cb))
+
+
+def assert_compiled_matches_eager(step, args):
+    """``torch.compile(step, fullgraph=True)`` equals eager ``step``: the scalar it returns and the gradients of
+    ``args``."""
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
     got.backward()
     grads = [a.grad.clone() for a in args]
     for a in args:

@@ -173,6 +173,7 @@ def public_op_cases(backend, device, family=None):
 FAMILY = {token_logprobs_op: "token_logprobs", token_logprobs_backward_op: "token_logprobs",
           token_logprobs_backward_inplace_op: "token_logprobs", linear_token_logprobs_op: "linear_token_logprobs",
           linear_token_logprobs_backward_op: "linear_token_logprobs",
-          linear_token_logprobs_frozen_head_op: "linear_token_logprobs", gumbel_softmax_codes_op: "gumbel_softmax_codes",
-          gumbel_softmax_codes_backward_op: "gumbel_softmax_codes", preference_loss_op: "preference_loss",
+          linear_token_logprobs_frozen_head_op: "linear_token_logprobs",
+          gumbel_softmax_codes_op: "gumbel_softmax_codes", gumbel_softmax_codes_backward_op: "gumbel_softmax_codes",
+          preference_loss_op: "preference_loss",
           preference_loss_backward_op: "preference_loss"}

@@ -1,5 +1,6 @@
-"""``lpc_kernels.integrations.trl.patch_fused_lm_head``: TRL's own fused LM head (``trl.kernels.ChunkedLogProbFunction``,
-``add_fused_lm_head``) is the oracle for the patched one's log-probs, optional fields and gradients."""
+"""``lpc_kernels.integrations.trl.patch_fused_lm_head``: TRL's own fused LM head
+(``trl.kernels.ChunkedLogProbFunction``, ``add_fused_lm_head``) is the oracle for the patched one's log-probs,
+optional fields and gradients."""
 
 import sys
 

@@ -15,7 +15,7 @@ from torch.library import opcheck
 import lpc_kernels as lk
 from lpc_kernels.backends import backend_module
 from lpc_kernels.ops.linear_preference_loss import linear_preference_loss_op, pair_chunks
-from tests.helpers.backend_checks import check_bad_input, new_leaf, truth_close
+from tests.helpers.backend_checks import assert_compiled_matches_eager, check_bad_input, new_leaf, truth_close
 from tests.helpers.formulas import f_linear_token_logprobs, f_preference
 
 B, T, H, V, K = 3, 5, 8, 37, 4
@@ -211,17 +211,7 @@ def test_torch_compile_fullgraph_packed(backend):
                                       sequence_ids=ids, sequence_lengths=lengths)
         return o.loss
 
-    args = (h, t["weight"], t["z"])
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
-    got.backward()
-    grads = [a.grad.clone() for a in args]
-    for a in args:
-        a.grad = None
-    want = step(*args)
-    want.backward()
-    torch.testing.assert_close(got, want)
-    for g, a in zip(grads, args):
-        torch.testing.assert_close(g, a.grad)
+    assert_compiled_matches_eager(step, (h, t["weight"], t["z"]))
 
 
 def test_holds_one_pair_chunk_of_logits(backend, monkeypatch):

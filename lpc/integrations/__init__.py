@@ -1,0 +1,1 @@
+"""LPC inside other training libraries: ``lpc.integrations.trl`` (``LPCDPOTrainer``; needs the ``trl`` extra)."""
