@@ -4,7 +4,8 @@ peak memory, each run in its own process (peak RSS is per process), alternating,
     python benches/trl_step.py --out benches/results/cpu/trl_step.md
 
 Model: a random Llama (hidden 256, 2 layers, vocabulary 32000) with the tokenizer of ``lpc.tiny_model``; 8 pairs of
-~150-token answers per step, fp32, CPU; 6 steps, the first 2 not timed.
+~150-token answers per step, fp32 (bf16=False: DPOConfig defaults to bf16 autocast, also on CPU), CPU;
+6 steps, the first 2 not timed.
 """
 
 import argparse
@@ -49,7 +50,8 @@ def child(impl: str, model_dir: str, steps: int) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as out:
         args = Config(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
-                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, **extra)
+                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, bf16=False,
+                      **extra)
         trainer = Trainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(ROWS),
                           processing_class=tok, callbacks=[Clock()])
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

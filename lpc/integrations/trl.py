@@ -18,6 +18,7 @@ load the output directory (``lpc.evaluate`` reads ``lpc.train`` run directories 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,10 @@ from ..config import LPCConfig
 from ..model import LPCModel, code_perplexity, entropy_from_logits, prior_mix_weight
 
 try:
+    from accelerate.utils import is_peft_model
     from trl import DPOConfig, DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
 except ImportError as exc:  # the optional dependency: say which extra brings it
     raise ImportError(f"lpc.integrations.trl needs TRL 1.16 (pip install 'lpc-kernels[trl]'): {exc}") from None
 
@@ -120,9 +124,7 @@ class LPCDPOTrainer(DPOTrainer):
         cfg = self.args
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        decoder = self.accelerator.unwrap_model(model).get_decoder()
-        hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         use_cache=False).last_hidden_state
+        hidden = self._final_hidden_states(model, inputs)
         b = hidden.shape[0] // 2
         if self.precompute_ref_logps:
             ref = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -163,6 +165,30 @@ class LPCDPOTrainer(DPOTrainer):
             loss = loss + cfg.lpc_kl_weight * res.kl.clamp_min(cfg.free_bits).mean()
         self._log_metrics(mode, inputs, res, prior_logits, posterior_logits)
         return (loss, res) if return_outputs else loss
+
+    def _final_hidden_states(self, model, inputs) -> torch.Tensor:
+        """``[2B, L, D]`` after the final norm (the backbone without the LM head)."""
+        decoder = self.accelerator.unwrap_model(model).get_decoder()
+        return decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       use_cache=False).last_hidden_state
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's reference pass (also the one ``precompute_ref_log_probs`` runs), scored with
+        ``lk.linear_token_logprobs`` like the policy: at the first step a policy equal to its reference then gets
+        margins of exactly 0 (TRL's chunked function differs from the exact log-softmax by ~1e-4 relative on long
+        answers, which would otherwise show as a margin)."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              adapter, self.accelerator.autocast()):
+            hidden = self._final_hidden_states(model, inputs)[:, :-1]
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            logps = lk.linear_token_logprobs(hidden, head.weight.to(hidden.dtype), labels[:, 1:],
+                                             bias=None if head.bias is None else head.bias.to(hidden.dtype))
+        return logps.sum(-1).chunk(2, dim=0)
 
     @torch.no_grad()
     def _log_metrics(self, mode, inputs, res, prior_logits, posterior_logits) -> None:

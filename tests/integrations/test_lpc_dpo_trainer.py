@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
 
 def _args(cls, out, **kw):
     return cls(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
-               logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, beta=0.1,
+               logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, beta=0.1, bf16=False,
                **kw)
 
 
