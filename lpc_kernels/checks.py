@@ -154,6 +154,23 @@ def check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
     return labels if checks_block(labels.device) else torch.where(bad, ignore_index, labels)
 
 
+def check_sequence_ids(sequence_ids: Tensor, sequence_lengths: list) -> None:
+    """``sequence_ids`` of the packed layout equal ``i`` repeated ``sequence_lengths[i]`` times (raised or deferred
+    like the other value checks; the counts go to the device without a host sync)."""
+    counts = torch.tensor(sequence_lengths, dtype=torch.long)
+    if sequence_ids.is_cuda:
+        counts = counts.pin_memory().to(sequence_ids.device, non_blocking=True)
+    expected = torch.arange(len(sequence_lengths), device=sequence_ids.device).repeat_interleave(
+        counts, output_size=sequence_ids.shape[0])
+
+    def culprit() -> str:
+        at = int((sequence_ids != expected).int().argmax())
+        return (f"sequence_ids must list each position's sequence in order, as sequence_lengths counts them: "
+                f"position {at} has {int(sequence_ids[at])}, expected {int(expected[at])}")
+
+    _report((sequence_ids == expected).all(), culprit)
+
+
 def readable_labels(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """The labels a backward kernel may read: as ``check_label_values`` returned them to the forward."""
     if checks_block(labels.device):

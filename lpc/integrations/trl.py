@@ -13,7 +13,8 @@ last token of each completion of TRL's ``[prompt | completion | pad]`` rows, a G
 mixed toward the prior, ``z`` added to the final hidden states of both completions. The codebook and heads are
 extra optimizer parameters (the policy stays a plain TRL model) and are saved beside the model
 (``lpc_heads.safetensors``, ``lpc_config.json``), so ``LPCModel.from_pretrained`` and ``lpc.generate --checkpoint``
-load the output directory (``lpc.evaluate`` reads ``lpc.train`` run directories only). ``lpc=False`` is TRL's DPO (``loss_type`` ``sigmoid`` or ``ipo``) on the fused op.
+load the output directory (``lpc.evaluate`` reads ``lpc.train`` run directories only). The heads are not in ``max_grad_norm``'s clip
+(TRL clips the model's parameters). ``lpc=False`` is TRL's DPO (``loss_type`` ``sigmoid`` or ``ipo``) on the fused op.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import TrainerCallback
 
 import lpc_kernels as lk
 
@@ -96,6 +98,17 @@ def completion_features(hidden: torch.Tensor, completion_mask: torch.Tensor) -> 
     return h_x, h_end[:b], h_end[b:]
 
 
+class _ZeroHeadGradients(TrainerCallback):
+    """The Trainer zeroes the model's gradients after each optimizer step; the heads are not in the model."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for p in self.params:
+            p.grad = None
+
+
 class LPCDPOTrainer(DPOTrainer):
     """``DPOTrainer`` training LPC-DPO / LPC-IPO (or, with ``lpc=False``, DPO / IPO) through
     ``lk.linear_preference_loss``. Metrics: TRL's ``rewards/*``, ``logps/*``, ``num_tokens`` plus ``lpc/*``."""
@@ -108,7 +121,8 @@ class LPCDPOTrainer(DPOTrainer):
         self.lpc_model = LPCModel(policy, self.args.lpc_config())
         self.lpc_model.to(self.accelerator.device)
         self._calibrated = not self.args.lpc
-        self._gumbel_offset = 0
+        self._noise_step, self._noise_calls = -1, 0  # Gumbel counters: a function of (step, micro-batch)
+        self.add_callback(_ZeroHeadGradients(self.lpc_parameters()))
 
     def lpc_parameters(self) -> list:
         return [p for n, p in self.lpc_model.named_parameters() if not n.startswith("policy.")]
@@ -147,8 +161,7 @@ class LPCDPOTrainer(DPOTrainer):
                 if mode == "train":
                     mix = prior_mix_weight(self.state.global_step, max(self.state.max_steps, 1), cfg.prior_mix)
                     _, z, _ = self.lpc_model.latent(prior_logits, posterior_logits, mix=mix, seed=cfg.lpc_seed,
-                                                    offset=self._gumbel_offset)
-                    self._gumbel_offset += self.lpc_model.gumbel_numel(b)
+                                                    offset=self._gumbel_offset(b))
                 else:  # held-out: z from the prior, as lpc.evaluate
                     z = self.lpc_model.prior_z(prior_logits)[1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
@@ -165,6 +178,17 @@ class LPCDPOTrainer(DPOTrainer):
             loss = loss + cfg.lpc_kl_weight * res.kl.clamp_min(cfg.free_bits).mean()
         self._log_metrics(mode, inputs, res, prior_logits, posterior_logits)
         return (loss, res) if return_outputs else loss
+
+    def _gumbel_offset(self, b: int) -> int:
+        """Counter offset of this micro-batch's noise: ``(step * accumulation + micro-batch) * 2BK`` with ``B`` the
+        per-device batch, so a resumed run draws the noise the uninterrupted one would."""
+        step = self.state.global_step
+        if step != self._noise_step:
+            self._noise_step, self._noise_calls = step, 0
+        index = step * self.args.gradient_accumulation_steps + self._noise_calls
+        self._noise_calls += 1
+        per_call = self.lpc_model.gumbel_numel(self.args.per_device_train_batch_size)
+        return (index * self.accelerator.num_processes + self.accelerator.process_index) * per_call
 
     def _final_hidden_states(self, model, inputs) -> torch.Tensor:
         """``[2B, L, D]`` after the final norm (the backbone without the LM head)."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
-from ..checks import check_label_values, check_tensor, raise_if_bad_values
+from ..checks import check_label_values, check_sequence_ids, check_tensor, raise_if_bad_values
 from ..head_gemm import HeadGemms
 from ..numerics import DEFAULT_CHUNK_SIZE, INDEX_DTYPES, compute_dtype
 from .linear_token_logprobs import check_linear_token_logprobs
@@ -186,6 +186,8 @@ def _forward(hidden, weight, bias, labels, sequence_ids, sequence_lengths, posit
     b2, b = len(sequence_lengths), len(sequence_lengths) // 2
     cdt, dev = compute_dtype(hidden), hidden.device
     labels = check_label_values(labels, weight.shape[0], ignore_index)
+    if positions is None:  # the packed layout: the caller's ids (the padded layout made its own)
+        check_sequence_ids(sequence_ids, sequence_lengths)
     counts = torch.zeros(b2, dtype=torch.long, device=dev).index_add_(0, sequence_ids, (labels != ignore_index).long())
     cl, rl = counts[:b], counts[b:]
     raise_if_bad_values({"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,

@@ -28,19 +28,19 @@ def model_dir(tmp_path_factory):
 
 
 def _args(cls, out, **kw):
-    return cls(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
-               logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, beta=0.1, bf16=False,
-               **kw)
+    return cls(**{**dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, beta=0.1,
+                         bf16=False), **kw})
 
 
-def _run(cls, config_cls, model_dir, out, **kw):
+def _run(cls, config_cls, model_dir, out, resume=None, **kw):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     trainer = cls(model=model, ref_model=ref, args=_args(config_cls, out, **kw), train_dataset=Dataset.from_list(ROWS),
                   processing_class=tok)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return trainer, logs
 
@@ -65,6 +65,20 @@ def test_lpc_trains_logs_and_saves_for_lpc_evaluate(model_dir, tmp_path):
     loaded = LPCModel.from_pretrained(tmp_path / "final")
     assert loaded.lpc.num_codes == 4 and torch.equal(loaded.codebook, codebook)
     assert json.load(open(tmp_path / "final" / "lpc_config.json"))["lpc"]["num_codes"] == 4
+
+
+def test_resume_continues_like_the_uninterrupted_run(model_dir, tmp_path):
+    """Checkpoints hold the heads; resuming from step 1 ends step 2 with the heads and loss of the run that went on
+    (the Gumbel noise is a function of the step, not of the process's history)."""
+    kw = dict(num_codes=4, save_strategy="steps", save_steps=1)
+    full, logs = _run(LPCDPOTrainer, LPCDPOConfig, model_dir, tmp_path / "full", **kw)
+    assert (tmp_path / "full" / "checkpoint-1" / "lpc_heads.safetensors").is_file()
+    resumed, logs2 = _run(LPCDPOTrainer, LPCDPOConfig, model_dir, tmp_path / "full", resume=str(
+        tmp_path / "full" / "checkpoint-1"), **kw)
+    assert logs2[-1]["loss"] == pytest.approx(logs[-1]["loss"], rel=1e-6)
+    for name, p in full.lpc_model.named_parameters():
+        if not name.startswith("policy."):
+            torch.testing.assert_close(dict(resumed.lpc_model.named_parameters())[name], p, msg=name)
 
 
 def test_completion_features_by_hand():

@@ -260,6 +260,9 @@ BAD = [
     ("lengths sum", bad(hidden=torch.randn(4, H), labels=torch.zeros(4, dtype=torch.long),
                         sequence_ids=torch.zeros(4, dtype=torch.long), sequence_lengths=[1, 1, 1, 0, 0, 0]),
      ValueError, "sum to N"),
+    ("ids disagree with lengths", bad(hidden=torch.randn(6, H), labels=torch.zeros(6, dtype=torch.long),
+                                      sequence_ids=torch.tensor([0, 1, 2, 3, 5, 4]), sequence_lengths=[1] * 6),
+     ValueError, "position 4 has 5, expected 4"),
     ("beta", bad(beta=0.0), ValueError, "beta"),
     ("chunk_size", bad(chunk_size=0), ValueError, "chunk_size"),
 ]
