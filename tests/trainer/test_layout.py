@@ -7,7 +7,7 @@ import ast
 from tests.helpers import REPO
 
 PACKAGE = REPO / "lpc"
-OPTIONAL = {"yaml", "matplotlib", "peft", "sklearn", "datasets", "pyarrow", "trl"}
+OPTIONAL = {"yaml", "matplotlib", "peft", "sklearn", "datasets", "pyarrow", "trl", "accelerate"}
 
 
 def _modules() -> dict:
