@@ -13,8 +13,9 @@ last token of each completion of TRL's ``[prompt | completion | pad]`` rows, a G
 mixed toward the prior, ``z`` added to the final hidden states of both completions. The codebook and heads are
 extra optimizer parameters (the policy stays a plain TRL model) and are saved beside the model
 (``lpc_heads.safetensors``, ``lpc_config.json``), so ``LPCModel.from_pretrained`` and ``lpc.generate --checkpoint``
-load the output directory (``lpc.evaluate`` reads ``lpc.train`` run directories only). The heads are not in ``max_grad_norm``'s clip
-(TRL clips the model's parameters). ``lpc=False`` is TRL's DPO (``loss_type`` ``sigmoid`` or ``ipo``) on the fused op.
+load the output directory (``lpc.evaluate`` reads ``lpc.train`` run directories only). The heads are not in
+``max_grad_norm``'s clip (TRL clips the model's parameters). ``lpc=False`` is TRL's DPO (``loss_type`` ``sigmoid``
+or ``ipo``) on the fused op.
 """
 
 from __future__ import annotations
