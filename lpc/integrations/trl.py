@@ -31,7 +31,8 @@ from transformers import TrainerCallback
 import lpc_kernels as lk
 
 from ..config import LPCConfig
-from ..model import LPCModel, code_perplexity, entropy_from_logits, prior_mix_weight
+from ..model import (LPCModel, code_perplexity, decoder_of, entropy_from_logits, head_inputs, lm_head_of,
+                     prior_mix_weight)
 
 try:
     from accelerate.utils import is_peft_model
@@ -86,6 +87,12 @@ class LPCDPOConfig(DPOConfig):
                          prior_mix=self.prior_mix)
 
 
+def completion_labels(inputs: dict) -> torch.Tensor:
+    """``[2B, L-1]`` targets of TRL's rows, aligned with the hidden states ``[:, :-1]`` that predict them: the next
+    token on completion positions, -100 elsewhere."""
+    return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+
+
 def completion_features(hidden: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(h_x, h_w, h_l)`` ``[B, D]`` from TRL's ``[2B, L]`` rows (``[prompt | completion | pad]``, chosen rows
     first): the last prompt token of each chosen row and the last token of each completion."""
@@ -135,10 +142,16 @@ class LPCDPOTrainer(DPOTrainer):
         return optimizer
 
     def _compute_loss(self, model, inputs, return_outputs):
+        # accelerate applies mixed precision by wrapping the model's forward; the backbone and the head are called
+        # here directly, so under the same autocast (compute_ref_log_probs, and TRL's own loss, score that way)
+        with self.accelerator.autocast():
+            return self._lpc_loss(model, inputs, return_outputs)
+
+    def _lpc_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         cfg = self.args
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        labels = completion_labels(inputs)
         hidden = self._final_hidden_states(model, inputs)
         b = hidden.shape[0] // 2
         if self.precompute_ref_logps:
@@ -150,7 +163,7 @@ class LPCDPOTrainer(DPOTrainer):
         if lpc:
             if not self._calibrated:
                 with torch.no_grad():
-                    scored = hidden[:, :-1][labels[:, 1:] != -100]
+                    scored = hidden[:, :-1][labels != -100]
                     self.lpc_model.hidden_rms.fill_(scored.float().pow(2).mean().sqrt())
                 self._calibrated = True
             with torch.autocast(hidden.device.type, enabled=False):
@@ -165,13 +178,11 @@ class LPCDPOTrainer(DPOTrainer):
                                                     offset=self._gumbel_offset(b))
                 else:  # held-out: z from the prior, as lpc.evaluate
                     z = self.lpc_model.prior_z(prior_logits)[1]
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        h = hidden[:, :-1]
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else head.weight.dtype
+        h, weight, bias = head_inputs(hidden[:, :-1], *lm_head_of(self.accelerator.unwrap_model(model)))
         kl_weight = cfg.lpc_kl_weight if lpc and cfg.free_bits == 0 else 0.0
         res = lk.linear_preference_loss(
-            h.to(dt), head.weight.to(dt), labels[:, 1:], bias=None if head.bias is None else head.bias.to(dt), z=z,
-            ref_chosen_logps=ref[0].float(), ref_rejected_logps=ref[1].float(), prior_logits=prior_logits,
+            h, weight, labels, bias=bias, z=z, ref_chosen_logps=ref[0].float(), ref_rejected_logps=ref[1].float(),
+            prior_logits=prior_logits,
             posterior_logits=posterior_logits, loss_type=cfg.lpc_loss, beta=cfg.beta,
             kl_weight=kl_weight, ipo_average=True)
         loss = res.loss
@@ -193,8 +204,7 @@ class LPCDPOTrainer(DPOTrainer):
 
     def _final_hidden_states(self, model, inputs) -> torch.Tensor:
         """``[2B, L, D]`` after the final norm (the backbone without the LM head)."""
-        decoder = self.accelerator.unwrap_model(model).get_decoder()
-        return decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        return decoder_of(self.accelerator.unwrap_model(model))(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        use_cache=False).last_hidden_state
 
     def compute_ref_log_probs(self, model, inputs):
@@ -202,17 +212,16 @@ class LPCDPOTrainer(DPOTrainer):
         ``lk.linear_token_logprobs`` like the policy: at the first step a policy equal to its reference then gets
         margins of exactly 0 (TRL's chunked function differs from the exact log-softmax by ~1e-4 relative on long
         answers, which would otherwise show as a margin)."""
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            hidden = self._final_hidden_states(model, inputs)[:, :-1]
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            logps = lk.linear_token_logprobs(hidden, head.weight.to(hidden.dtype), labels[:, 1:],
-                                             bias=None if head.bias is None else head.bias.to(hidden.dtype))
+            # the policy's scoring (head_inputs: the autocast dtype), so a policy equal to its reference matches it
+            h, weight, bias = head_inputs(self._final_hidden_states(model, inputs)[:, :-1],
+                                          *lm_head_of(self.accelerator.unwrap_model(model)))
+            logps = lk.linear_token_logprobs(h, weight, completion_labels(inputs), bias=bias)
         return logps.sum(-1).chunk(2, dim=0)
 
     @torch.no_grad()

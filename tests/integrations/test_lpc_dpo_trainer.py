@@ -92,3 +92,12 @@ def test_completion_features_by_hand():
 def test_bad_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         LPCDPOConfig(output_dir=str(tmp_path), loss_type=["hinge"], report_to="none", use_cpu=True)
+
+
+def test_first_step_margins_are_zero_under_bf16_autocast(model_dir, tmp_path):
+    """DPOConfig's default bf16 autocast: the policy and its reference (the same weights at step 1) are scored
+    in the same dtype, so the first-step rewards are fp32 rounding (the fused loss and linear_token_logprobs sum
+    in different orders: ~1e-7 relative), not the ~1e-5 relative of bf16 against fp32 head inputs."""
+    _, logs = _run(LPCDPOTrainer, LPCDPOConfig, model_dir, tmp_path / "bf16", lpc=False, bf16=True)
+    for side in ("chosen", "rejected"):
+        assert abs(logs[0][f"rewards/{side}"]) <= 0.1 * 2e-6 * abs(logs[0][f"logps/{side}"]), logs[0]
