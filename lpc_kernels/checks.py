@@ -143,15 +143,19 @@ def check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """``labels`` in ``[0, vocab)`` or ``ignore_index``; returns the labels the kernels may read: when the check is
     deferred, out-of-range labels become ``ignore_index`` (no kernel reads outside the vocabulary) until
     ``raise_pending_errors`` reports them."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    bad = _out_of_range(labels, vocab, ignore_index)
 
     def culprit() -> str:
-        now = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        now = _out_of_range(labels, vocab, ignore_index)
         value = int(labels[now][0]) if bool(now.any()) else "(changed since)"
         return f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, got {value}"
 
     _report(~bad.any(), culprit)
     return labels if checks_block(labels.device) else torch.where(bad, ignore_index, labels)
+
+
+def _out_of_range(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
 
 
 def check_sequence_ids(sequence_ids: Tensor, sequence_lengths: list) -> None:
@@ -175,4 +179,4 @@ def readable_labels(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """The labels a backward kernel may read: as ``check_label_values`` returned them to the forward."""
     if checks_block(labels.device):
         return labels
-    return torch.where((labels != ignore_index) & ((labels < 0) | (labels >= vocab)), ignore_index, labels)
+    return torch.where(_out_of_range(labels, vocab, ignore_index), ignore_index, labels)

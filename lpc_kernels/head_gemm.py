@@ -9,6 +9,7 @@ upcast once per call and everything runs in fp32 (as the cpu backend does), so t
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -51,3 +52,15 @@ class HeadGemms:
             acc += torch.mm(d.t(), h, out_dtype=self.cdt)
         else:
             acc.addmm_(d.t(), h)
+
+
+def autocast_off(op_body):
+    """Runs a custom op's body (first argument a tensor) with autocast off: autocast reaches custom-op bodies and
+    would turn their fp32 GEMMs into 16-bit ones. ``functools.wraps`` keeps the annotated signature the schema is
+    inferred from."""
+    @functools.wraps(op_body)
+    def body(first, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return op_body(first, *args, **kwargs)
+
+    return body

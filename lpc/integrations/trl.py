@@ -204,7 +204,8 @@ class LPCDPOTrainer(DPOTrainer):
 
     def _final_hidden_states(self, model, inputs) -> torch.Tensor:
         """``[2B, L, D]`` after the final norm (the backbone without the LM head)."""
-        return decoder_of(self.accelerator.unwrap_model(model))(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        decoder = decoder_of(self.accelerator.unwrap_model(model))
+        return decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        use_cache=False).last_hidden_state
 
     def compute_ref_log_probs(self, model, inputs):

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
 from ..checks import check_label_values, check_sequence_ids, check_tensor, raise_if_bad_values
-from ..head_gemm import HeadGemms
+from ..head_gemm import HeadGemms, autocast_off
 from ..numerics import DEFAULT_CHUNK_SIZE, INDEX_DTYPES, compute_dtype
 from .linear_token_logprobs import check_linear_token_logprobs
 from .preference_loss import check_preference_loss, loss_outputs
@@ -157,6 +157,7 @@ GRAD_NAMES = ("hidden", "weight", "bias", "z", "ref_logps", "code_logits")
 
 
 @torch.library.custom_op("lpc::linear_preference_loss", mutates_args=())
+@autocast_off
 def linear_preference_loss_op(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, sequence_ids: Tensor,
         sequence_lengths: list[int], positions: Optional[Tensor], z: Optional[Tensor],
@@ -172,15 +173,6 @@ def linear_preference_loss_op(
     loss to hidden, weight, bias, z, prior_logits, posterior_logits, of kl to prior_logits, posterior_logits, and
     of the loss to ref_chosen_logps, ref_rejected_logps); ``needs`` (``GRAD_NAMES``) says which gradients to
     compute, a ``[0]`` tensor stands for the others."""
-    with torch.autocast(hidden.device.type, enabled=False):  # autocast reaches custom-op bodies: keep the dtypes
-        return _forward(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, ref_chosen_logps,
-                        ref_rejected_logps, prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing,
-                        kl_weight, ipo_average, ignore_index, chunk_size, needs, backend)
-
-
-def _forward(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, ref_chosen_logps,
-             ref_rejected_logps, prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight,
-             ipo_average, ignore_index, chunk_size, needs, backend):
     be = backend_module(backend)
     need_h, need_w, need_b, need_z, need_ref, need_codes = needs
     b2, b = len(sequence_lengths), len(sequence_lengths) // 2

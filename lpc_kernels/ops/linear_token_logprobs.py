@@ -20,7 +20,7 @@ from torch import Tensor
 from ..backends import backend_module, resolve_backend
 from ..checks import (check_float, check_int, check_label_values, check_labels, check_same_device,
                       check_tensor, readable_labels)
-from ..head_gemm import HeadGemms
+from ..head_gemm import HeadGemms, autocast_off
 from ..numerics import DEFAULT_CHUNK_SIZE, chunks
 from .token_logprobs import per_row_outputs
 
@@ -153,6 +153,7 @@ def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, ne
 
 
 @torch.library.custom_op("lpc::linear_token_logprobs_frozen_head", mutates_args=())
+@autocast_off
 def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                                          ignore_index: int, chunk_size: int,
                                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,12 +168,6 @@ def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: O
     a = torch.zeros_like(hidden)
     rows = torch.nonzero(labels != ignore_index).squeeze(1)  # ignored rows never reach a GEMM
     gemm = HeadGemms(weight, bias)
-    with torch.autocast(hidden.device.type, enabled=False):  # autocast reaches custom-op bodies: keep the dtypes
-        _frozen_head_chunks(be, gemm, hidden, labels, rows, ignore_index, chunk_size, logp, lse, a)
-    return logp, lse, a
-
-
-def _frozen_head_chunks(be, gemm, hidden, labels, rows, ignore_index, chunk_size, logp, lse, a):
     for s, e in chunks(rows.numel(), chunk_size):
         r = rows[s:e]
         x = gemm.logits(gemm.operand(hidden.index_select(0, r)))
@@ -180,6 +175,7 @@ def _frozen_head_chunks(be, gemm, hidden, labels, rows, ignore_index, chunk_size
         logp[r], lse[r] = lp, ls
         d = be.token_logprobs_bwd(torch.ones_like(lp), x, labels[r], ls, ignore_index, True)
         a[r] = gemm.hidden_grad(gemm.tile(d)).to(a.dtype)
+    return logp, lse, a
 
 
 @linear_token_logprobs_frozen_head_op.register_fake

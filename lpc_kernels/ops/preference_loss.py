@@ -136,27 +136,22 @@ def gradient_outputs(pc, pr, rc, rr, prior, post):
     return tuple(torch.empty_like(t) if t is not None else pc.new_empty(0) for t in (pc, pr, rc, rr, prior, post))
 
 
-@torch.library.custom_op("lpc::preference_loss", mutates_args=())
-def preference_loss_op(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-                       ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor],
-                       chosen_lengths: Optional[Tensor], rejected_lengths: Optional[Tensor],
-                       prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor], loss_type: str,
-                       beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """B pairs -> (loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B]), fp32."""
-    return _forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    chosen_lengths, rejected_lengths, prior_logits, posterior_logits, loss_type, beta, gamma,
-                    label_smoothing, kl_weight, ipo_average, backend)
-
-
-def _forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-             rejected_lengths, prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight,
-             ipo_average, backend):
+def preference_loss_forward(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                            ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor],
+                            chosen_lengths: Optional[Tensor], rejected_lengths: Optional[Tensor],
+                            prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor], loss_type: str,
+                            beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """B pairs -> (loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B]), fp32. The body of the
+    custom op ``lpc::preference_loss`` and of the eager path."""
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
             rejected_lengths, prior_logits, posterior_logits)
     raise_if_bad_values(dict(zip(INPUT_NAMES, args)), positive=("chosen_lengths", "rejected_lengths"))
     return backend_module(backend).preference_loss_fwd(*args, loss_type, beta, gamma, label_smoothing,
                                                        kl_weight, ipo_average)
+
+
+preference_loss_op = torch.library.custom_op("lpc::preference_loss", mutates_args=())(preference_loss_forward)
 
 
 @preference_loss_op.register_fake
@@ -165,32 +160,26 @@ def _(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothi
     return loss_outputs(pc)
 
 
-@torch.library.custom_op("lpc::preference_loss_backward", mutates_args=())
-def preference_loss_backward_op(grad_loss: Tensor, grad_losses: Tensor, grad_chosen_rewards: Tensor,
-                                grad_rejected_rewards: Tensor, grad_kl: Tensor, policy_chosen_logps: Tensor,
-                                policy_rejected_logps: Tensor, ref_chosen_logps: Optional[Tensor],
-                                ref_rejected_logps: Optional[Tensor], chosen_lengths: Optional[Tensor],
-                                rejected_lengths: Optional[Tensor], prior_logits: Optional[Tensor],
-                                posterior_logits: Optional[Tensor], loss_type: str, beta: float, gamma: float,
-                                label_smoothing: float, kl_weight: float, ipo_average: bool,
-                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (pc, pr, rc, rr, prior, post); a [0]-shaped tensor stands for an absent input."""
-    return _backward_grads(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl,
-                           policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                           chosen_lengths, rejected_lengths, prior_logits, posterior_logits, loss_type, beta, gamma,
-                           label_smoothing, kl_weight, ipo_average, backend)
-
-
-def _backward_grads(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, policy_chosen_logps,
-                    policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
-                    prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average,
-                    backend):
+def preference_loss_gradients(grad_loss: Tensor, grad_losses: Tensor, grad_chosen_rewards: Tensor,
+                              grad_rejected_rewards: Tensor, grad_kl: Tensor, policy_chosen_logps: Tensor,
+                              policy_rejected_logps: Tensor, ref_chosen_logps: Optional[Tensor],
+                              ref_rejected_logps: Optional[Tensor], chosen_lengths: Optional[Tensor],
+                              rejected_lengths: Optional[Tensor], prior_logits: Optional[Tensor],
+                              posterior_logits: Optional[Tensor], loss_type: str, beta: float, gamma: float,
+                              label_smoothing: float, kl_weight: float, ipo_average: bool,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (pc, pr, rc, rr, prior, post); a [0]-shaped tensor stands for an absent input. The body of
+    the custom op ``lpc::preference_loss_backward`` and of the eager path."""
     grads = backend_module(backend).preference_loss_bwd(
         grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, policy_chosen_logps,
         policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
         prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
     g = [grads[i] for i in (0, 1, 2, 3, 6, 7)]
     return tuple(t if t is not None else policy_chosen_logps.new_empty(0) for t in g)
+
+
+preference_loss_backward_op = torch.library.custom_op("lpc::preference_loss_backward",
+                                                      mutates_args=())(preference_loss_gradients)
 
 
 @preference_loss_backward_op.register_fake
@@ -229,10 +218,10 @@ class _PreferenceLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _forward(*inputs)
+        out = preference_loss_forward(*inputs)
         _setup(ctx, inputs, out)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_op=_backward_grads)
+        return _backward(ctx, *grads, backward_op=preference_loss_gradients)
