@@ -181,6 +181,13 @@ class LossConfig:
     def needs_reference(self) -> bool:
         return self.loss_type != "simpo"
 
+    def op_options(self) -> dict:
+        """The pair-loss options of ``lk.preference_loss`` / ``lk.linear_preference_loss``: ``gamma`` only for
+        SimPO, ``label_smoothing`` 0 for IPO (the ops require both)."""
+        return dict(loss_type=self.loss_type, beta=self.beta, gamma=self.gamma if self.loss_type == "simpo" else 0.0,
+                    label_smoothing=self.label_smoothing if self.loss_type != "ipo" else 0.0,
+                    ipo_average=self.ipo_average)
+
 
 @dataclass
 class SyntheticConfig:

@@ -50,10 +50,7 @@ def margins_and_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tens
     return lk.preference_loss(
         chosen, rejected, ref_chosen if cfg.needs_reference else None, ref_rejected if cfg.needs_reference else None,
         chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, prior_logits=prior_logits,
-        posterior_logits=posterior_logits, loss_type=cfg.loss_type, beta=cfg.beta,
-        gamma=cfg.gamma if cfg.loss_type == "simpo" else 0.0,
-        label_smoothing=cfg.label_smoothing if cfg.loss_type != "ipo" else 0.0, kl_weight=kl_weight,
-        ipo_average=cfg.ipo_average, backend=cfg.backend)
+        posterior_logits=posterior_logits, kl_weight=kl_weight, backend=cfg.backend, **cfg.op_options())
 
 
 @torch.no_grad()

@@ -241,11 +241,8 @@ def fused_objective(pos: ScoredPositions, batch: dict, weight: Tensor, bias: Opt
     return lk.linear_preference_loss(
         h, weight, pos.targets, bias=bias, z=z, ref_chosen_logps=obj.ref_chosen if cfg.needs_reference else None,
         ref_rejected_logps=obj.ref_rejected if cfg.needs_reference else None,
-        prior_logits=prior_logits if lpc else None, posterior_logits=posterior_logits if lpc else None,
-        loss_type=cfg.loss_type, beta=cfg.beta, gamma=cfg.gamma if cfg.loss_type == "simpo" else 0.0,
-        label_smoothing=cfg.label_smoothing if cfg.loss_type != "ipo" else 0.0,
-        kl_weight=op_kl_weight(cfg, obj.kl_weight, lpc), ipo_average=cfg.ipo_average, backend=backend,
-        sequence_ids=pos.sequences, sequence_lengths=batch["score_lengths"])
+        prior_logits=prior_logits, posterior_logits=posterior_logits, kl_weight=op_kl_weight(cfg, obj.kl_weight, lpc),
+        backend=backend, sequence_ids=pos.sequences, sequence_lengths=batch["score_lengths"], **cfg.op_options())
 
 
 def response_logps(hidden: Tensor, batch: dict, weight: Tensor, bias: Optional[Tensor] = None,
@@ -491,15 +488,17 @@ class LPCModel(nn.Module):
             return scored_logps(pos, weight, bias, None if z is None else torch.cat([z, z]),
                                 backend=self.backend).chunk(2)
 
+        def training_logps(z, prior_logits=None, posterior_logits=None):
+            """``(chosen, rejected, loss)``: through the fused loss with an ``objective`` (loss None otherwise)."""
+            if objective is None:
+                return (*logps(z), None)
+            res = fused_objective(pos, batch, weight, bias, z, prior_logits, posterior_logits, objective, self.backend)
+            return res.chosen_logps, res.rejected_logps, lk.PreferenceLossOutput(*res[:5])
+
         if self.lpc is None:
-            if objective is not None:
-                res = fused_objective(pos, batch, weight, bias, None, None, None, objective, self.backend)
-                return LPCOutput(res.chosen_logps, res.rejected_logps, batch["chosen_lengths"],
-                                 batch["rejected_lengths"], None, None, None, None, batch["num_tokens"],
-                                 objective=lk.PreferenceLossOutput(*res[:5]))
-            chosen, rejected = logps(None)
+            chosen, rejected, loss = training_logps(None)
             return LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], None, None, None,
-                             None, batch["num_tokens"])
+                             None, batch["num_tokens"], objective=loss)
         with torch.autocast(hidden.device.type, enabled=False):
             h_x, h_w, h_l = self.features(hidden, batch)
             prior_logits = self.prior(h_x)
@@ -510,15 +509,9 @@ class LPCModel(nn.Module):
             else:
                 w, z, z_post = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset,
                                            prior_offset=prior_offset)
-        res = None
-        if objective is not None:
-            res = fused_objective(pos, batch, weight, bias, z, prior_logits, posterior_logits, objective, self.backend)
-            chosen, rejected = res.chosen_logps, res.rejected_logps
-        else:
-            chosen, rejected = logps(z)
+        chosen, rejected, loss = training_logps(z, prior_logits, posterior_logits)
         out = LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
-                        posterior_logits, w, z, batch["num_tokens"],
-                        objective=lk.PreferenceLossOutput(*res[:5]) if res is not None else None)
+                        posterior_logits, w, z, batch["num_tokens"], objective=loss)
         with torch.no_grad():
             sq = pos.hidden.detach().float().pow(2).mean(-1)
             out.hidden_sq = sum(sq.new_zeros(pos.num_sequences).index_add(0, pos.sequences, sq).chunk(2))
