@@ -196,39 +196,33 @@ def build_linear(impl: str, shape: Shape, x: dict) -> C.Case:
         else:
             raise C.Unavailable(f"Liger-Kernel has no fused {lt} loss")
         info["note"] = "Liger computes the gradients inside its forward call (fwd includes them; bwd is a copy)"
-    elif impl.startswith("ours_"):
-        backend = C.ours_backend(impl)
-        C.require_ours(backend)
-        import lpc_kernels as lk
-
-        info["backend"] = backend
-        info["note"] = "gradients computed inside the forward call (fwd includes them; bwd scales them)"
-
-        def fwd():
-            ref = {}
-            if lt != "simpo":
-                with torch.no_grad():
-                    ref_logps, _ = lk.sequence_logprobs(ref_hidden, ref_weight, labels, backend=backend)
-                ref = dict(ref_chosen_logps=ref_logps[:b], ref_rejected_logps=ref_logps[b:])
-            return lk.linear_preference_loss(hidden, weight, labels, **ref, loss_type=lt, beta=beta,
-                                             gamma=GAMMA if lt == "simpo" else 0.0, backend=backend).loss
-    elif impl.startswith("composed_"):
+    elif impl.startswith(("ours_", "composed_")):
         backend = impl.split("_")[1]
         C.require_ours(backend)
         import lpc_kernels as lk
 
         info["backend"] = backend
 
-        def fwd():
-            logps, lengths = lk.sequence_logprobs(hidden, weight, labels, backend=backend)
-            ref = (None, None)
-            if lt != "simpo":
-                with torch.no_grad():
-                    ref_logps, _ = lk.sequence_logprobs(ref_hidden, ref_weight, labels, backend=backend)
-                ref = (ref_logps[:b], ref_logps[b:])
-            return lk.preference_loss(logps[:b], logps[b:], *ref, chosen_lengths=lengths[:b],
-                                      rejected_lengths=lengths[b:], loss_type=lt, beta=beta,
-                                      gamma=GAMMA if lt == "simpo" else 0.0, backend=backend).loss
+        def ref_logps():
+            """The reference pass both take: ``(chosen [B], rejected [B])``, or ``(None, None)`` for SimPO."""
+            if lt == "simpo":
+                return None, None
+            with torch.no_grad():
+                return lk.sequence_logprobs(ref_hidden, ref_weight, labels, backend=backend)[0].chunk(2)
+
+        options = dict(loss_type=lt, beta=beta, gamma=GAMMA if lt == "simpo" else 0.0, backend=backend)
+        if impl.startswith("ours_"):
+            info["note"] = "gradients computed inside the forward call (fwd includes them; bwd scales them)"
+
+            def fwd():
+                rc, rr = ref_logps()
+                return lk.linear_preference_loss(hidden, weight, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                                 **options).loss
+        else:
+            def fwd():
+                logps, lengths = lk.sequence_logprobs(hidden, weight, labels, backend=backend)
+                return lk.preference_loss(logps[:b], logps[b:], *ref_logps(), chosen_lengths=lengths[:b],
+                                          rejected_lengths=lengths[b:], **options).loss
     else:
         raise ValueError(impl)
     return C.Case(forward=fwd, backward=C.backward_scalar, params=[hidden, weight], info=info)
