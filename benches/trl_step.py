@@ -106,7 +106,24 @@ def main() -> None:
     print(text)
     if a.out:
         with open(a.out, "w") as f:
-            f.write(__doc__.split("\n\n")[0] + "\n\n" + text + "\n")
+            f.write(__doc__.split("\n\n")[0] + "\n\n" + environment() + "\n\n" + text + "\n")
+
+
+def environment() -> str:
+    """Where it ran: the suite's machine info (device, CPU, torch, Triton, ...), TRL and the commit."""
+    import _common
+    import trl
+
+    info = _common.machine_info()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    keys = ("device", "cpu_model", "torch_threads", "python", "torch", "triton", "transformers")
+    rows = [f"| {k} | {info.get(k)} |" for k in keys] + [f"| trl | {trl.__version__} |",
+                                                         f"| commit | {commit}{' (dirty tree)' if dirty else ''} |"]
+    return "\n".join(["| | |", "|---|---|"] + rows)
 
 
 if __name__ == "__main__":
