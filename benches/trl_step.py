@@ -105,8 +105,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if a.out:
+        env = environment()  # before the file is opened: it would make the tree dirty
         with open(a.out, "w") as f:
-            f.write(__doc__.split("\n\n")[0] + "\n\n" + environment() + "\n\n" + text + "\n")
+            f.write(__doc__.split("\n\n")[0] + "\n\n" + env + "\n\n" + text + "\n")
 
 
 def environment() -> str:
