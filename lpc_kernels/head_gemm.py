@@ -9,6 +9,7 @@ upcast once per call and everything runs in fp32 (as the cpu backend does), so t
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Optional
 
@@ -29,6 +30,12 @@ class HeadGemms:
         self.weight = weight if self.low_precision else weight.to(self.cdt)
         self.bias = bias.to(self.cdt) if bias is not None else None
 
+    def columns(self, cols: Tensor) -> "HeadGemms":
+        """The gradient GEMMs on the vocabulary columns ``cols`` alone (a copy of those rows of the weight)."""
+        sub = copy.copy(self)
+        sub.weight, sub.bias = self.weight.index_select(0, cols), None
+        return sub
+
     def operand(self, h: Tensor) -> Tensor:
         """``h`` in the dtype the GEMMs take."""
         return h if self.low_precision else h.to(self.cdt)
@@ -46,9 +53,12 @@ class HeadGemms:
         """``d @ W`` ``[c, H]`` in the compute dtype, ``d`` from ``tile``."""
         return torch.mm(d, self.weight, out_dtype=self.cdt) if self.low_precision else d @ self.weight
 
-    def add_weight_grad(self, acc: Tensor, d: Tensor, h: Tensor) -> None:
-        """``acc [V, H] += d^T @ h`` in the compute dtype (``d`` from ``tile``, ``h`` from ``operand``)."""
-        if self.low_precision:
+    def add_weight_grad(self, acc: Tensor, d: Tensor, h: Tensor, cols: Optional[Tensor] = None) -> None:
+        """``acc [V, H] += d^T @ h`` in the compute dtype (``d`` from ``tile``, ``h`` from ``operand``); with
+        ``cols``, ``d`` holds those columns only and adds to those rows of ``acc``."""
+        if cols is not None:
+            acc.index_add_(0, cols, torch.mm(d.t(), h, out_dtype=self.cdt) if self.low_precision else d.t() @ h)
+        elif self.low_precision:
             acc += torch.mm(d.t(), h, out_dtype=self.cdt)
         else:
             acc.addmm_(d.t(), h)

@@ -23,6 +23,7 @@ from ..backends import backend_module, resolve_backend
 from ..checks import check_label_values, check_sequence_ids, check_tensor, raise_if_bad_values
 from ..head_gemm import HeadGemms, autocast_off
 from ..numerics import DEFAULT_CHUNK_SIZE, INDEX_DTYPES, compute_dtype
+from ..vocab_filter import softmax_grad
 from .linear_token_logprobs import check_linear_token_logprobs
 from .preference_loss import check_preference_loss, loss_outputs
 
@@ -49,7 +50,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
                            gamma: float = 0.0, label_smoothing: float = 0.0, kl_weight: float = 0.0,
                            ipo_average: bool = True, ignore_index: int = -100, chunk_size: Optional[int] = None,
                            backend: str = "auto", sequence_ids: Optional[Tensor] = None,
-                           sequence_lengths: Optional[list] = None) -> LinearPreferenceLossOutput:
+                           sequence_lengths: Optional[list] = None,
+                           filter_eps: float = 0.0) -> LinearPreferenceLossOutput:
     """``preference_loss`` of the answers' summed log-probs under ``softmax((hidden + z) @ weight.T + bias)``.
 
     Two layouts of the scored positions:
@@ -69,6 +71,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
             scored positions of each answer.
         chunk_size: positions per chunk of complete pairs (a pair longer than that is a chunk by itself); the
             op holds one ``[chunk, V]`` logits block in the compute dtype. Default ``DEFAULT_CHUNK_SIZE``.
+        filter_eps: opt-in gradient filter, every backend: per chunk, vocabulary columns that are no label of the
+            chunk, below it on every row and together at most it of any row's softmax mass are left out of the
+            gradient GEMMs (``lpc_kernels/vocab_filter.py``). 0 (default) is exact; above 0, one host sync per
+            chunk. The values (loss, log-probs) are never filtered.
 
     Returns:
         ``LinearPreferenceLossOutput``, float32 (float64 for float64 inputs). The gradients are computed during
@@ -76,7 +82,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
         GEMM), only for the inputs that require grad, and none under ``torch.no_grad()``.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size)
+    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
     b, flat_hidden, flat_labels, seq_ids, lengths, positions = _layout(hidden, labels, sequence_ids,
                                                                        sequence_lengths, ignore_index)
     if z is not None:
@@ -99,7 +105,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
     out = linear_preference_loss_op(
         flat_hidden.contiguous(), weight.contiguous(), opt[0], flat_labels.long().contiguous(), seq_ids, lengths,
         positions, *opt[1:], loss_type, float(beta), float(gamma), float(label_smoothing), float(kl_weight),
-        ipo_average, ignore_index, chunk_size, needs[:5] + needs[6:], resolve_backend(backend, flat_hidden.device))
+        ipo_average, ignore_index, chunk_size, needs[:5] + needs[6:], resolve_backend(backend, flat_hidden.device),
+        float(filter_eps))
     return LinearPreferenceLossOutput(*out[:7])
 
 
@@ -164,7 +171,7 @@ def linear_preference_loss_op(
         ref_chosen_logps: Optional[Tensor],
         ref_rejected_logps: Optional[Tensor], prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor],
         loss_type: str, beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
-        ignore_index: int, chunk_size: int, needs: list[bool], backend: str
+        ignore_index: int, chunk_size: int, needs: list[bool], backend: str, filter_eps: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor, Tensor]:
     """hidden [M, H], labels / sequence_ids [N] of the scored positions (rows ``positions`` of hidden, all rows
@@ -226,10 +233,11 @@ def linear_preference_loss_op(
             seq_logp[b + p0:b + p1], *ref, cl[p0:p1], rl[p0:p1], None, None, loss_type, beta, gamma,
             label_smoothing, 0.0, ipo_average)[:2]
         g_pos = torch.cat([d_pc, d_pr]).to(cdt)[torch.where(sid < b, sid - p0, sid - b - p0 + n)]
-        d_c = be.token_logprobs_bwd(g_pos, x, tgt, lse, ignore_index, True)  # in place: x is dead after this
-        d = gemm.tile(d_c)
+        # in place in x (dead after this), on the columns the filter keeps
+        d_c, kept, cols = softmax_grad(be, gemm, g_pos, x, lse, tgt, ignore_index, filter_eps)
+        d = kept.tile(d_c)
         if need_h or need_z:
-            ghc = gemm.hidden_grad(d)
+            ghc = kept.hidden_grad(d)
             if need_h and rows is not None:
                 gh.index_copy_(0, rows, ghc.to(gh.dtype))
             elif need_h:
@@ -240,9 +248,12 @@ def linear_preference_loss_op(
             if need_z:
                 gz.index_add_(0, pair, ghc)
         if need_w:
-            gemm.add_weight_grad(gw, d, h)
+            kept.add_weight_grad(gw, d, h, cols)
         if need_b:
-            gb += d_c.sum(0)
+            if cols is None:
+                gb += d_c.sum(0)
+            else:
+                gb.index_add_(0, cols, d_c.sum(0))
     pc, pr = seq_logp[:b].clone(), seq_logp[b:].clone()
     loss, losses, cr, rj, kl = be.preference_loss_fwd(pc, pr, ref_chosen_logps, ref_rejected_logps, cl, rl,
                                                       prior_logits, posterior_logits, loss_type, beta, gamma,
@@ -268,7 +279,8 @@ def _cast(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
 
 @linear_preference_loss_op.register_fake
 def _(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, rc, rr, prior, post, loss_type,
-      beta, gamma, label_smoothing, kl_weight, ipo_average, ignore_index, chunk_size, needs, backend):
+      beta, gamma, label_smoothing, kl_weight, ipo_average, ignore_index, chunk_size, needs, backend,
+      filter_eps=0.0):
     b = len(sequence_lengths) // 2
     values = loss_outputs(hidden.new_empty(b, dtype=compute_dtype(hidden)))
     logps = tuple(hidden.new_empty(b, dtype=compute_dtype(hidden)) for _ in range(2))
@@ -302,7 +314,7 @@ def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl, *unused):
         return out + g_kl.to(d.dtype)[:, None] * k if g_kl is not None else out
 
     return (scaled(gh), scaled(gw), scaled(gb), None, None, None, None, scaled(gz), scaled(d_rc), scaled(d_rr),
-            codes(d_prior, k_prior), codes(d_post, k_post)) + (None,) * 10
+            codes(d_prior, k_prior), codes(d_post, k_post)) + (None,) * 11
 
 
 linear_preference_loss_op.register_autograd(_backward, setup_context=_setup)

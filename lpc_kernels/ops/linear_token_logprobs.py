@@ -22,6 +22,7 @@ from ..checks import (check_float, check_int, check_label_values, check_labels, 
                       check_tensor, readable_labels)
 from ..head_gemm import HeadGemms, autocast_off
 from ..numerics import DEFAULT_CHUNK_SIZE, chunks
+from ..vocab_filter import softmax_grad
 from .token_logprobs import per_row_outputs
 
 
@@ -40,9 +41,11 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         chunk_size: rows per recomputed ``[chunk, V]`` logits block for the chunked backends
             (reference, cpu, cuda); default ``DEFAULT_CHUNK_SIZE``. Peak extra memory ~ ``chunk * V``.
-        filter_eps: opt-in gradient filter (trainable head) (triton backend): skip logits tiles holding no label whose
-            softmax entries are all below it; each skipped gradient entry is off by at most
-            ``|grad_logp| * filter_eps``. 0 (default) is exact; other backends always compute exactly.
+        filter_eps: opt-in gradient filter: skip softmax entries below it that are no row's label; each skipped
+            gradient entry is off by at most ``|grad_logp| * filter_eps``. 0 (default) is exact. Honoured by the
+            triton backend (trainable head: logits tiles) and by every backend on the frozen-head path (vocabulary
+            columns per row chunk that also hold at most ``filter_eps`` of any row's mass together; one host sync
+            per chunk, ``lpc_kernels/vocab_filter.py``); otherwise the gradient is exact.
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to hidden, weight, bias.
@@ -65,7 +68,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     frozen_head = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                    and (bias is None or not bias.requires_grad))
     if frozen_head:
-        return linear_token_logprobs_frozen_head_op(*args)[0].view(lead)
+        return linear_token_logprobs_frozen_head_op(*args, float(filter_eps))[0].view(lead)
     return linear_token_logprobs_op(*args, float(filter_eps))[0].view(lead)
 
 
@@ -155,12 +158,12 @@ def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, ne
 @torch.library.custom_op("lpc::linear_token_logprobs_frozen_head", mutates_args=())
 @autocast_off
 def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                                         ignore_index: int, chunk_size: int,
-                                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                                         ignore_index: int, chunk_size: int, backend: str,
+                                         filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N], a [N, H]) with
     ``a = d logp / d hidden = W[label] - softmax @ W`` (hidden's dtype; 0 on ignored rows): per chunk of scored
     rows, the logits GEMM, the backend's ``token_logprobs_fwd``, its ``token_logprobs_bwd`` with unit gradient
-    (in place: ``onehot - softmax``), and one GEMM with W."""
+    (in place: ``onehot - softmax``), and one GEMM with W (on the columns ``vocab_filter`` keeps)."""
     labels = check_label_values(labels, weight.shape[0], ignore_index)
     be = backend_module(backend)
     logp, lse = per_row_outputs(hidden)
@@ -173,13 +176,13 @@ def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: O
         x = gemm.logits(gemm.operand(hidden.index_select(0, r)))
         lp, ls = be.token_logprobs_fwd(x, labels[r], ignore_index)
         logp[r], lse[r] = lp, ls
-        d = be.token_logprobs_bwd(torch.ones_like(lp), x, labels[r], ls, ignore_index, True)
-        a[r] = gemm.hidden_grad(gemm.tile(d)).to(a.dtype)
+        d, kept, _ = softmax_grad(be, gemm, torch.ones_like(lp), x, ls, labels[r], ignore_index, filter_eps)
+        a[r] = kept.hidden_grad(kept.tile(d)).to(a.dtype)
     return logp, lse, a
 
 
 @linear_token_logprobs_frozen_head_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend):
+def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps=0.0):
     return per_row_outputs(hidden) + (torch.empty_like(hidden),)
 
 
@@ -190,7 +193,7 @@ def _setup_frozen(ctx, inputs, output):
 
 def _backward_frozen(ctx, grad_logp, grad_lse, grad_a):
     (a,) = ctx.saved_tensors
-    return (grad_logp.to(a.dtype)[:, None] * a,) + (None,) * 6
+    return (grad_logp.to(a.dtype)[:, None] * a,) + (None,) * 7
 
 
 linear_token_logprobs_frozen_head_op.register_autograd(_backward_frozen, setup_context=_setup_frozen)
