@@ -176,6 +176,7 @@ class LossConfig:
     ipo_average: bool = True
     backend: str = "auto"
     free_bits: float = 0.0
+    filter_eps: float = 0.0  # the fused loss's gradient filter (lk.linear_preference_loss)
 
     @property
     def needs_reference(self) -> bool:
@@ -275,6 +276,11 @@ class TrainConfig(LPCConfig):
                                      "--no-fused-loss: the composition of linear_token_logprobs and "
                                      "preference_loss (same values to rounding)", group=OBJECTIVE,
                                resume=RESUME_FREE)
+    filter_eps: float = setting(0.0, "with --fused-loss: leave out of the LM head's gradient the vocabulary columns "
+                                     "below this on every position of a chunk that together hold at most this of "
+                                     "any position's softmax mass (Cut Cross-Entropy's filter with a mass bound; "
+                                     "on CPU it costs about what it saves). 0: exact", group=OBJECTIVE,
+                                check=in_unit_interval(), resume=RESUME_FREE)
     latent_diagnostics: bool = setting(True, "also score each training batch with z from the prior and from the "
                                              "posterior's sample alone (no gradient, up to 2 more LM-head passes): "
                                              "lpc/prior_accuracy, lpc/posterior_accuracy and the label-leak warning",
@@ -436,6 +442,9 @@ class TrainConfig(LPCConfig):
             # model's forward (so FSDP2 would not gather its LM head); and LoRA's trainable state is small
             raise ConfigError("strategy", "fsdp2 with LoRA (--lora-r) is not supported: use --strategy ddp, which "
                                           "replicates the frozen base once and all-reduces only the adapters")
+        if self.filter_eps and not self.fused_loss:
+            raise ConfigError("filter_eps", "needs --fused-loss (the gradient filter is an option of "
+                                            "lk.linear_preference_loss); drop --no-fused-loss or set it to 0")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "must name the modules LoRA adapts (e.g. all-linear)")
 
@@ -449,7 +458,8 @@ class TrainConfig(LPCConfig):
         """The ``LossConfig`` of the preference objective these settings describe."""
         return LossConfig(loss_type=self.loss, beta=self.beta, gamma=self.gamma,
                           label_smoothing=self.label_smoothing, kl_weight=self.kl_weight,
-                          ipo_average=self.ipo_average, backend=self.backend, free_bits=self.free_bits)
+                          ipo_average=self.ipo_average, backend=self.backend, free_bits=self.free_bits,
+                          filter_eps=self.filter_eps)
 
     def synthetic_config(self) -> SyntheticConfig:
         """The ``SyntheticConfig`` of the built-in data these settings describe (without ``--dataset``)."""

@@ -242,7 +242,8 @@ def fused_objective(pos: ScoredPositions, batch: dict, weight: Tensor, bias: Opt
         h, weight, pos.targets, bias=bias, z=z, ref_chosen_logps=obj.ref_chosen if cfg.needs_reference else None,
         ref_rejected_logps=obj.ref_rejected if cfg.needs_reference else None,
         prior_logits=prior_logits, posterior_logits=posterior_logits, kl_weight=op_kl_weight(cfg, obj.kl_weight, lpc),
-        backend=backend, sequence_ids=pos.sequences, sequence_lengths=batch["score_lengths"], **cfg.op_options())
+        backend=backend, sequence_ids=pos.sequences, sequence_lengths=batch["score_lengths"],
+        filter_eps=cfg.filter_eps, **cfg.op_options())
 
 
 def response_logps(hidden: Tensor, batch: dict, weight: Tensor, bias: Optional[Tensor] = None,

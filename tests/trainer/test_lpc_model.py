@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpc.config import LPCConfig, SyntheticConfig
+from lpc.config import ConfigError, LPCConfig, SyntheticConfig, TrainConfig
 from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
 from lpc.losses import LossConfig, preference_objective
 from lpc.model import (LPCModel, Objective, build_tiny_llama, code_perplexity, entropy_from_logits, final_hidden_states,
@@ -378,3 +378,31 @@ def test_loss_in_the_forward_equals_the_composition(tokenizer, rows, loss_type, 
     assert g1.keys() == g2.keys() and len(g1) > 5
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-8, atol=1e-12, msg=k)
+
+
+def test_filter_eps_reaches_the_fused_loss(tokenizer, rows, monkeypatch):
+    """``LossConfig.filter_eps`` is the fused op's ``filter_eps``: the loss unchanged, the gradients close to the exact
+    ones (the filter's bound is tested in tests/ops/test_vocab_filter.py); without the fused loss it is refused."""
+    from lpc import model as model_module
+
+    seen = []
+    op = model_module.lk.linear_preference_loss
+    monkeypatch.setattr(model_module.lk, "linear_preference_loss", lambda *a, **kw: seen.append(kw["filter_eps"]) or op(
+        *a, **kw))
+    batch = _batch(tokenizer, rows)
+    got = []
+    for eps in (0.0, 1e-3):
+        torch.manual_seed(0)
+        model = LPCModel(_policy(tokenizer), LPCConfig(num_codes=4), backend="reference").double()
+        cfg = LossConfig(loss_type="simpo", filter_eps=eps, backend="reference")
+        out = model(batch, mix=0.3, seed=1, offset=0, objective=Objective(None, None, cfg, 0.4))
+        res = preference_objective(out, None, None, cfg, kl_weight=0.4)
+        res.loss.backward()
+        got.append((res.loss.detach(), model.policy.get_output_embeddings().weight.grad))
+    assert seen == [0.0, 1e-3]
+    assert torch.equal(got[0][0], got[1][0])
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=0, atol=1e-3 * got[0][1].abs().max().item())
+    with pytest.raises(ConfigError, match="filter_eps: needs --fused-loss"):
+        TrainConfig(filter_eps=1e-3, fused_loss=False)
+    with pytest.raises(ConfigError, match=r"filter_eps: must be a number in \[0, 1\]"):
+        TrainConfig(filter_eps=2.0)
