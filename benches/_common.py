@@ -225,6 +225,33 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
+# ------------------------------------------------------------------------------------ peaked logits
+# Inputs of the gradient filter's cases (``filter_eps``): random weights give near-uniform softmaxes (entropy ~ ln V),
+# where the filter's mass bound drops nothing; a trained LM's per-token entropy is about 1-3 nats. These logits are a
+# Zipf log-frequency term plus a context term: ``x_iv = -PEAKED_ZIPF * ln(v + 1) + PEAKED_NOISE * n_iv`` (``n_iv`` ~
+# N(0, 1) from random hidden states and head), mean entropy ~ 2.9 nats at V = 32000, H = 512; labels are sampled
+# from the softmax, as a trained LM's targets are likely tokens. The log-frequency term rides on ``hidden[:, 0] = 1``.
+PEAKED_ZIPF, PEAKED_NOISE = 1.5, 2.0
+FILTER_EPS = 2.0**-12  # Cut Cross-Entropy's "auto"/"high" value for bf16 (its eps / 32)
+
+
+def peaked_head(rows: int, h: int, v: int, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """``(hidden [rows, H], weight [V, H], labels [rows], mean entropy in nats)``, see ``PEAKED_ZIPF``."""
+    g = generator(seed)
+    hidden = torch.randn(rows, h, generator=g, device=DEVICE)
+    hidden[:, 0] = 1.0
+    weight = torch.randn(v, h, generator=g, device=DEVICE) * (PEAKED_NOISE / (h - 1) ** 0.5)
+    weight[:, 0] = -PEAKED_ZIPF * torch.log1p(torch.arange(v, device=DEVICE, dtype=torch.float32))
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    labels = torch.empty(rows, dtype=torch.long, device=DEVICE)
+    entropy = 0.0
+    for s in range(0, rows, 1024):
+        logp = torch.log_softmax(hidden[s:s + 1024].float() @ weight.float().T, -1)
+        labels[s:s + 1024] = torch.multinomial(logp.exp(), 1, generator=g).squeeze(1)
+        entropy -= float((logp.exp() * logp).sum())
+    return hidden, weight, labels, entropy / rows
+
+
 # -------------------------------------------------------------------------------- caches per process
 class _Cache:
     """Inputs of the current (op, shape) and the current case; one of each is kept alive at a time."""
