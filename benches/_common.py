@@ -235,6 +235,16 @@ PEAKED_ZIPF, PEAKED_NOISE = 1.5, 2.0
 FILTER_EPS = 2.0**-12  # Cut Cross-Entropy's "auto"/"high" value for bf16 (its eps / 32)
 
 
+def logits_suffix(logits: str) -> str:
+    """The shape id's suffix of an input kind: none for ``"random"``, ``-peaked`` for ``"peaked"``."""
+    return "" if logits == "random" else f"-{logits}"
+
+
+def filter_variant(impl: str) -> tuple[str, float]:
+    """``(impl without "_filtered", its filter_eps)``: ``FILTER_EPS`` for a ``*_filtered`` impl, else 0."""
+    return impl.removesuffix("_filtered"), FILTER_EPS if impl.endswith("_filtered") else 0.0
+
+
 def peaked_head(rows: int, h: int, v: int, dtype: torch.dtype, seed: int = 0) -> tuple:
     """``(hidden [rows, H], weight [V, H], labels [rows], mean entropy in nats)``, see ``PEAKED_ZIPF``."""
     g = generator(seed)

@@ -16,11 +16,11 @@ Implementations (all return fp32 log-probs ``[N]``; backward gets the same upstr
                   ``ours_<backend>_frozen`` (the frozen-head path: the hidden gradient's factor in the forward)
   *_filtered      ours with ``filter_eps = FILTER_EPS`` (2^-12): the frozen-head path leaves the columns whose
                   softmax is below it (and holds at most it of any row's mass) out of its second GEMM
-Shapes ``...-peaked``: logits as peaked as a trained LM's (``_common.peaked_head``: mean entropy ~ 2.9 nats,
-labels sampled from the softmax) next to the random ones (entropy ~ ln V), where the mass bound drops nothing.
   ours_triton_<v> the triton backend with backward variant ``v`` (``split``: deterministic, per V chunk a
                   logits-gradient kernel and two gradient products; ``atomic``: one kernel with fp32
                   atomics), set through ``LPC_TRITON_LINEAR_BWD`` around each backward
+Shapes ``...-peaked``: logits as peaked as a trained LM's (``_common.peaked_head``: mean entropy ~ 2.9 nats,
+labels sampled from the softmax) next to the random ones (entropy ~ ln V), where the mass bound drops nothing.
 No label is ignored (``ignore_index`` rows would be skipped by ours and by CCE, not by eager).
 """
 
@@ -39,8 +39,8 @@ CHECK_IMPL = "eager"
 
 
 def _s(n, h, v, dtype, rounds, quick=False, tags=(), logits="random"):
-    suffix = "" if logits == "random" else f"-{logits}"
-    return Shape(f"N{n}-H{h}-V{v}{suffix}", {"N": n, "H": h, "V": v, "logits": logits}, dtype, rounds, quick, tags)
+    return Shape(f"N{n}-H{h}-V{v}{C.logits_suffix(logits)}", {"N": n, "H": h, "V": v, "logits": logits}, dtype,
+                 rounds, quick, tags)
 
 
 SHAPES = C.shapes_for(
@@ -104,8 +104,7 @@ def eager(hidden, weight, labels):
 def build(impl: str, shape: Shape, x: dict) -> C.Case:
     hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
     info = {"mean_entropy_nats": round(x["entropy"], 2)} if "entropy" in x else {}
-    filter_eps = C.FILTER_EPS if impl.endswith("_filtered") else 0.0
-    impl = impl.removesuffix("_filtered")
+    impl, filter_eps = C.filter_variant(impl)
     if filter_eps:
         info["filter_eps"] = filter_eps
     if impl.endswith("_frozen"):

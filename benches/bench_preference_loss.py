@@ -124,8 +124,7 @@ def build_plain(impl: str, shape: Shape, x: dict) -> C.Case:
 
 # ------------------------------------------------------------------------ fused LM head + preference loss
 def _l(loss, b, t, h, v, dtype, rounds, quick=False, logits="random"):
-    suffix = "" if logits == "random" else f"-{logits}"
-    return Shape(f"{loss}-B{b}-T{t}-H{h}-V{v}{suffix}",
+    return Shape(f"{loss}-B{b}-T{t}-H{h}-V{v}{C.logits_suffix(logits)}",
                  {"loss": loss, "B": b, "T": t, "H": h, "V": v, "N": 2 * b * t, "logits": logits}, dtype, rounds, quick)
 
 
@@ -198,8 +197,7 @@ def build_linear(impl: str, shape: Shape, x: dict) -> C.Case:
     info = {"loss_type": lt, "beta": beta}
     if "entropy" in x:
         info["mean_entropy_nats"] = round(x["entropy"], 2)
-    filter_eps = C.FILTER_EPS if impl.endswith("_filtered") else 0.0
-    impl = impl.removesuffix("_filtered")
+    impl, filter_eps = C.filter_variant(impl)
     if impl == "eager":
         fwd = lambda: eager_linear_step(hidden, weight, labels, ref_hidden, ref_weight, lt, beta)  # noqa: E731
     elif impl == "compile":

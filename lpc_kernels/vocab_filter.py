@@ -7,9 +7,8 @@ gradient GEMMs, the bias gradient) when they are no scored row's label, their so
 every scored row of the chunk, and together they hold at most ``eps`` of each scored row's softmax mass (so a
 near-uniform softmax, where every entry is small but the small ones are all the mass, loses nothing). The kept
 columns are gathered and the gradient GEMMs run on them alone, so the saving does not depend on how the vocabulary
-is ordered. Contract and
-error bound: ``docs/design.md`` section 2 (``filter_eps``). Deciding needs the kept columns' count on the host: one
-host sync per chunk when ``eps > 0``.
+is ordered. Contract and error bound: ``docs/design.md`` section 2 (``filter_eps``). Deciding needs the kept
+columns' count on the host: one host sync per chunk when ``eps > 0``.
 """
 
 from __future__ import annotations

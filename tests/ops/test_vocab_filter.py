@@ -122,7 +122,7 @@ def test_fused_loss_gradients_within_the_bound(backend, chunk_size):
     for name, bound in bounds.items():
         err = (g1[name].double() - g0[name].double()).abs()
         assert (err <= bound + 1e-6).all(), f"{name}: worst excess {(err - bound).max():.3g}"
-    assert (g1["weight"] != g0["weight"]).any()  # blocks were skipped
+    assert (g1["weight"] != g0["weight"]).any()  # columns were skipped
 
 
 def test_frozen_head_factor_within_the_bound(backend):

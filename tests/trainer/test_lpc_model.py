@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lpc_kernels as lk
 from lpc.config import ConfigError, LPCConfig, SyntheticConfig, TrainConfig
 from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
 from lpc.losses import LossConfig, preference_objective
@@ -162,8 +163,6 @@ def test_inference_z_comes_from_the_prior(tokenizer, rows, inference):
 
 
 def test_training_latent_uses_gumbel_seed_and_prior_mix(tokenizer, rows):
-    import lpc_kernels as lk
-
     policy = _policy(tokenizer)
     model = LPCModel(policy, LPCConfig(num_codes=6, codebook_scale=0.5)).double()
     batch = _batch(tokenizer, rows)
@@ -383,12 +382,9 @@ def test_loss_in_the_forward_equals_the_composition(tokenizer, rows, loss_type, 
 def test_filter_eps_reaches_the_fused_loss(tokenizer, rows, monkeypatch):
     """``LossConfig.filter_eps`` is the fused op's ``filter_eps``: the loss unchanged, the gradients close to the exact
     ones (the filter's bound is tested in tests/ops/test_vocab_filter.py); without the fused loss it is refused."""
-    from lpc import model as model_module
-
     seen = []
-    op = model_module.lk.linear_preference_loss
-    monkeypatch.setattr(model_module.lk, "linear_preference_loss", lambda *a, **kw: seen.append(kw["filter_eps"]) or op(
-        *a, **kw))
+    op = lk.linear_preference_loss
+    monkeypatch.setattr(lk, "linear_preference_loss", lambda *a, **kw: seen.append(kw["filter_eps"]) or op(*a, **kw))
     batch = _batch(tokenizer, rows)
     got = []
     for eps in (0.0, 1e-3):
