@@ -1,7 +1,10 @@
 // Schemas of the compiled kernels, declared once. Implementations register per dispatch key:
-// csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA. Python (lpc_kernels/_cpp.py) registers the fake
-// impls; the public, differentiable ops (lpc::token_logprobs, ...) live in lpc_kernels/_ops.py and
-// call these for the "cpu" and "cuda" backends. Argument contract: lpc_kernels/reference.py.
+// csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA. lpc_kernels/_cpp.py calls them for the "cpu" and "cuda"
+// backends and registers their fake impls; the public, differentiable ops (lpc::token_logprobs, ...) live in
+// lpc_kernels/ops/. Argument contract: lpc_kernels/backend_interface.py. preference_loss's tensors, in the
+// order of lpc_kernels.preference.PreferenceLossInputs: pc, pr = policy chosen / rejected log-probs, rc, rr =
+// reference ones, cl, rl = chosen / rejected lengths, prior, post = code logits; grad_* = gradients of the
+// forward's outputs (loss, losses, chosen_rewards, rejected_rewards, kl).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,8 +32,9 @@ TORCH_LIBRARY(lpc, m) {
   m.def("preference_loss_fwd(Tensor pc, Tensor pr, Tensor? rc, Tensor? rr, Tensor? cl, Tensor? rl,"
         " Tensor? prior, Tensor? post, str loss_type, float beta, float gamma, float label_smoothing,"
         " float kl_weight, bool ipo_average) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("preference_loss_bwd(Tensor g_loss, Tensor g_losses, Tensor g_cr, Tensor g_rr, Tensor g_kl,"
-        " Tensor pc, Tensor pr, Tensor? rc, Tensor? rr, Tensor? cl, Tensor? rl, Tensor? prior, Tensor? post,"
+  m.def("preference_loss_bwd(Tensor grad_loss, Tensor grad_losses, Tensor grad_chosen_rewards,"
+        " Tensor grad_rejected_rewards, Tensor grad_kl, Tensor pc, Tensor pr, Tensor? rc, Tensor? rr, Tensor? cl,"
+        " Tensor? rl, Tensor? prior, Tensor? post,"
         " str loss_type, float beta, float gamma, float label_smoothing, float kl_weight, bool ipo_average)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,16 +1,11 @@
 """The backend interface: the eight functions every backend module implements, with these exact signatures.
 
-Implemented by ``lpc_kernels.reference`` (the oracle), ``lpc_kernels._cpp`` (the ``cpu`` and ``cuda``
-kernels of ``lpc_kernels._C``) and ``lpc_kernels.triton``; ``tests/ops/test_backends.py`` checks that each
-exposes every function below with the same parameters. The op contracts in ``lpc_kernels.ops`` check the
-arguments once and call these: inputs arrive checked, 2-D / 1-D and contiguous.
-
-Dtypes (``docs/design.md`` section 3): log-probs, LSE, code weights, rewards and KL are float32 (float64
-for float64 inputs: ``numerics.compute_dtype``); ``z`` has the codebook's dtype; gradients have their
-input's dtype, except ``gumbel_softmax_bwd``'s ``grad_logits`` (compute dtype; the op casts it). Ignored rows (``labels == ignore_index``) get ``logp = 0``, ``lse = 0`` and zero gradient.
-An output that is not asked for (or belongs to an absent input) is ``None``.
-
-The bodies below only say what a backend returns; they are never called.
+Implemented by ``lpc_kernels.reference`` (the oracle), ``lpc_kernels._cpp`` (``cpu`` and ``cuda``) and
+``lpc_kernels.triton``; ``tests/ops/test_api.py`` checks that each has every function with these parameters. The
+op layer (``lpc_kernels.ops``) checks the arguments and calls these: inputs arrive 2-D / 1-D and contiguous.
+Log-probs, LSE, code weights, rewards and KL come in the compute dtype (``numerics.compute_dtype``), ``z`` in the
+codebook's, gradients in their input's (``gumbel_softmax_bwd``'s ``grad_logits``: compute dtype). Ignored rows
+get ``logp = lse = 0`` and no gradient; an output not asked for (or of an absent input) is ``None``.
 """
 
 from __future__ import annotations
@@ -18,6 +13,8 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import Tensor
+
+from .preference import PreferenceLossInputs, PreferenceLossOptions, PreferenceLossOutput
 
 Grad = Optional[Tensor]
 
@@ -42,13 +39,8 @@ def linear_token_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
 
 def linear_token_logprobs_bwd(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                               labels: Tensor, lse: Tensor, ignore_index: int, chunk_size: int, need_hidden: bool,
-                              need_weight: bool, need_bias: bool, *,
-                              filter_eps: float = 0.0) -> tuple[Grad, Grad, Grad]:
-    """``(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None)``.
-
-    ``filter_eps > 0`` allows a backend to skip logits tiles whose softmax entries are all below it and that
-    hold no label (error bound: ``docs/design.md`` section 2); a backend that does not filter is exact.
-    """
+                              need_weight: bool, need_bias: bool) -> tuple[Grad, Grad, Grad]:
+    """``(grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None)``."""
     raise NotImplementedError
 
 
@@ -66,21 +58,15 @@ def gumbel_softmax_bwd(grad_weights: Tensor, grad_z: Tensor, weights: Tensor, so
     raise NotImplementedError
 
 
-def preference_loss_fwd(pc: Tensor, pr: Tensor, rc: Optional[Tensor], rr: Optional[Tensor], cl: Optional[Tensor],
-                        rl: Optional[Tensor], prior: Optional[Tensor], post: Optional[Tensor], loss_type: str,
-                        beta: float, gamma: float, label_smoothing: float, kl_weight: float,
-                        ipo_average: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def preference_loss_fwd(inputs: PreferenceLossInputs, options: PreferenceLossOptions) -> PreferenceLossOutput:
     """Policy / reference log-probs ``[B]``, lengths ``[B]``, prior / posterior logits ``[B, K]`` ->
-    ``(loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B])``."""
+    ``loss []``, ``losses``, ``chosen_rewards``, ``rejected_rewards``, ``kl`` ``[B]``."""
     raise NotImplementedError
 
 
-def preference_loss_bwd(g_loss: Tensor, g_losses: Tensor, g_cr: Tensor, g_rj: Tensor, g_kl: Tensor, pc: Tensor,
-                        pr: Tensor, rc: Optional[Tensor], rr: Optional[Tensor], cl: Optional[Tensor],
-                        rl: Optional[Tensor], prior: Optional[Tensor], post: Optional[Tensor], loss_type: str,
-                        beta: float, gamma: float, label_smoothing: float, kl_weight: float,
-                        ipo_average: bool) -> tuple[Grad, Grad, Grad, Grad, Grad, Grad, Grad, Grad]:
-    """The gradients of the eight tensor inputs ``(pc, pr, rc, rr, cl, rl, prior, post)`` of the forward;
+def preference_loss_bwd(grad_outputs: PreferenceLossOutput, inputs: PreferenceLossInputs,
+                        options: PreferenceLossOptions) -> PreferenceLossInputs:
+    """The gradient of each input, given the gradient of each output (all five given, zeros where unused);
     ``None`` for the lengths and for absent inputs."""
     raise NotImplementedError
 

@@ -1,9 +1,6 @@
-"""Which backends exist, which can run here, and which one ``backend="auto"`` picks.
-
-Backends: ``reference`` (pure PyTorch, any device, float64-capable: the oracle), ``cpu`` and ``cuda`` (the
-compiled kernels of ``lpc_kernels._C``, served by ``lpc_kernels._cpp``), ``triton`` (``lpc_kernels.triton``).
-Each implements the functions of ``lpc_kernels.backend_interface``. The rule for ``"auto"`` and the errors
-for unknown or unavailable backends: ``docs/design.md`` section 5.
+"""Which backends exist (``reference``, ``cpu`` and ``cuda`` through ``lpc_kernels._cpp``, ``triton``), which can
+run here, and which one ``backend="auto"`` picks; each implements ``lpc_kernels.backend_interface``. The rule and
+the errors: ``docs/design.md``, "Choosing a backend".
 """
 
 from __future__ import annotations

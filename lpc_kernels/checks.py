@@ -1,10 +1,7 @@
-"""Argument-check primitives shared by the op contracts (``lpc_kernels.ops``) and the vocab-parallel op.
-
-Metadata checks (types, shapes, dtypes, devices, scalar ranges) run in the public functions before any
-kernel launches and raise ``TypeError`` / ``ValueError`` naming the argument. Value checks that need the
-tensors' contents (label range, NaN, lengths) run inside the custom ops without blocking the host on a GPU:
-they compute a flag on the device and ``raise_pending_errors()`` raises the same ``ValueError`` at the
-caller's next sync (``docs/design.md`` section 2, "Value checks").
+"""Argument-check primitives shared by the op contracts (``lpc_kernels.ops``) and the vocab-parallel op:
+metadata checks that raise naming the argument before any kernel runs, and value checks (label range, NaN,
+lengths) that a GPU op records on the device for ``raise_pending_errors()`` instead of blocking the host
+(``docs/design.md``, "Value checks").
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """The LM-head GEMMs of the ops that hold one chunk of logits (``linear_preference_loss``, the frozen-head path of
-``linear_token_logprobs``): logits in the compute dtype, gradient GEMMs fed in the input dtype.
-
-fp32 / fp64 inputs: plain GEMMs in that dtype. bf16 / fp16 inputs: on CUDA a GEMM with fp32 output
-(``torch.mm(..., out_dtype=float32)``: fp32 accumulate, logits not rounded to 16 bits), and the gradient tile
-rounded once to the input dtype for the two gradient GEMMs (as the cuda backend does); on CPU the weight is
-upcast once per call and everything runs in fp32 (as the cpu backend does), so the math is the reference's.
+``linear_token_logprobs``): logits in the compute dtype; bf16 / fp16 on CUDA fp32-output GEMMs with the gradient
+tile rounded once to the input dtype (as the cuda backend), on CPU the weight upcast once and all in fp32 (as the
+cpu backend).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Optional
 
@@ -30,12 +26,6 @@ class HeadGemms:
         self.weight = weight if self.low_precision else weight.to(self.cdt)
         self.bias = bias.to(self.cdt) if bias is not None else None
 
-    def columns(self, cols: Tensor) -> "HeadGemms":
-        """The gradient GEMMs on the vocabulary columns ``cols`` alone (a copy of those rows of the weight)."""
-        sub = copy.copy(self)
-        sub.weight, sub.bias = self.weight.index_select(0, cols), None
-        return sub
-
     def operand(self, h: Tensor) -> Tensor:
         """``h`` in the dtype the GEMMs take."""
         return h if self.low_precision else h.to(self.cdt)
@@ -53,12 +43,9 @@ class HeadGemms:
         """``d @ W`` ``[c, H]`` in the compute dtype, ``d`` from ``tile``."""
         return torch.mm(d, self.weight, out_dtype=self.cdt) if self.low_precision else d @ self.weight
 
-    def add_weight_grad(self, acc: Tensor, d: Tensor, h: Tensor, cols: Optional[Tensor] = None) -> None:
-        """``acc [V, H] += d^T @ h`` in the compute dtype (``d`` from ``tile``, ``h`` from ``operand``); with
-        ``cols``, ``d`` holds those columns only and adds to those rows of ``acc``."""
-        if cols is not None:
-            acc.index_add_(0, cols, torch.mm(d.t(), h, out_dtype=self.cdt) if self.low_precision else d.t() @ h)
-        elif self.low_precision:
+    def add_weight_grad(self, acc: Tensor, d: Tensor, h: Tensor) -> None:
+        """``acc [V, H] += d^T @ h`` in the compute dtype (``d`` from ``tile``, ``h`` from ``operand``)."""
+        if self.low_precision:
             acc += torch.mm(d.t(), h, out_dtype=self.cdt)
         else:
             acc.addmm_(d.t(), h)

@@ -1,7 +1,5 @@
-"""What every backend computes in: the accepted dtypes, the compute dtype, and row chunking.
-
-Shared by the op contracts (``lpc_kernels.ops``) and every backend, so no backend borrows these from
-another one. The numerics contract itself is ``docs/design.md`` section 3.
+"""What every backend computes in: the accepted dtypes, the compute dtype, and row chunking. Shared by the op
+contracts (``lpc_kernels.ops``) and every backend; the numerics contract: ``docs/design.md``, "Numerics".
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The ``reference`` backend: pure PyTorch, any device, float64-capable. It is the oracle for the others.
-
-It implements ``lpc_kernels.backend_interface`` in the plainest PyTorch: compute dtype ``float64`` for float64
-inputs, ``float32`` otherwise (bf16/fp16 are upcast exactly, then all math is fp32); the ``[N, V]`` logits of
-the linear op are materialised ``chunk_size`` rows at a time.
+"""The ``reference`` backend: ``lpc_kernels.backend_interface`` in the plainest PyTorch, any device, the oracle for
+the others. It computes in float64 for float64 inputs, else in float32 (16-bit inputs upcast exactly), and
+materialises the linear op's ``[N, V]`` logits ``chunk_size`` rows at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 
 from .numerics import DEFAULT_CHUNK_SIZE, chunks, compute_dtype
 from .philox import gumbel_noise
+from .preference import PreferenceLossInputs, PreferenceLossOutput
 
 
 # ----------------------------------------------------------------------------------- token_logprobs
@@ -74,8 +73,7 @@ def linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index, chunk_
 
 
 def linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size,
-                              need_hidden, need_weight, need_bias, *, filter_eps=0.0):
-    # filter_eps (skip tiles of softmax mass below it) is a triton-only speed option: this gradient is exact
+                              need_hidden, need_weight, need_bias):
     cdt = compute_dtype(hidden)
     rows = torch.nonzero(labels != ignore_index).squeeze(1)
     w = weight.to(cdt)
@@ -165,38 +163,47 @@ def _upcast(cdt, *ts):
     return [t.to(cdt) if t is not None else None for t in ts]
 
 
-def preference_loss_fwd(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing,
-                        kl_weight, ipo_average):
-    cdt = compute_dtype(pc)
-    pc, pr, rc, rr, cl, rl = _upcast(cdt, pc, pr, rc, rr, cl, rl)
-    h, _, _, cr, rj = _pair_terms(pc, pr, rc, rr, cl, rl, loss_type, beta, gamma, ipo_average)
-    pair, _ = _pair_loss_and_slope(h, loss_type, beta, label_smoothing)
+def preference_loss_fwd(inputs, options):
+    cdt = compute_dtype(inputs.policy_chosen_logps)
+    pc, pr, rc, rr, cl, rl = _upcast(cdt, inputs.policy_chosen_logps, inputs.policy_rejected_logps,
+                                     inputs.ref_chosen_logps, inputs.ref_rejected_logps, inputs.chosen_lengths,
+                                     inputs.rejected_lengths)
+    h, _, _, cr, rj = _pair_terms(pc, pr, rc, rr, cl, rl, options.loss_type, options.beta, options.gamma,
+                                  options.ipo_average)
+    pair, _ = _pair_loss_and_slope(h, options.loss_type, options.beta, options.label_smoothing)
+    prior, post = inputs.prior_logits, inputs.posterior_logits
     kl = _kl_terms(prior, post, cdt)[0] if prior is not None else torch.zeros_like(pc)
-    losses = pair + kl_weight * kl
-    return losses.mean(), losses, cr, rj, kl
+    losses = pair + options.kl_weight * kl
+    return PreferenceLossOutput(loss=losses.mean(), losses=losses, chosen_rewards=cr, rejected_rewards=rj, kl=kl)
 
 
-def preference_loss_bwd(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type,
-                        beta, gamma, label_smoothing, kl_weight, ipo_average):
+def preference_loss_bwd(grad_outputs, inputs, options):
+    pc = inputs.policy_chosen_logps
     cdt = compute_dtype(pc)
-    dtypes = [t.dtype if t is not None else None for t in (pc, pr, rc, rr, prior, post)]
-    pc, pr, rc, rr, cl, rl = _upcast(cdt, pc, pr, rc, rr, cl, rl)
-    g_loss, g_losses, g_cr, g_rj, g_kl = _upcast(cdt, g_loss, g_losses, g_cr, g_rj, g_kl)
-    h, a_w, a_l, _, _ = _pair_terms(pc, pr, rc, rr, cl, rl, loss_type, beta, gamma, ipo_average)
-    _, slope = _pair_loss_and_slope(h, loss_type, beta, label_smoothing)
-    g_each = g_loss / pc.shape[0] + g_losses
+    pc, pr, rc, rr, cl, rl = _upcast(cdt, pc, inputs.policy_rejected_logps, inputs.ref_chosen_logps,
+                                     inputs.ref_rejected_logps, inputs.chosen_lengths, inputs.rejected_lengths)
+    g = PreferenceLossOutput(*_upcast(cdt, *grad_outputs))
+    loss_type, beta = options.loss_type, options.beta
+    h, a_w, a_l, _, _ = _pair_terms(pc, pr, rc, rr, cl, rl, loss_type, beta, options.gamma, options.ipo_average)
+    _, slope = _pair_loss_and_slope(h, loss_type, beta, options.label_smoothing)
+    g_each = g.loss / pc.shape[0] + g.losses
     dh = g_each * slope
     reward_scale = beta if loss_type == "ipo" else 1.0  # rewards = reward_scale * a * (policy - ref)
-    d_pc = a_w * (dh + reward_scale * g_cr)
-    d_pr = a_l * (reward_scale * g_rj - dh)
-    d_rc = -d_pc if rc is not None else None
-    d_rr = -d_pr if rr is not None else None
+    d_pc = a_w * (dh + reward_scale * g.chosen_rewards)
+    d_pr = a_l * (reward_scale * g.rejected_rewards - dh)
     d_prior = d_post = None
-    if prior is not None:
-        kl, q, p, log_ratio = _kl_terms(prior, post, cdt)
-        g_kl_total = (g_each * kl_weight + g_kl)[:, None]
+    if inputs.prior_logits is not None:
+        kl, q, p, log_ratio = _kl_terms(inputs.prior_logits, inputs.posterior_logits, cdt)
+        g_kl_total = (g_each * options.kl_weight + g.kl)[:, None]
         d_post = g_kl_total * q * (log_ratio - kl[:, None])
         d_prior = g_kl_total * (p - q)
-    grads = [d_pc, d_pr, d_rc, d_rr, d_prior, d_post]
-    out = [g.to(dt) if g is not None else None for g, dt in zip(grads, dtypes)]
-    return out[0], out[1], out[2], out[3], None, None, out[4], out[5]
+
+    def like(grad, t):  # in the input's dtype; None where the input is absent
+        return grad.to(t.dtype) if t is not None else None
+
+    return PreferenceLossInputs(
+        policy_chosen_logps=like(d_pc, inputs.policy_chosen_logps),
+        policy_rejected_logps=like(d_pr, inputs.policy_rejected_logps),
+        ref_chosen_logps=like(-d_pc, inputs.ref_chosen_logps),
+        ref_rejected_logps=like(-d_pr, inputs.ref_rejected_logps),
+        prior_logits=like(d_prior, inputs.prior_logits), posterior_logits=like(d_post, inputs.posterior_logits))

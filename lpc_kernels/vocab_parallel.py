@@ -1,13 +1,9 @@
 """Vocab-parallel ``linear_token_logprobs``: the LM-head weight sharded along the vocabulary over a group.
 
-Each rank of ``process_group`` holds the rows ``[vocab_start, vocab_start + V_local)`` of the LM-head weight
-(and bias) and the same, replicated ``hidden`` and ``labels``; the op returns, on every rank, the exact
-log-probs of the full-vocabulary softmax without any rank holding more than its ``[N, V_local]`` share.
-Forward: the backend's fused forward on the shard, then an all-reduce MAX of ``[N]`` and an all-reduce SUM of
-``[2, N]`` combine the partial log-sum-exps exactly and stably. Backward: the backend's fused backward on the
-shard with the global ``lse``, ``d hidden`` all-reduced; rows whose label lies in another shard pass the
-local stand-in label 0, whose one-hot contribution is then removed exactly. The math and why it is exact:
-``docs/design.md`` section 6 ("Vocab-parallel LM head"); training-side use and costs: ``docs/distributed.md``.
+Each rank holds rows ``[vocab_start, vocab_start + V_local)`` of the weight (and bias) and the same ``hidden`` and
+``labels``; every rank gets the exact full-vocabulary log-probs from the backend's fused kernels on its shard and
+two small all-reduces (``d hidden`` all-reduced in backward). Why it is exact: ``docs/design.md``, "Vocab-parallel
+LM head"; training-side use and costs: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +24,8 @@ __all__ = ["vocab_parallel_linear_token_logprobs"]
 # Local label meaning "ignored" handed to the backend. Local labels of valid rows are >= 0, so -1
 # never collides with one, whatever the caller's ignore_index (which may be any int, even a vocab id).
 _LOCAL_IGNORE = -1
-# Local column standing in for the label of rows whose target lies in another shard (see module doc).
+# Local column standing in for the label of rows whose target lies in another shard (the backend's kernels need
+# a label on every scored row); its one-hot term is removed from the gradient exactly in backward.
 _STAND_IN = 0
 
 # Layout of the per-rank record exchanged by the one consistency all_gather.
@@ -138,7 +135,9 @@ def _exchange_and_check_world(hidden, weight_shard, labels, vocab_start, process
 
 
 class _VocabParallelLinearTokenLogprobs(torch.autograd.Function):
-    """hidden [N, H], weight [V_local, H], bias [V_local]? -> logp [N] (compute dtype); see module doc."""
+    """hidden [N, H], weight [V_local, H], bias [V_local]? -> logp [N] (compute dtype): forward an all-reduce MAX
+    of ``[N]`` and an all-reduce SUM of ``[2, N]`` combine the shards' log-sum-exps; backward the backend's
+    gradient on the shard with the global ``lse``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, vocab_start, ignore_index, chunk_size, backend, group,

@@ -8,9 +8,10 @@
 //   pair loss: ipo (h - 1/(2 beta))^2; else -(1-eps) logsigmoid(h) - eps logsigmoid(-h)
 //   KL(q||p) = sum_k q_k (log q_k - log p_k) from log-softmax of the logits (never log of a softmax)
 //   losses = pair + kl_weight * kl, loss = mean(losses)
-// Backward: with G = g_loss / B + g_losses and slope = d pair / d h,
-//   d_pc = a_w (G slope + reward_scale g_cr), d_pr = a_l (reward_scale g_rj - G slope), d_rc = -d_pc,
-//   d_rr = -d_pr, and with gk = G kl_weight + g_kl: d_post = gk q (log q - log p - kl), d_prior = gk (p - q).
+// Backward: with G = grad_loss / B + grad_losses and slope = d pair / d h,
+//   d_pc = a_w (G slope + reward_scale grad_chosen_rewards), d_pr = a_l (reward_scale grad_rejected_rewards
+//   - G slope), d_rc = -d_pc, d_rr = -d_pr, and with gk = G kl_weight + grad_kl:
+//   d_post = gk q (log q - log p - kl), d_prior = gk (p - q).
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -209,28 +210,29 @@ void fwd_kernel(const Inputs& in, const Options& o, acc* losses, acc* cr, acc* r
 }
 
 template <typename acc>
-void bwd_kernel(const Inputs& in, const Options& o, acc g_loss, const acc* g_losses, const acc* g_cr,
-                const acc* g_rj, const acc* g_kl, acc* d_pc, acc* d_pr, acc* d_prior, acc* d_post) {
+void bwd_kernel(const Inputs& in, const Options& o, acc grad_loss, const acc* grad_losses,
+                const acc* grad_chosen_rewards, const acc* grad_rejected_rewards, const acc* grad_kl, acc* d_pc,
+                acc* d_pr, acc* d_prior, acc* d_post) {
   const acc *pc = ptr<acc>(in.pc), *pr = ptr<acc>(in.pr), *rc = ptr<acc>(in.rc), *rr = ptr<acc>(in.rr);
   const acc *cl = ptr<acc>(in.cl), *rl = ptr<acc>(in.rl), *prior = ptr<acc>(in.prior), *post = ptr<acc>(in.post);
   const acc klw = static_cast<acc>(o.kl_weight);
   const acc reward_scale = o.type == LossType::kIpo ? static_cast<acc>(o.beta) : acc(1);
-  const acc g_mean = g_loss / static_cast<acc>(in.b);
+  const acc g_mean = grad_loss / static_cast<acc>(in.b);
   const int64_t k = in.k;
   at::parallel_for(0, in.b, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Pair<acc> t = pair_terms(o, pc[i], pr[i], rc, rr, cl, rl, i);
       acc pl, slope;
       pair_loss(o, t.h, pl, slope);
-      const acc g_each = g_mean + g_losses[i];
+      const acc g_each = g_mean + grad_losses[i];
       const acc dh = g_each * slope;
-      d_pc[i] = t.a_w * (dh + reward_scale * g_cr[i]);
-      d_pr[i] = t.a_l * (reward_scale * g_rj[i] - dh);
+      d_pc[i] = t.a_w * (dh + reward_scale * grad_chosen_rewards[i]);
+      d_pr[i] = t.a_l * (reward_scale * grad_rejected_rewards[i] - dh);
       if (prior == nullptr) continue;
       const acc* xp = prior + i * k;
       const acc* xq = post + i * k;
       const KlRow<acc> r = kl_row(xp, xq, k);
-      const acc gk = g_each * klw + g_kl[i];
+      const acc gk = g_each * klw + grad_kl[i];
       for (int64_t j = 0; j < k; ++j) {
         const acc lq = xq[j] - r.lse_q, lp = xp[j] - r.lse_p;
         const acc q = std::exp(lq), p = std::exp(lp);
@@ -273,19 +275,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> preferenc
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_bwd(
-    const at::Tensor& g_loss, const at::Tensor& g_losses, const at::Tensor& g_cr, const at::Tensor& g_rr,
-    const at::Tensor& g_kl, const at::Tensor& pc, const at::Tensor& pr, const c10::optional<at::Tensor>& rc,
-    const c10::optional<at::Tensor>& rr, const c10::optional<at::Tensor>& cl, const c10::optional<at::Tensor>& rl,
-    const c10::optional<at::Tensor>& prior, const c10::optional<at::Tensor>& post, c10::string_view loss_type,
-    double beta, double gamma, double label_smoothing, double kl_weight, bool ipo_average) {
+    const at::Tensor& grad_loss, const at::Tensor& grad_losses, const at::Tensor& grad_chosen_rewards,
+    const at::Tensor& grad_rejected_rewards, const at::Tensor& grad_kl, const at::Tensor& pc, const at::Tensor& pr,
+    const c10::optional<at::Tensor>& rc, const c10::optional<at::Tensor>& rr, const c10::optional<at::Tensor>& cl,
+    const c10::optional<at::Tensor>& rl, const c10::optional<at::Tensor>& prior,
+    const c10::optional<at::Tensor>& post, c10::string_view loss_type, double beta, double gamma,
+    double label_smoothing, double kl_weight, bool ipo_average) {
   const Options o = make_options(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average);
   const Inputs in = check_inputs(pc, pr, rc, rr, cl, rl, prior, post, o);
-  LPC_CHECK(g_loss.numel() == 1 && g_loss.dim() == 0, "g_loss must be a 0-d tensor, got shape ", g_loss.sizes());
-  LPC_CHECK(is_float_dtype(g_loss.scalar_type()), "g_loss must be a float tensor, got ", g_loss.scalar_type());
-  const at::Tensor gl = grad_vector(g_losses, "g_losses", in.b, in.cdt);
-  const at::Tensor gc = grad_vector(g_cr, "g_cr", in.b, in.cdt);
-  const at::Tensor gr = grad_vector(g_rr, "g_rr", in.b, in.cdt);
-  const at::Tensor gk = grad_vector(g_kl, "g_kl", in.b, in.cdt);
+  LPC_CHECK(grad_loss.numel() == 1 && grad_loss.dim() == 0, "grad_loss must be a 0-d tensor, got shape ",
+            grad_loss.sizes());
+  LPC_CHECK(is_float_dtype(grad_loss.scalar_type()), "grad_loss must be a float tensor, got ",
+            grad_loss.scalar_type());
+  const at::Tensor gl = grad_vector(grad_losses, "grad_losses", in.b, in.cdt);
+  const at::Tensor gc = grad_vector(grad_chosen_rewards, "grad_chosen_rewards", in.b, in.cdt);
+  const at::Tensor gr = grad_vector(grad_rejected_rewards, "grad_rejected_rewards", in.b, in.cdt);
+  const at::Tensor gk = grad_vector(grad_kl, "grad_kl", in.b, in.cdt);
   const auto opts = pc.options().dtype(in.cdt);
   at::Tensor d_pc = at::empty({in.b}, opts), d_pr = at::empty({in.b}, opts);
   at::Tensor d_prior, d_post;
@@ -294,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     d_post = at::empty({in.b, in.k}, opts);
   }
   AT_DISPATCH_FLOATING_TYPES(in.cdt, "preference_loss_bwd", [&] {
-    bwd_kernel<scalar_t>(in, o, g_loss.item().to<scalar_t>(), gl.const_data_ptr<scalar_t>(),
+    bwd_kernel<scalar_t>(in, o, grad_loss.item().to<scalar_t>(), gl.const_data_ptr<scalar_t>(),
                          gc.const_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), gk.const_data_ptr<scalar_t>(),
                          d_pc.mutable_data_ptr<scalar_t>(), d_pr.mutable_data_ptr<scalar_t>(),
                          in.prior.defined() ? d_prior.mutable_data_ptr<scalar_t>() : nullptr,

@@ -258,15 +258,15 @@ PrefShape preference_loss(const Tensor& pc, const Tensor& pr, const Tensor& rc, 
   return s;
 }
 
-void preference_loss_grads(const Tensor& g_loss, const Tensor& g_losses, const Tensor& g_cr, const Tensor& g_rr,
-                           const Tensor& g_kl, const Tensor& pc) {
-  cuda_tensor(g_loss, "g_loss");
-  same_device(g_loss, pc, "g_loss", "pc");
-  LPC_CHECK(g_loss.numel() == 1, "g_loss must be a scalar, got shape ", g_loss.sizes());
-  floating(g_loss, "g_loss");
+void preference_loss_grads(const Tensor& grad_loss, const Tensor& grad_losses, const Tensor& grad_chosen_rewards,
+                           const Tensor& grad_rejected_rewards, const Tensor& grad_kl, const Tensor& pc) {
+  cuda_tensor(grad_loss, "grad_loss");
+  same_device(grad_loss, pc, "grad_loss", "pc");
+  LPC_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
+  floating(grad_loss, "grad_loss");
   const int64_t B = pc.size(0);
-  const char* names[4] = {"g_losses", "g_cr", "g_rr", "g_kl"};
-  const Tensor* gs[4] = {&g_losses, &g_cr, &g_rr, &g_kl};
+  const char* names[4] = {"grad_losses", "grad_chosen_rewards", "grad_rejected_rewards", "grad_kl"};
+  const Tensor* gs[4] = {&grad_losses, &grad_chosen_rewards, &grad_rejected_rewards, &grad_kl};
   for (int j = 0; j < 4; ++j) {
     input(*gs[j], names[j], 1, pc, "pc");
     floating(*gs[j], names[j]);

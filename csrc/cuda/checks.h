@@ -5,7 +5,8 @@
 // machines' builds segfaulted inside std::ostream::_M_insert<long> when a message streamed a number). The
 // .cu files pass only Tensors, int64s, doubles, bools and const char* across and format nothing.
 //
-// Every message names the argument (tests/test_cuda.py matches on the name) and what was expected.
+// Every message names the argument (tests/backends/test_cuda_kernels.py matches on the name) and what was
+// expected.
 // This header is plain C++: no CUDA types, so both compilers read the same declarations.
 #pragma once
 
@@ -68,9 +69,10 @@ PrefShape preference_loss(const at::Tensor& pc, const at::Tensor& pr, const at::
                           const at::Tensor& cl, const at::Tensor& rl, const at::Tensor& prior,
                           const at::Tensor& post, std::string_view loss_type, bool ipo_average, double beta,
                           double label_smoothing, double kl_weight, int64_t pairs_per_block);
-// The backward's incoming gradients (g_loss scalar; the others [B]).
-void preference_loss_grads(const at::Tensor& g_loss, const at::Tensor& g_losses, const at::Tensor& g_cr,
-                           const at::Tensor& g_rr, const at::Tensor& g_kl, const at::Tensor& pc);
+// The backward's incoming gradients of the forward's outputs (grad_loss scalar; the others [B]).
+void preference_loss_grads(const at::Tensor& grad_loss, const at::Tensor& grad_losses,
+                           const at::Tensor& grad_chosen_rewards, const at::Tensor& grad_rejected_rewards,
+                           const at::Tensor& grad_kl, const at::Tensor& pc);
 
 }  // namespace checks
 }  // namespace lpc_cuda

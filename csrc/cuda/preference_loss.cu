@@ -13,9 +13,9 @@
 // writes the sum of its pairs (fixed order) to a partials buffer, and the last block to finish (atomic
 // ticket) sums the partials in a fixed tree order. The result does not depend on block scheduling.
 //
-// Backward, per pair: g_each = g_loss / B + g_losses; dh = g_each * slope(h);
-//   d pc = a_w (dh + rs g_cr), d pr = a_l (rs g_rj - dh), d rc = -d pc, d rr = -d pr (rs = beta for ipo);
-//   with gk = g_each kl_weight + g_kl: d post = gk q (log q - log p - KL), d prior = gk (p - q).
+// Backward, per pair: g_each = grad_loss / B + grad_losses; dh = g_each * slope(h); with rs = beta for ipo
+// (else 1), d pc = a_w (dh + rs grad_chosen_rewards), d pr = a_l (rs grad_rejected_rewards - dh), d rc = -d pc,
+// d rr = -d pr; with gk = g_each kl_weight + grad_kl: d post = gk q (log q - log p - KL), d prior = gk (p - q).
 // The [B] inputs may have any float dtype (lengths: any int or float dtype) and gradients are written in
 // each input's dtype, through type codes (AnyVec), so mixed dtypes cost no extra launches.
 //
@@ -207,22 +207,23 @@ struct PrefGrads {
 
 template <typename acc_t, typename lt_t>
 __global__ void __launch_bounds__(kThreads) preference_bwd_kernel(
-    PrefParams<acc_t> p, PrefGrads<acc_t> g, const acc_t* __restrict__ g_loss, const acc_t* __restrict__ g_losses,
-    const acc_t* __restrict__ g_cr, const acc_t* __restrict__ g_rj, const acc_t* __restrict__ g_kl,
+    PrefParams<acc_t> p, PrefGrads<acc_t> g, const acc_t* __restrict__ grad_loss,
+    const acc_t* __restrict__ grad_losses, const acc_t* __restrict__ grad_chosen_rewards,
+    const acc_t* __restrict__ grad_rejected_rewards, const acc_t* __restrict__ grad_kl,
     const lt_t* __restrict__ prior, const lt_t* __restrict__ post, lt_t* __restrict__ d_prior,
     lt_t* __restrict__ d_post) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kPairs + warp;
   if (i >= p.B) return;
-  const acc_t g_each = d_div(g_loss[0], static_cast<acc_t>(p.B)) + g_losses[i];
+  const acc_t g_each = d_div(grad_loss[0], static_cast<acc_t>(p.B)) + grad_losses[i];
   if (lane == 0) {
     const PairTerms<acc_t> t = pair_terms(p, i);
     acc_t pl, slope;
     pair_loss(p, t.h, pl, slope);
     const acc_t dh = g_each * slope;
     const acc_t rs = p.loss_type == kIpo ? p.beta : acc_t(1);
-    const acc_t d_pc = t.a_w * (dh + rs * g_cr[i]);
-    const acc_t d_pr = t.a_l * (rs * g_rj[i] - dh);
+    const acc_t d_pc = t.a_w * (dh + rs * grad_chosen_rewards[i]);
+    const acc_t d_pr = t.a_l * (rs * grad_rejected_rewards[i] - dh);
     any_store(g.d_pc, i, d_pc);
     any_store(g.d_pr, i, d_pr);
     any_store(g.d_rc, i, -d_pc);
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) preference_bwd_kernel(
     const lt_t* pr_row = prior + i * p.K;
     const lt_t* po_row = post + i * p.K;
     const KlRow<acc_t, lt_t> r = kl_row<acc_t, lt_t>(pr_row, po_row, p.K, lane);
-    const acc_t gk = g_each * p.kl_weight + g_kl[i];
+    const acc_t gk = g_each * p.kl_weight + grad_kl[i];
     for (int64_t k = lane; k < p.K; k += 32) {
       const acc_t lq = to_acc<acc_t>(po_row[k]) - r.lse_q;
       const acc_t lp = to_acc<acc_t>(pr_row[k]) - r.lse_p;
@@ -350,18 +351,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> preference_loss_fwd_cuda(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> preference_loss_bwd_cuda(
-    const Tensor& g_loss, const Tensor& g_losses, const Tensor& g_cr, const Tensor& g_rj, const Tensor& g_kl,
-    const Tensor& pc, const Tensor& pr, const std::optional<Tensor>& rc, const std::optional<Tensor>& rr,
-    const std::optional<Tensor>& cl, const std::optional<Tensor>& rl, const std::optional<Tensor>& prior,
-    const std::optional<Tensor>& post, c10::string_view loss_type, double beta, double gamma,
-    double label_smoothing, double kl_weight, bool ipo_average) {
+    const Tensor& grad_loss, const Tensor& grad_losses, const Tensor& grad_chosen_rewards,
+    const Tensor& grad_rejected_rewards, const Tensor& grad_kl, const Tensor& pc, const Tensor& pr,
+    const std::optional<Tensor>& rc, const std::optional<Tensor>& rr, const std::optional<Tensor>& cl,
+    const std::optional<Tensor>& rl, const std::optional<Tensor>& prior, const std::optional<Tensor>& post,
+    c10::string_view loss_type, double beta, double gamma, double label_smoothing, double kl_weight,
+    bool ipo_average) {
   const Inputs in = make_inputs(pc, pr, rc, rr, cl, rl, prior, post, loss_type, ipo_average, beta,
                                 label_smoothing, kl_weight);
   const c10::cuda::CUDAGuard guard(pc.device());
-  checks::preference_loss_grads(g_loss, g_losses, g_cr, g_rj, g_kl, pc);
+  checks::preference_loss_grads(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, pc);
   auto as_cdt = [&](const Tensor& t) { return t.scalar_type() == in.cdt ? t.contiguous() : t.to(in.cdt).contiguous(); };
-  const Tensor gl = as_cdt(g_loss), gls = as_cdt(g_losses), gcr = as_cdt(g_cr), grj = as_cdt(g_rj),
-               gkl = as_cdt(g_kl);
+  const Tensor gl = as_cdt(grad_loss), gls = as_cdt(grad_losses), gcr = as_cdt(grad_chosen_rewards),
+               grj = as_cdt(grad_rejected_rewards), gkl = as_cdt(grad_kl);
   // a fresh [0] tensor per absent output: a shared one would alias two outputs (opcheck rejects it)
   const auto none = [&] { return at::empty({0}, pc.options()); };
   Tensor d_pc = at::empty_like(pc), d_pr = at::empty_like(in.pr);

@@ -1,6 +1,6 @@
 """``gumbel_softmax_codes``: a Gumbel-softmax sample over K codes and the latent ``z = weights @ codebook``.
 
-Contract: ``docs/design.md`` section 2 (gumbel_softmax_codes); the noise: section 4. Layers:
+Contract: ``docs/design.md``, "Op contracts" (``gumbel_softmax_codes``); the noise: "Random numbers". Layers:
 ``gumbel_softmax_codes`` (checks) -> ``gumbel_softmax_codes_op`` (custom op ``lpc::gumbel_softmax_codes``:
 NaN check, then the backend's ``gumbel_softmax_fwd``) -> autograd -> ``gumbel_softmax_codes_backward_op``
 (straight-through the soft sample when ``hard``).
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
 from ..checks import check_bool, check_float, check_int, check_same_device, check_tensor, raise_if_bad_values
-from ..numerics import compute_dtype
+from ..shapes import gumbel_gradient_outputs, sample_outputs
 
 
 def gumbel_softmax_codes(logits: Tensor, codebook: Tensor, *, tau: float = 1.0, hard: bool = False, seed: int = 0,
@@ -22,7 +22,7 @@ def gumbel_softmax_codes(logits: Tensor, codebook: Tensor, *, tau: float = 1.0, 
 
     The noise for element ``(b, k)`` is ``-log(-log(u))``, ``u`` the Philox4x32-10 uniform of counter
     ``offset + b*K + k`` under ``seed`` (what Triton's ``tl.rand`` computes), clamped to ``[2**-32, 1 - 2**-24]``;
-    every backend draws the same uniforms (``docs/design.md`` section 4). With ``hard=True`` the weights are
+    every backend draws the same uniforms (``docs/design.md``, "Random numbers"). With ``hard=True`` the weights are
     one-hot (first maximum) and gradients are straight-through the soft sample.
 
     Args:
@@ -60,20 +60,6 @@ def check_gumbel_softmax_codes(logits, codebook, tau, hard, seed, offset) -> Non
     check_same_device({"logits": logits, "codebook": codebook})
 
 
-def sample_outputs(logits, codebook, hard):
-    """Fake ``(weights [B, K], z [B, D]`` in the codebook dtype, ``soft [B, K]`` if hard else ``[0])``."""
-    b, k = logits.shape
-    dt = compute_dtype(logits)
-    return (logits.new_empty(b, k, dtype=dt), codebook.new_empty(b, codebook.shape[1]),
-            logits.new_empty((b, k) if hard else (0,), dtype=dt))
-
-
-def gradient_outputs(weights, codebook, need_logits, need_codebook):
-    """Fake ``(grad_logits like weights, grad_codebook like codebook)``, each or a fresh ``[0]`` tensor."""
-    return (torch.empty_like(weights) if need_logits else weights.new_empty(0),
-            torch.empty_like(codebook) if need_codebook else weights.new_empty(0))
-
-
 @torch.library.custom_op("lpc::gumbel_softmax_codes", mutates_args=())
 def gumbel_softmax_codes_op(logits: Tensor, codebook: Tensor, tau: float, hard: bool, seed: int, offset: int,
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,7 +91,7 @@ def gumbel_softmax_codes_backward_op(grad_weights: Tensor, grad_z: Tensor, weigh
 
 @gumbel_softmax_codes_backward_op.register_fake
 def _(grad_weights, grad_z, weights, soft, codebook, tau, need_logits, need_codebook, backend):
-    return gradient_outputs(weights, codebook, need_logits, need_codebook)
+    return gumbel_gradient_outputs(weights, codebook, need_logits, need_codebook)
 
 
 def _setup(ctx, inputs, output):

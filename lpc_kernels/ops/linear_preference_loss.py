@@ -1,19 +1,13 @@
 """``linear_preference_loss``: LM head + DPO / IPO / SimPO + the LPC KL term in one op whose forward pass also
-computes the gradients.
-
-Contract: ``docs/design.md`` section 2 (linear_preference_loss). The pair loss is separable, so the op walks over
-chunks of complete pairs: for each chunk one GEMM gives its ``[c, V]`` logits (``z`` added to the chunk's hidden
-states on the way), the backend's ``token_logprobs_fwd`` their log-probs, the backend's ``preference_loss_bwd`` the
-pairs' ``d loss / d logp``, the backend's ``token_logprobs_bwd`` turns the logits in place into
-``d = g * (onehot - softmax)``, and two GEMMs give the chunk's hidden and weight gradients: 3 GEMMs in all where
-the composition ``linear_token_logprobs`` + ``preference_loss`` does 4, one chunk of logits held at a time. The
-backward only scales the saved gradients by the incoming ``d loss`` (and ``d kl`` for the code logits): the op is
-not twice differentiable. Layers: ``linear_preference_loss`` (checks, the two input layouts) ->
+computes the gradients, one chunk of complete pairs at a time (the pair loss is separable); the backward only
+scales them (the op is not twice differentiable). Contract and the per-chunk steps: ``docs/design.md``, "Op
+contracts" (``linear_preference_loss``). Layers: ``linear_preference_loss`` (checks, the two input layouts) ->
 ``linear_preference_loss_op`` (custom op ``lpc::linear_preference_loss``) -> autograd (scales).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,9 +17,10 @@ from ..backends import backend_module, resolve_backend
 from ..checks import check_label_values, check_sequence_ids, check_tensor, raise_if_bad_values
 from ..head_gemm import HeadGemms, autocast_off
 from ..numerics import DEFAULT_CHUNK_SIZE, INDEX_DTYPES, compute_dtype
-from ..vocab_filter import softmax_grad
+from ..preference import PreferenceLossInputs, PreferenceLossOptions, PreferenceLossOutput
+from ..shapes import loss_outputs
 from .linear_token_logprobs import check_linear_token_logprobs
-from .preference_loss import check_preference_loss, loss_outputs
+from .preference_loss import check_preference_loss
 
 
 class LinearPreferenceLossOutput(NamedTuple):
@@ -50,8 +45,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
                            gamma: float = 0.0, label_smoothing: float = 0.0, kl_weight: float = 0.0,
                            ipo_average: bool = True, ignore_index: int = -100, chunk_size: Optional[int] = None,
                            backend: str = "auto", sequence_ids: Optional[Tensor] = None,
-                           sequence_lengths: Optional[list] = None,
-                           filter_eps: float = 0.0) -> LinearPreferenceLossOutput:
+                           sequence_lengths: Optional[list] = None) -> LinearPreferenceLossOutput:
     """``preference_loss`` of the answers' summed log-probs under ``softmax((hidden + z) @ weight.T + bias)``.
 
     Two layouts of the scored positions:
@@ -71,10 +65,6 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
             scored positions of each answer.
         chunk_size: positions per chunk of complete pairs (a pair longer than that is a chunk by itself); the
             op holds one ``[chunk, V]`` logits block in the compute dtype. Default ``DEFAULT_CHUNK_SIZE``.
-        filter_eps: opt-in gradient filter, every backend: per chunk, vocabulary columns that are no label of the
-            chunk, below it on every row and together at most it of any row's softmax mass are left out of the
-            gradient GEMMs (``lpc_kernels/vocab_filter.py``). 0 (default) is exact; above 0, one host sync per
-            chunk. The values (loss, log-probs) are never filtered.
 
     Returns:
         ``LinearPreferenceLossOutput``, float32 (float64 for float64 inputs). The gradients are computed during
@@ -82,7 +72,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
         GEMM), only for the inputs that require grad, and none under ``torch.no_grad()``.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
+    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size)
     b, flat_hidden, flat_labels, seq_ids, lengths, positions = _layout(hidden, labels, sequence_ids,
                                                                        sequence_lengths, ignore_index)
     if z is not None:
@@ -91,23 +81,29 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bi
             raise ValueError(f"z must have shape [B, H] = [{b}, {weight.shape[1]}], got {tuple(z.shape)}")
     pc = flat_hidden.new_empty(b, dtype=compute_dtype(flat_hidden))  # stands for the policy log-probs
     n = flat_labels.new_ones(b) if loss_type in ("ipo", "simpo") else None
-    check_preference_loss(pc, pc, ref_chosen_logps, ref_rejected_logps, n, n, prior_logits, posterior_logits,
-                          loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
+    options = PreferenceLossOptions(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average).checked()
+    check_preference_loss(PreferenceLossInputs(pc, pc, ref_chosen_logps, ref_rejected_logps, n, n, prior_logits,
+                                               posterior_logits), options)
     if z is not None and z.device != flat_hidden.device:
         raise ValueError(f"z is on {z.device} but hidden is on {flat_hidden.device}; all tensors must be on one device")
-    grad = torch.is_grad_enabled()
-    needs = [grad and t is not None and t.requires_grad
-             for t in (hidden, weight, bias, z, ref_chosen_logps, prior_logits, posterior_logits)]
-    needs[4] = needs[4] or (grad and ref_rejected_logps is not None and ref_rejected_logps.requires_grad)
-    needs[5] = needs[6] = needs[5] or needs[6]
-    opt = [t.contiguous() if t is not None else None
-           for t in (bias, z, ref_chosen_logps, ref_rejected_logps, prior_logits, posterior_logits)]
+    requests = GradRequests(hidden=_wants_grad(hidden), weight=_wants_grad(weight), bias=_wants_grad(bias),
+                            z=_wants_grad(z), ref_logps=_wants_grad(ref_chosen_logps, ref_rejected_logps),
+                            code_logits=_wants_grad(prior_logits, posterior_logits))
     out = linear_preference_loss_op(
-        flat_hidden.contiguous(), weight.contiguous(), opt[0], flat_labels.long().contiguous(), seq_ids, lengths,
-        positions, *opt[1:], loss_type, float(beta), float(gamma), float(label_smoothing), float(kl_weight),
-        ipo_average, ignore_index, chunk_size, needs[:5] + needs[6:], resolve_backend(backend, flat_hidden.device),
-        float(filter_eps))
-    return LinearPreferenceLossOutput(*out[:7])
+        flat_hidden.contiguous(), weight.contiguous(), _contiguous(bias), flat_labels.long().contiguous(), seq_ids,
+        lengths, positions, _contiguous(z), _contiguous(ref_chosen_logps), _contiguous(ref_rejected_logps),
+        _contiguous(prior_logits), _contiguous(posterior_logits), *options, ignore_index, chunk_size,
+        list(requests), resolve_backend(backend, flat_hidden.device))
+    values, _ = unpack_outputs(out)
+    return values
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
 
 
 def _layout(hidden, labels, sequence_ids, sequence_lengths, ignore_index):
@@ -160,28 +156,71 @@ def pair_chunks(lengths: list, chunk_size: int) -> list:
     return out
 
 
-GRAD_NAMES = ("hidden", "weight", "bias", "z", "ref_logps", "code_logits")
+class GradRequests(NamedTuple):
+    """Which gradients ``linear_preference_loss_op`` computes in its forward (the op takes them as ``list[bool]``)."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+    z: bool
+    ref_logps: bool  # ref_chosen_logps and ref_rejected_logps
+    code_logits: bool  # prior_logits and posterior_logits, of the loss and of the kl
 
 
-@torch.library.custom_op("lpc::linear_preference_loss", mutates_args=())
-@autocast_off
-def linear_preference_loss_op(
+class LinearPreferenceLossGrads(NamedTuple):
+    """The gradients the op returns after its values (``LinearPreferenceLossOutput``): of ``loss`` to each
+    differentiable input, and of ``kl`` to the code logits. A fresh ``[0]`` tensor stands for one not requested."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    z: Optional[Tensor]
+    ref_chosen_logps: Optional[Tensor]
+    ref_rejected_logps: Optional[Tensor]
+    prior_logits: Optional[Tensor]
+    posterior_logits: Optional[Tensor]
+    kl_prior_logits: Optional[Tensor]
+    kl_posterior_logits: Optional[Tensor]
+
+
+# the request (a field of GradRequests) that each gradient answers
+REQUESTED_BY = LinearPreferenceLossGrads(
+    hidden="hidden", weight="weight", bias="bias", z="z", ref_chosen_logps="ref_logps",
+    ref_rejected_logps="ref_logps", prior_logits="code_logits", posterior_logits="code_logits",
+    kl_prior_logits="code_logits", kl_posterior_logits="code_logits")
+
+
+def requested(grads: LinearPreferenceLossGrads, requests: GradRequests) -> LinearPreferenceLossGrads:
+    """``grads`` with ``None`` for each gradient not requested."""
+    return LinearPreferenceLossGrads(*(g if getattr(requests, r) else None for g, r in zip(grads, REQUESTED_BY)))
+
+
+def pack_outputs(values: LinearPreferenceLossOutput, grads: LinearPreferenceLossGrads, like: Tensor) -> tuple:
+    """The op's outputs: the values, then the gradients, a fresh ``[0]`` tensor (of ``like``) for each ``None``."""
+    return (*values, *(g if g is not None else like.new_empty(0) for g in grads))
+
+
+def unpack_outputs(out) -> tuple[LinearPreferenceLossOutput, LinearPreferenceLossGrads]:
+    """``(values, gradients)`` of the op's outputs (or of their incoming gradients), as ``pack_outputs`` laid them."""
+    n = len(LinearPreferenceLossOutput._fields)
+    return LinearPreferenceLossOutput(*out[:n]), LinearPreferenceLossGrads(*out[n:])
+
+
+def _linear_preference_loss(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, sequence_ids: Tensor,
         sequence_lengths: list[int], positions: Optional[Tensor], z: Optional[Tensor],
-        ref_chosen_logps: Optional[Tensor],
-        ref_rejected_logps: Optional[Tensor], prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor],
-        loss_type: str, beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
-        ignore_index: int, chunk_size: int, needs: list[bool], backend: str, filter_eps: float = 0.0
+        ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], prior_logits: Optional[Tensor],
+        posterior_logits: Optional[Tensor], loss_type: str, beta: float, gamma: float, label_smoothing: float,
+        kl_weight: float, ipo_average: bool, ignore_index: int, chunk_size: int, grad_requests: list[bool],
+        backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor, Tensor]:
     """hidden [M, H], labels / sequence_ids [N] of the scored positions (rows ``positions`` of hidden, all rows
-    when None), sorted by sequence, their 2B counts ->
-    (loss, losses, chosen_rewards, rejected_rewards, kl, chosen_logps, rejected_logps, then the gradients of the
-    loss to hidden, weight, bias, z, prior_logits, posterior_logits, of kl to prior_logits, posterior_logits, and
-    of the loss to ref_chosen_logps, ref_rejected_logps); ``needs`` (``GRAD_NAMES``) says which gradients to
-    compute, a ``[0]`` tensor stands for the others."""
+    when None), sorted by sequence, their 2B counts, the ``PreferenceLossOptions`` fields, ``GradRequests`` ->
+    ``pack_outputs`` of the values and the requested gradients."""
     be = backend_module(backend)
-    need_h, need_w, need_b, need_z, need_ref, need_codes = needs
+    wants = GradRequests(*grad_requests)
+    options = PreferenceLossOptions(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
     b2, b = len(sequence_lengths), len(sequence_lengths) // 2
     cdt, dev = compute_dtype(hidden), hidden.device
     labels = check_label_values(labels, weight.shape[0], ignore_index)
@@ -192,18 +231,19 @@ def linear_preference_loss_op(
     raise_if_bad_values({"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
                          "prior_logits": prior_logits, "posterior_logits": posterior_logits,
                          "scored tokens per answer (labels)": counts},
-                        positive=("scored tokens per answer (labels)",) if loss_type != "dpo" and (
-                            loss_type == "simpo" or ipo_average) else ())
+                        positive=("scored tokens per answer (labels)",) if options.needs_lengths else ())
     offsets = [0]
     for n in sequence_lengths:
         offsets.append(offsets[-1] + n)
     gemm = HeadGemms(weight, bias)
     seq_logp = torch.zeros(b2, dtype=cdt, device=dev)
-    gh = torch.zeros_like(hidden) if need_h else None
-    gw = torch.zeros(weight.shape, dtype=cdt, device=dev) if need_w else None
-    gb = torch.zeros(weight.shape[0], dtype=cdt, device=dev) if need_b else None
-    gz = torch.zeros(b, hidden.shape[1], dtype=cdt, device=dev) if need_z else None
+    gh = torch.zeros_like(hidden) if wants.hidden else None
+    gw = torch.zeros(weight.shape, dtype=cdt, device=dev) if wants.weight else None
+    gb = torch.zeros(weight.shape[0], dtype=cdt, device=dev) if wants.bias else None
+    gz = torch.zeros(b, hidden.shape[1], dtype=cdt, device=dev) if wants.z else None
     zh = z.to(hidden.dtype) if z is not None else None
+    # the pair terms' gradient per chunk: the chunk's share of the mean, no KL (it does not depend on the logps)
+    pair_options = options._replace(kl_weight=0.0)
     for p0, p1 in pair_chunks(sequence_lengths, chunk_size):
         parts = [(offsets[p0], offsets[p1]), (offsets[b + p0], offsets[b + p1])]
         parts = [(s, e) for s, e in parts if e > s]
@@ -223,98 +263,117 @@ def linear_preference_loss_op(
         x = gemm.logits(h)
         logp, lse = be.token_logprobs_fwd(x, tgt, ignore_index)
         seq_logp.index_add_(0, sid, logp)
-        if not (need_h or need_w or need_b or need_z):
+        if not (wants.hidden or wants.weight or wants.bias or wants.z):
             continue
         n = p1 - p0
-        ref = (ref_chosen_logps[p0:p1], ref_rejected_logps[p0:p1]) if ref_chosen_logps is not None else (None, None)
         zero = torch.zeros(n, dtype=cdt, device=dev)
-        d_pc, d_pr = be.preference_loss_bwd(
-            torch.full((), n / b, dtype=cdt, device=dev), zero, zero, zero, zero, seq_logp[p0:p1],
-            seq_logp[b + p0:b + p1], *ref, cl[p0:p1], rl[p0:p1], None, None, loss_type, beta, gamma,
-            label_smoothing, 0.0, ipo_average)[:2]
-        g_pos = torch.cat([d_pc, d_pr]).to(cdt)[torch.where(sid < b, sid - p0, sid - b - p0 + n)]
-        # in place in x (dead after this), on the columns the filter keeps
-        d_c, kept, cols = softmax_grad(be, gemm, g_pos, x, lse, tgt, ignore_index, filter_eps)
-        d = kept.tile(d_c)
-        if need_h or need_z:
-            ghc = kept.hidden_grad(d)
-            if need_h and rows is not None:
+        chunk = PreferenceLossInputs(
+            policy_chosen_logps=seq_logp[p0:p1], policy_rejected_logps=seq_logp[b + p0:b + p1],
+            ref_chosen_logps=ref_chosen_logps[p0:p1] if ref_chosen_logps is not None else None,
+            ref_rejected_logps=ref_rejected_logps[p0:p1] if ref_chosen_logps is not None else None,
+            chosen_lengths=cl[p0:p1], rejected_lengths=rl[p0:p1])
+        of_logps = be.preference_loss_bwd(
+            PreferenceLossOutput(loss=torch.full((), n / b, dtype=cdt, device=dev), losses=zero, chosen_rewards=zero,
+                                 rejected_rewards=zero, kl=zero), chunk, pair_options)
+        g_pos = torch.cat([of_logps.policy_chosen_logps, of_logps.policy_rejected_logps]).to(cdt)[
+            torch.where(sid < b, sid - p0, sid - b - p0 + n)]
+        d_c = be.token_logprobs_bwd(g_pos, x, tgt, lse, ignore_index, True)  # in place in x (dead after this)
+        d = gemm.tile(d_c)
+        if wants.hidden or wants.z:
+            ghc = gemm.hidden_grad(d)
+            if wants.hidden and rows is not None:
                 gh.index_copy_(0, rows, ghc.to(gh.dtype))
-            elif need_h:
+            elif wants.hidden:
                 k = 0
                 for s, e in parts:
                     gh[s:e] = ghc[k:k + e - s]
                     k += e - s
-            if need_z:
+            if wants.z:
                 gz.index_add_(0, pair, ghc)
-        if need_w:
-            kept.add_weight_grad(gw, d, h, cols)
-        if need_b:
-            if cols is None:
-                gb += d_c.sum(0)
-            else:
-                gb.index_add_(0, cols, d_c.sum(0))
-    pc, pr = seq_logp[:b].clone(), seq_logp[b:].clone()
-    loss, losses, cr, rj, kl = be.preference_loss_fwd(pc, pr, ref_chosen_logps, ref_rejected_logps, cl, rl,
-                                                      prior_logits, posterior_logits, loss_type, beta, gamma,
-                                                      label_smoothing, kl_weight, ipo_average)
-    tail = [None] * 6
-    if need_ref or need_codes:
+        if wants.weight:
+            gemm.add_weight_grad(gw, d, h)
+        if wants.bias:
+            gb += d_c.sum(0)
+    inputs = PreferenceLossInputs(seq_logp[:b].clone(), seq_logp[b:].clone(), ref_chosen_logps, ref_rejected_logps,
+                                  cl, rl, prior_logits, posterior_logits)
+    values = LinearPreferenceLossOutput(*be.preference_loss_fwd(inputs, options),
+                                        chosen_logps=inputs.policy_chosen_logps,
+                                        rejected_logps=inputs.policy_rejected_logps)
+    of_loss = of_kl = PreferenceLossInputs(None, None)  # no gradient computed
+    if wants.ref_logps or wants.code_logits:
         zeros = torch.zeros(b, dtype=cdt, device=dev)
-        args = (pc, pr, ref_chosen_logps, ref_rejected_logps, cl, rl, prior_logits, posterior_logits, loss_type,
-                beta, gamma, label_smoothing, kl_weight, ipo_average)
-        g = be.preference_loss_bwd(torch.ones((), dtype=cdt, device=dev), zeros, zeros, zeros, zeros, *args)
-        tail[0], tail[1], tail[4], tail[5] = g[6], g[7], g[2], g[3]
-        if need_codes:
-            g = be.preference_loss_bwd(torch.zeros((), dtype=cdt, device=dev), zeros, zeros, zeros,
-                                       torch.ones(b, dtype=cdt, device=dev), *args)
-            tail[2], tail[3] = g[6], g[7]
-    grads = [gh, _cast(gw, weight), _cast(gb, bias), _cast(gz, z)] + tail
-    return (loss, losses, cr, rj, kl, pc, pr) + tuple(t if t is not None else hidden.new_empty(0) for t in grads)
+        of_loss = be.preference_loss_bwd(
+            PreferenceLossOutput(loss=torch.ones((), dtype=cdt, device=dev), losses=zeros, chosen_rewards=zeros,
+                                 rejected_rewards=zeros, kl=zeros), inputs, options)
+        if wants.code_logits:
+            of_kl = be.preference_loss_bwd(
+                PreferenceLossOutput(loss=torch.zeros((), dtype=cdt, device=dev), losses=zeros, chosen_rewards=zeros,
+                                     rejected_rewards=zeros, kl=torch.ones(b, dtype=cdt, device=dev)), inputs, options)
+    grads = LinearPreferenceLossGrads(
+        hidden=gh, weight=_cast(gw, weight), bias=_cast(gb, bias), z=_cast(gz, z),
+        ref_chosen_logps=of_loss.ref_chosen_logps, ref_rejected_logps=of_loss.ref_rejected_logps,
+        prior_logits=of_loss.prior_logits, posterior_logits=of_loss.posterior_logits,
+        kl_prior_logits=of_kl.prior_logits, kl_posterior_logits=of_kl.posterior_logits)
+    return pack_outputs(values, requested(grads, wants), hidden)
 
 
 def _cast(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
     return t.to(like.dtype) if t is not None else None
 
 
+linear_preference_loss_op = torch.library.custom_op("lpc::linear_preference_loss",
+                                                    mutates_args=())(autocast_off(_linear_preference_loss))
+OP_INPUTS = tuple(inspect.signature(_linear_preference_loss).parameters)  # the op's arguments, in order
+
+
 @linear_preference_loss_op.register_fake
-def _(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, rc, rr, prior, post, loss_type,
-      beta, gamma, label_smoothing, kl_weight, ipo_average, ignore_index, chunk_size, needs, backend,
-      filter_eps=0.0):
-    b = len(sequence_lengths) // 2
-    values = loss_outputs(hidden.new_empty(b, dtype=compute_dtype(hidden)))
-    logps = tuple(hidden.new_empty(b, dtype=compute_dtype(hidden)) for _ in range(2))
-    need_h, need_w, need_b, need_z, need_ref, need_codes = needs
-    like = [(hidden, need_h), (weight, need_w), (bias, need_b), (z, need_z)] + [
-        (t, need_codes) for t in (prior, post, prior, post)] + [(rc, need_ref), (rr, need_ref)]
-    grads = tuple(torch.empty_like(t) if t is not None and need else hidden.new_empty(0) for t, need in like)
-    return values + logps + grads
+def _(hidden, weight, bias, labels, sequence_ids, sequence_lengths, positions, z, ref_chosen_logps, ref_rejected_logps,
+      prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average, ignore_index,
+      chunk_size, grad_requests, backend):
+    b, cdt = len(sequence_lengths) // 2, compute_dtype(hidden)
+    values = LinearPreferenceLossOutput(*loss_outputs(hidden.new_empty(b, dtype=cdt)),
+                                        chosen_logps=hidden.new_empty(b, dtype=cdt),
+                                        rejected_logps=hidden.new_empty(b, dtype=cdt))
+    like = LinearPreferenceLossGrads(
+        hidden=hidden, weight=weight, bias=bias, z=z, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, prior_logits=prior_logits, posterior_logits=posterior_logits,
+        kl_prior_logits=prior_logits, kl_posterior_logits=posterior_logits)
+    grads = LinearPreferenceLossGrads(*(torch.empty_like(t) if t is not None else None for t in like))
+    return pack_outputs(values, requested(grads, GradRequests(*grad_requests)), hidden)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[7:])
-    ctx.mark_non_differentiable(*output[1:4], *output[5:])
+    values, grads = unpack_outputs(output)
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(values.losses, values.chosen_rewards, values.rejected_rewards, values.chosen_logps,
+                                values.rejected_logps, *grads)
 
 
-def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl, *unused):
+def _backward(ctx, *grad_outputs):
     if torch.is_grad_enabled():
         raise RuntimeError("linear_preference_loss is not twice differentiable (its gradients are computed in the "
                            "forward pass and only scaled in backward): do not use create_graph=True through it")
-    gh, gw, gb, gz, d_prior, d_post, k_prior, k_post, d_rc, d_rr = ctx.saved_tensors
+    incoming, _ = unpack_outputs(grad_outputs)
+    grad_loss, grad_kl = incoming.loss, incoming.kl
+    grads = LinearPreferenceLossGrads(*ctx.saved_tensors)
 
     def scaled(t):
-        if t.numel() == 0 or g_loss is None:
+        if t.numel() == 0 or grad_loss is None:
             return None
-        return t * g_loss.to(t.dtype)
+        return t * grad_loss.to(t.dtype)
 
     def codes(d, k):
         if d.numel() == 0:
             return None
-        out = d * g_loss.to(d.dtype) if g_loss is not None else torch.zeros_like(d)
-        return out + g_kl.to(d.dtype)[:, None] * k if g_kl is not None else out
+        out = d * grad_loss.to(d.dtype) if grad_loss is not None else torch.zeros_like(d)
+        return out + grad_kl.to(d.dtype)[:, None] * k if grad_kl is not None else out
 
-    return (scaled(gh), scaled(gw), scaled(gb), None, None, None, None, scaled(gz), scaled(d_rc), scaled(d_rr),
-            codes(d_prior, k_prior), codes(d_post, k_post)) + (None,) * 11
+    of_inputs = dict(hidden=scaled(grads.hidden), weight=scaled(grads.weight), bias=scaled(grads.bias),
+                     z=scaled(grads.z), ref_chosen_logps=scaled(grads.ref_chosen_logps),
+                     ref_rejected_logps=scaled(grads.ref_rejected_logps),
+                     prior_logits=codes(grads.prior_logits, grads.kl_prior_logits),
+                     posterior_logits=codes(grads.posterior_logits, grads.kl_posterior_logits))
+    return tuple(of_inputs.get(name) for name in OP_INPUTS)
 
 
 linear_preference_loss_op.register_autograd(_backward, setup_context=_setup)

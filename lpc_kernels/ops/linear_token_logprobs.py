@@ -1,12 +1,10 @@
 """``linear_token_logprobs``: log p(label) under ``softmax(hidden @ weight.T + bias)`` without ``[N, V]``
 logits, and its composition ``sequence_logprobs``.
 
-Contract: ``docs/design.md`` section 2 (linear_token_logprobs). Layers: ``linear_token_logprobs`` (checks)
--> ``linear_token_logprobs_op`` (custom op ``lpc::linear_token_logprobs``: label values, then the backend's
-``linear_token_logprobs_fwd``) -> autograd -> ``linear_token_logprobs_backward_op`` (gradients only for the
-inputs that need them; a ``[0]``-shaped tensor stands for one not asked for). A frozen head takes
-``linear_token_logprobs_frozen_head_op`` instead (custom op ``lpc::linear_token_logprobs_frozen_head``: the hidden
-gradient's factor computed in the forward, the backward one multiply).
+Contract: ``docs/design.md``, "Op contracts" (``linear_token_logprobs``). Layers: ``linear_token_logprobs``
+(checks) -> ``linear_token_logprobs_op`` (custom op ``lpc::linear_token_logprobs``: label values, then the
+backend's ``linear_token_logprobs_fwd``) -> autograd -> ``linear_token_logprobs_backward_op``. A frozen head takes
+``linear_token_logprobs_frozen_head_op`` instead: the hidden gradient's factor computed in the forward.
 """
 
 from __future__ import annotations
@@ -18,17 +16,15 @@ import torch
 from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
-from ..checks import (check_float, check_int, check_label_values, check_labels, check_same_device,
-                      check_tensor, readable_labels)
+from ..checks import check_int, check_label_values, check_labels, check_same_device, check_tensor, readable_labels
 from ..head_gemm import HeadGemms, autocast_off
 from ..numerics import DEFAULT_CHUNK_SIZE, chunks
-from ..vocab_filter import softmax_grad
-from .token_logprobs import per_row_outputs
+from ..shapes import linear_gradient_outputs, per_row_outputs
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                          ignore_index: int = -100, backend: str = "auto", chunk_size: Optional[int] = None,
-                          filter_eps: float = 0.0) -> Tensor:
+                          ignore_index: int = -100, backend: str = "auto",
+                          chunk_size: Optional[int] = None) -> Tensor:
     """Log-probability of each label under ``softmax(hidden @ weight.T + bias)``, without ``[N, V]`` logits.
 
     Args:
@@ -41,11 +37,6 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         chunk_size: rows per recomputed ``[chunk, V]`` logits block for the chunked backends
             (reference, cpu, cuda); default ``DEFAULT_CHUNK_SIZE``. Peak extra memory ~ ``chunk * V``.
-        filter_eps: opt-in gradient filter: skip softmax entries below it that are no row's label; each skipped
-            gradient entry is off by at most ``|grad_logp| * filter_eps``. 0 (default) is exact. Honoured by the
-            triton backend (trainable head: logits tiles) and by every backend on the frozen-head path (vocabulary
-            columns per row chunk that also hold at most ``filter_eps`` of any row's mass together; one host sync
-            per chunk, ``lpc_kernels/vocab_filter.py``); otherwise the gradient is exact.
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probs; gradients flow to hidden, weight, bias.
@@ -54,7 +45,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         ``grad_hidden = grad * a``: 2 GEMMs in all instead of 3, no second logits pass.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps)
+    check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size)
     if not weight.is_contiguous():  # a full copy of the head (1 GiB at 128k x 4096 bf16): say so
         warnings.warn(f"linear_token_logprobs: weight {tuple(weight.shape)} with strides {weight.stride()} is not "
                       f"contiguous, so it is copied on every call ({weight.numel() * weight.element_size() / 2**20:.0f}"
@@ -68,8 +59,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     frozen_head = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                    and (bias is None or not bias.requires_grad))
     if frozen_head:
-        return linear_token_logprobs_frozen_head_op(*args, float(filter_eps))[0].view(lead)
-    return linear_token_logprobs_op(*args, float(filter_eps))[0].view(lead)
+        logp, _, _ = linear_token_logprobs_frozen_head_op(*args)
+    else:
+        logp, _ = linear_token_logprobs_op(*args)
+    return logp.view(lead)
 
 
 def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
@@ -89,7 +82,7 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: O
     return logp.sum(-1), (labels != ignore_index).sum(-1)
 
 
-def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, filter_eps=0.0, *,
+def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chunk_size, *,
                                 weight_name="weight", bias_name="bias", vocab="V") -> None:
     """The names are the caller's (the vocab-parallel op checks ``weight_shard`` [V_local, H])."""
     check_tensor("hidden", hidden)
@@ -110,21 +103,12 @@ def check_linear_token_logprobs(hidden, weight, labels, bias, ignore_index, chun
         raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)}): nothing to score")
     check_int("ignore_index", ignore_index)
     check_int("chunk_size", chunk_size, low=1)
-    check_float("filter_eps", filter_eps, low=0.0, high=1.0)
     check_same_device({"hidden": hidden, weight_name: weight, bias_name: bias, "labels": labels})
-
-
-def gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias):
-    """Fake ``(grad_hidden, grad_weight, grad_bias)``, each like its input or a fresh ``[0]`` tensor."""
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if need_bias else hidden.new_empty(0))
 
 
 @torch.library.custom_op("lpc::linear_token_logprobs", mutates_args=())
 def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                             ignore_index: int, chunk_size: int, backend: str,
-                             filter_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+                             ignore_index: int, chunk_size: int, backend: str) -> tuple[Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N]), fp32."""
     labels = check_label_values(labels, weight.shape[0], ignore_index)
     return backend_module(backend).linear_token_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
@@ -132,7 +116,7 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 @linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps=0.0):
+def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend):
     return per_row_outputs(hidden)
 
 
@@ -140,30 +124,30 @@ def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_ep
 def linear_token_logprobs_backward_op(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                       labels: Tensor, lse: Tensor, ignore_index: int, chunk_size: int,
                                       need_hidden: bool, need_weight: bool, need_bias: bool,
-                                      backend: str, filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for hidden, weight, bias; a tensor of shape [0] stands for one not asked for."""
     labels = readable_labels(labels, weight.shape[0], ignore_index)
     grads = backend_module(backend).linear_token_logprobs_bwd(
         grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
-        need_bias, filter_eps=filter_eps)
+        need_bias)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, chunk_size, need_hidden, need_weight,
-      need_bias, backend, filter_eps=0.0):
-    return gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
+      need_bias, backend):
+    return linear_gradient_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 @torch.library.custom_op("lpc::linear_token_logprobs_frozen_head", mutates_args=())
 @autocast_off
 def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                                         ignore_index: int, chunk_size: int, backend: str,
-                                         filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                                         ignore_index: int, chunk_size: int,
+                                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V]?, labels [N] -> (logp [N], lse [N], a [N, H]) with
     ``a = d logp / d hidden = W[label] - softmax @ W`` (hidden's dtype; 0 on ignored rows): per chunk of scored
     rows, the logits GEMM, the backend's ``token_logprobs_fwd``, its ``token_logprobs_bwd`` with unit gradient
-    (in place: ``onehot - softmax``), and one GEMM with W (on the columns ``vocab_filter`` keeps)."""
+    (in place: ``onehot - softmax``), and one GEMM with W."""
     labels = check_label_values(labels, weight.shape[0], ignore_index)
     be = backend_module(backend)
     logp, lse = per_row_outputs(hidden)
@@ -176,46 +160,48 @@ def linear_token_logprobs_frozen_head_op(hidden: Tensor, weight: Tensor, bias: O
         x = gemm.logits(gemm.operand(hidden.index_select(0, r)))
         lp, ls = be.token_logprobs_fwd(x, labels[r], ignore_index)
         logp[r], lse[r] = lp, ls
-        d, kept, _ = softmax_grad(be, gemm, torch.ones_like(lp), x, ls, labels[r], ignore_index, filter_eps)
-        a[r] = kept.hidden_grad(kept.tile(d)).to(a.dtype)
+        d = be.token_logprobs_bwd(torch.ones_like(lp), x, labels[r], ls, ignore_index, True)
+        a[r] = gemm.hidden_grad(gemm.tile(d)).to(a.dtype)
     return logp, lse, a
 
 
 @linear_token_logprobs_frozen_head_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps=0.0):
+def _(hidden, weight, bias, labels, ignore_index, chunk_size, backend):
     return per_row_outputs(hidden) + (torch.empty_like(hidden),)
 
 
 def _setup_frozen(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
+    _, lse, a = output
+    ctx.save_for_backward(a)
+    ctx.mark_non_differentiable(lse, a)
 
 
 def _backward_frozen(ctx, grad_logp, grad_lse, grad_a):
     (a,) = ctx.saved_tensors
-    return (grad_logp.to(a.dtype)[:, None] * a,) + (None,) * 7
+    return (grad_logp.to(a.dtype)[:, None] * a,) + (None,) * 6  # hidden's only
 
 
 linear_token_logprobs_frozen_head_op.register_autograd(_backward_frozen, setup_context=_setup_frozen)
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, chunk_size, backend, filter_eps = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.ignore_index, ctx.chunk_size, ctx.backend, ctx.filter_eps = ignore_index, chunk_size, backend, filter_eps
-    ctx.mark_non_differentiable(output[1])
+    hidden, weight, bias, labels, ignore_index, chunk_size, backend = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
+    ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_logp, grad_lse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_h or need_w or need_b):
-        return (None,) * 8
+        return (None,) * 7
     gh, gw, gb = linear_token_logprobs_backward_op(
         grad_logp.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size,
-        need_h, need_w, bool(need_b and bias is not None), ctx.backend, ctx.filter_eps)
+        need_h, need_w, bool(need_b and bias is not None), ctx.backend)
     return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
-            None, None, None, None, None)
+            None, None, None, None)
 
 
 linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup)

@@ -1,35 +1,24 @@
 """``preference_loss``: DPO / IPO / SimPO pair losses plus the LPC term ``kl_weight * KL(q || p)``.
 
-Contract: ``docs/design.md`` section 2 (preference_loss); the method: section 1. Layers:
-``preference_loss`` (checks) -> ``preference_loss_op`` (custom op ``lpc::preference_loss``: NaN and length
-checks, then the backend's ``preference_loss_fwd``) -> autograd -> ``preference_loss_backward_op`` (every
-float input's gradient in one backend call).
+Contract: ``docs/design.md``, "Op contracts" (``preference_loss``). Layers: ``preference_loss`` (checks) ->
+``preference_loss_op`` (custom op ``lpc::preference_loss``: NaN and length checks, then the backend's
+``preference_loss_fwd``) -> autograd -> ``preference_loss_backward_op`` (every float input's gradient in one
+backend call). The named inputs, options and outputs: ``lpc_kernels.preference``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..backends import backend_module, resolve_backend
-from ..checks import check_bool, check_float, check_same_device, check_tensor, raise_if_bad_values
+from ..checks import check_same_device, check_tensor, raise_if_bad_values
 from ..numerics import FLOAT_DTYPES, INDEX_DTYPES, compute_dtype
-
-LOSS_TYPES = ("dpo", "ipo", "simpo")
-INPUT_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-               "chosen_lengths", "rejected_lengths", "prior_logits", "posterior_logits")
-
-
-class PreferenceLossOutput(NamedTuple):
-    """``loss`` scalar = mean of ``losses [B]`` (pair loss + kl_weight * kl); rewards and ``kl`` are ``[B]``."""
-
-    loss: Tensor
-    losses: Tensor
-    chosen_rewards: Tensor
-    rejected_rewards: Tensor
-    kl: Tensor
+from ..preference import (DIFFERENTIABLE_INPUTS, PreferenceLossInputs, PreferenceLossOptions, PreferenceLossOutput,
+                          pack_input_grads, unpack_input_grads)
+from ..shapes import loss_outputs, preference_gradient_outputs
 
 
 def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
@@ -55,53 +44,51 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     prior/posterior logits ``[B, K]`` (needed when ``kl_weight > 0``); ``eps = label_smoothing`` in
     ``[0, 0.5]`` (dpo, simpo); ``gamma`` for simpo only.
     """
-    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-            rejected_lengths, prior_logits, posterior_logits)
-    options = (loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
-    check_preference_loss(*args, *options)
+    inputs = PreferenceLossInputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                  chosen_lengths, rejected_lengths, prior_logits, posterior_logits)
+    options = PreferenceLossOptions(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average).checked()
+    check_preference_loss(inputs, options)
     name = resolve_backend(backend, policy_chosen_logps.device)
-    args = tuple(t.contiguous() if t is not None else None for t in args)
-    options = (loss_type, float(beta), float(gamma), float(label_smoothing), float(kl_weight), ipo_average, name)
+    inputs = PreferenceLossInputs(*(t.contiguous() if t is not None else None for t in inputs))
     # eager: a plain autograd.Function around the same bodies (the custom op's Python autograd layer costs more
     # than this op's kernels); torch.compile sees the custom op
     op = preference_loss_op if torch.compiler.is_compiling() else _PreferenceLossFunction.apply
-    return PreferenceLossOutput(*op(*args, *options))
+    return PreferenceLossOutput(*op(*op_args(inputs, options, name)))
 
 
-def check_preference_loss(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing,
-                          kl_weight, ipo_average) -> None:
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+def check_preference_loss(inputs: PreferenceLossInputs, options: PreferenceLossOptions) -> None:
+    """The tensors of ``inputs`` and what ``options`` (already ``checked``) asks of them."""
+    pc, rc, prior = inputs.policy_chosen_logps, inputs.ref_chosen_logps, inputs.prior_logits
+    loss_type = options.loss_type
     check_tensor("policy_chosen_logps", pc, ndim=1)
     b = pc.shape[0]
     if b == 0:
         raise ValueError("policy_chosen_logps is empty: preference_loss needs at least one pair")
-    named = {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc,
-             "ref_rejected_logps": rr}
-    for name, t in named.items():
+    for name in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"):
+        t = getattr(inputs, name)
         if t is not None:
             check_tensor(name, t, ndim=1)
             if t.shape[0] != b:
                 raise ValueError(f"{name} must have shape [B] = [{b}] like policy_chosen_logps, got {tuple(t.shape)}")
-    if pr is None:
+    if inputs.policy_rejected_logps is None:
         raise TypeError("policy_rejected_logps is required")
-    if (rc is None) != (rr is None):
+    if (rc is None) != (inputs.ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together")
     if loss_type in ("dpo", "ipo") and rc is None:
         raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
     if loss_type == "simpo" and rc is not None:
         raise ValueError("loss_type='simpo' is reference-free: do not pass ref_chosen_logps/ref_rejected_logps")
-    need_lengths = loss_type == "simpo" or (loss_type == "ipo" and ipo_average)
-    for name, t in (("chosen_lengths", cl), ("rejected_lengths", rl)):
+    for name in ("chosen_lengths", "rejected_lengths"):
+        t = getattr(inputs, name)
         if t is None:
-            if need_lengths:
+            if options.needs_lengths:
                 raise ValueError(f"{name} is required for loss_type={loss_type!r}"
                                  + (" with ipo_average=True" if loss_type == "ipo" else ""))
             continue
         check_tensor(name, t, FLOAT_DTYPES + INDEX_DTYPES, ndim=1)
         if t.shape[0] != b:
             raise ValueError(f"{name} must have shape [B] = [{b}], got {tuple(t.shape)}")
-        named[name] = t
+    post = inputs.posterior_logits
     if (prior is None) != (post is None):
         raise ValueError("prior_logits and posterior_logits must be given together")
     if prior is not None:
@@ -110,30 +97,20 @@ def check_preference_loss(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, 
         if prior.shape != post.shape or prior.shape[0] != b or prior.shape[1] == 0:
             raise ValueError(f"prior_logits and posterior_logits must both have shape [B, K] with B = {b}, "
                              f"K > 0; got {tuple(prior.shape)} and {tuple(post.shape)}")
-        named["prior_logits"], named["posterior_logits"] = prior, post
-    check_float("beta", beta, positive=True)
-    check_float("gamma", gamma)
-    if loss_type != "simpo" and gamma != 0.0:
-        raise ValueError(f"gamma (the SimPO margin) must be 0 for loss_type={loss_type!r}, got {gamma}")
-    check_float("label_smoothing", label_smoothing, low=0.0, high=0.5)
-    if loss_type == "ipo" and label_smoothing != 0.0:
-        raise ValueError(f"label_smoothing must be 0 for loss_type='ipo', got {label_smoothing}")
-    check_float("kl_weight", kl_weight, low=0.0)
-    if kl_weight > 0 and prior is None:
-        raise ValueError(f"kl_weight={kl_weight} > 0 needs prior_logits and posterior_logits")
-    check_bool("ipo_average", ipo_average)
-    check_same_device(named)
+    if options.kl_weight > 0 and prior is None:
+        raise ValueError(f"kl_weight={options.kl_weight} > 0 needs prior_logits and posterior_logits")
+    check_same_device(inputs._asdict())
 
 
-def loss_outputs(pc):
-    """Fake ``(loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B])``."""
-    b, dt = pc.shape[0], compute_dtype(pc)
-    return (pc.new_empty((), dtype=dt),) + tuple(pc.new_empty(b, dtype=dt) for _ in range(4))
+def op_args(inputs: PreferenceLossInputs, options: PreferenceLossOptions, backend: str) -> tuple:
+    """The custom ops' arguments: the fields of ``inputs`` and of ``options`` as primitives, then the backend."""
+    return (*inputs, *options, backend)
 
 
-def gradient_outputs(pc, pr, rc, rr, prior, post):
-    """Fake gradients of ``(pc, pr, rc, rr, prior, post)``, each like its input or a fresh ``[0]`` tensor."""
-    return tuple(torch.empty_like(t) if t is not None else pc.new_empty(0) for t in (pc, pr, rc, rr, prior, post))
+def split_op_args(args) -> tuple[PreferenceLossInputs, PreferenceLossOptions, str]:
+    """``(inputs, options, backend)`` of the arguments ``op_args`` made."""
+    n, m = len(PreferenceLossInputs._fields), len(PreferenceLossOptions._fields)
+    return PreferenceLossInputs(*args[:n]), PreferenceLossOptions(*args[n:n + m]), args[n + m]
 
 
 def preference_loss_forward(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
@@ -142,22 +119,21 @@ def preference_loss_forward(policy_chosen_logps: Tensor, policy_rejected_logps: 
                             prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor], loss_type: str,
                             beta: float, gamma: float, label_smoothing: float, kl_weight: float, ipo_average: bool,
                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """B pairs -> (loss [], losses [B], chosen_rewards [B], rejected_rewards [B], kl [B]), fp32. The body of the
-    custom op ``lpc::preference_loss`` and of the eager path."""
-    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-            rejected_lengths, prior_logits, posterior_logits)
-    raise_if_bad_values(dict(zip(INPUT_NAMES, args)), positive=("chosen_lengths", "rejected_lengths"))
-    return backend_module(backend).preference_loss_fwd(*args, loss_type, beta, gamma, label_smoothing,
-                                                       kl_weight, ipo_average)
+    """B pairs -> the fields of ``PreferenceLossOutput``, fp32 (fp64 for fp64 inputs). The body of the custom op
+    ``lpc::preference_loss`` and of the eager path."""
+    inputs = PreferenceLossInputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                  chosen_lengths, rejected_lengths, prior_logits, posterior_logits)
+    raise_if_bad_values(inputs._asdict(), positive=("chosen_lengths", "rejected_lengths"))
+    options = PreferenceLossOptions(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
+    return tuple(backend_module(backend).preference_loss_fwd(inputs, options))
 
 
 preference_loss_op = torch.library.custom_op("lpc::preference_loss", mutates_args=())(preference_loss_forward)
 
 
 @preference_loss_op.register_fake
-def _(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average,
-      backend):
-    return loss_outputs(pc)
+def _(policy_chosen_logps, *rest):
+    return loss_outputs(policy_chosen_logps)
 
 
 def preference_loss_gradients(grad_loss: Tensor, grad_losses: Tensor, grad_chosen_rewards: Tensor,
@@ -168,14 +144,14 @@ def preference_loss_gradients(grad_loss: Tensor, grad_losses: Tensor, grad_chose
                               posterior_logits: Optional[Tensor], loss_type: str, beta: float, gamma: float,
                               label_smoothing: float, kl_weight: float, ipo_average: bool,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (pc, pr, rc, rr, prior, post); a [0]-shaped tensor stands for an absent input. The body of
-    the custom op ``lpc::preference_loss_backward`` and of the eager path."""
-    grads = backend_module(backend).preference_loss_bwd(
-        grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, policy_chosen_logps,
-        policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
-        prior_logits, posterior_logits, loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
-    g = [grads[i] for i in (0, 1, 2, 3, 6, 7)]
-    return tuple(t if t is not None else policy_chosen_logps.new_empty(0) for t in g)
+    """The gradients of ``preference.DIFFERENTIABLE_INPUTS`` (``pack_input_grads``: a ``[0]`` tensor for an absent
+    input). The body of the custom op ``lpc::preference_loss_backward`` and of the eager path."""
+    grad_outputs = PreferenceLossOutput(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl)
+    inputs = PreferenceLossInputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                  chosen_lengths, rejected_lengths, prior_logits, posterior_logits)
+    options = PreferenceLossOptions(loss_type, beta, gamma, label_smoothing, kl_weight, ipo_average)
+    grads = backend_module(backend).preference_loss_bwd(grad_outputs, inputs, options)
+    return pack_input_grads(grads, lambda: policy_chosen_logps.new_empty(0))
 
 
 preference_loss_backward_op = torch.library.custom_op("lpc::preference_loss_backward",
@@ -183,31 +159,35 @@ preference_loss_backward_op = torch.library.custom_op("lpc::preference_loss_back
 
 
 @preference_loss_backward_op.register_fake
-def _(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, rl, prior, post, *rest):
-    return gradient_outputs(pc, pr, rc, rr, prior, post)
+def _(grad_loss, grad_losses, grad_chosen_rewards, grad_rejected_rewards, grad_kl, *args):
+    inputs, _, _ = split_op_args(args)
+    return preference_gradient_outputs(*(getattr(inputs, name) for name in DIFFERENTIABLE_INPUTS))
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.options = inputs[8:]
+    tensors, options, backend = split_op_args(inputs)
+    ctx.save_for_backward(*tensors)
+    ctx.options, ctx.backend = options, backend
 
 
-def _backward(ctx, g_loss, g_losses, g_cr, g_rj, g_kl, backward_op=preference_loss_backward_op):
-    saved = ctx.saved_tensors
-    pc = saved[0]
+def _backward(ctx, *grad_outputs, backward_op=preference_loss_backward_op):
+    inputs = PreferenceLossInputs(*ctx.saved_tensors)
+    pc = inputs.policy_chosen_logps
     dt = compute_dtype(pc)
     b = pc.shape[0]
 
     def _grad(g, shape):
         return torch.zeros(shape, dtype=dt, device=pc.device) if g is None else g.to(dt).contiguous()
 
-    grads = backward_op(_grad(g_loss, ()), _grad(g_losses, b), _grad(g_cr, b), _grad(g_rj, b), _grad(g_kl, b),
-                        *saved, *ctx.options)
-    d_pc, d_pr, d_rc, d_rr, d_prior, d_post = grads
-    need = ctx.needs_input_grad
-    out = [d_pc, d_pr, d_rc, d_rr, None, None, d_prior, d_post]
-    return tuple(o if o is not None and need[i] and saved[i] is not None else None for i, o in enumerate(out)) \
-        + (None,) * 7
+    grad_outputs = PreferenceLossOutput(*grad_outputs)
+    incoming = PreferenceLossOutput(
+        loss=_grad(grad_outputs.loss, ()), losses=_grad(grad_outputs.losses, b),
+        chosen_rewards=_grad(grad_outputs.chosen_rewards, b), rejected_rewards=_grad(grad_outputs.rejected_rewards, b),
+        kl=_grad(grad_outputs.kl, b))
+    grads = unpack_input_grads(backward_op(*incoming, *op_args(inputs, ctx.options, ctx.backend)), inputs)
+    needs = PreferenceLossInputs(*ctx.needs_input_grad[:len(PreferenceLossInputs._fields)])
+    wanted = [g if need else None for g, need in zip(grads, needs)]
+    return tuple(wanted) + (None,) * (len(PreferenceLossOptions._fields) + 1)  # no gradient for options, backend
 
 
 preference_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -217,11 +197,11 @@ class _PreferenceLossFunction(torch.autograd.Function):
     """The eager path: the custom op's bodies under a plain ``autograd.Function`` (same numerics)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out = preference_loss_forward(*inputs)
-        _setup(ctx, inputs, out)
+    def forward(ctx, *args):
+        out = preference_loss_forward(*args)
+        _setup(ctx, args, out)
         return out
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_op=preference_loss_gradients)
+    def backward(ctx, *grad_outputs):
+        return _backward(ctx, *grad_outputs, backward_op=preference_loss_gradients)

@@ -1,6 +1,6 @@
 """``token_logprobs``: log p(label) under ``softmax(logits)``, with an optional in-place backward.
 
-Contract: ``docs/design.md`` section 2 (token_logprobs). Layers: ``token_logprobs`` (checks) ->
+Contract: ``docs/design.md``, "Op contracts" (``token_logprobs``). Layers: ``token_logprobs`` (checks) ->
 ``token_logprobs_op`` (custom op ``lpc::token_logprobs``: label values, then the backend's
 ``token_logprobs_fwd``) -> autograd -> ``token_logprobs_backward_op`` or, with ``inplace_backward``, the
 mutating ``token_logprobs_backward_inplace_op``.
@@ -14,7 +14,7 @@ from torch import Tensor
 from ..backends import backend_module, resolve_backend
 from ..checks import (check_bool, check_int, check_label_values, check_labels, check_same_device, check_tensor,
                       readable_labels)
-from ..numerics import compute_dtype
+from ..shapes import per_row_outputs
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, backend: str = "auto",
@@ -50,12 +50,6 @@ def check_token_logprobs(logits, labels, ignore_index) -> None:
         raise ValueError(f"logits is empty (shape {tuple(logits.shape)}): nothing to score")
     check_int("ignore_index", ignore_index)
     check_same_device({"logits": logits, "labels": labels})
-
-
-def per_row_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Fake ``(logp [N], lse [N])`` for rows ``x [N, *]`` (logits, or the hidden states of the linear op)."""
-    n, dt = x.shape[0], compute_dtype(x)
-    return x.new_empty(n, dtype=dt), x.new_empty(n, dtype=dt)
 
 
 @torch.library.custom_op("lpc::token_logprobs", mutates_args=())

@@ -1,19 +1,8 @@
-"""The ``triton`` backend: Triton kernels behind the eight functions of ``lpc_kernels.backend_interface``.
-
-One file per op family:
-
-* ``token_logprobs``: online log-sum-exp over materialised logits; backward ``softmax - onehot`` in fp32,
-  optionally in place into the logits buffer.
-* ``linear_token_logprobs``: Cut-Cross-Entropy-style fused LM head (``[N, V]`` logits never in global
-  memory), ignored rows compacted away; backward ``split`` (default: deterministic, per V chunk a
-  logits-gradient kernel and two gradient products) or ``atomic`` (``$LPC_TRITON_LINEAR_BWD``), with an
-  opt-in gradient filter (``filter_eps``, keyword-only, off by default).
-* ``gumbel_softmax``: Philox noise + softmax + ``z = w @ E`` in one launch; one-launch backward.
-* ``preference_loss``: DPO / IPO / SimPO + KL(q || p), one forward and one backward launch.
-
-Dtypes: fp32 / fp16 / bf16 inputs compute in fp32; fp64 inputs compute in fp64 inside the kernels
-(fp64 ``tl.dot`` included), as the reference does. On CPU tensors the kernels run only under
-``TRITON_INTERPRET=1`` (set before this package is imported).
+"""The ``triton`` backend: Triton kernels behind the eight functions of ``lpc_kernels.backend_interface``, one
+entry module per op family (``token_logprobs``, ``linear_token_logprobs`` with its ``linear_token_logprobs_*``
+kernel files, ``gumbel_softmax``, ``preference_loss``; shared helpers in ``_common``). fp32 / fp16 / bf16 inputs
+compute in fp32, fp64 inputs in fp64. CPU tensors run only under ``TRITON_INTERPRET=1`` (set before import).
+Design: ``docs/design.md``, "Triton kernels".
 """
 
 from .gumbel_softmax import gumbel_softmax_bwd, gumbel_softmax_fwd

@@ -1,31 +1,8 @@
-"""Triton ``gumbel_softmax_codes``: Gumbel noise, softmax over K codes and ``z = w @ E`` in one launch.
-
-Forward (one program per ``BLOCK_B`` rows, the whole code axis ``K`` in one tile)
-    ``u = philox(seed, offset + b*K + k)`` (the first Philox4x32-10 word of the counter
-    ``(lo32, hi32, 0, 0)``, mapped to ``[0, 1)`` as ``tl.rand`` does), clamped to
-    ``[2**-32, 1 - 2**-24]``, ``noise = -log(-log u)`` in fp32: the function of ``lpc_kernels.philox``,
-    so every backend draws the same noise. The counter words go to ``tl.philox`` explicitly as uint32
-    (not as an int64 offset through ``tl.rand``, whose handling of 64-bit offsets has differed between
-    Triton releases), so Triton 3.6 (the GPU image) and 3.8 (here) compute the same bits. The logs are
-    libdevice's ``logf`` on the GPU (what ``torch.log`` runs on CUDA) and numpy's under the interpreter.
-    Then
-
-        soft = softmax((logits + noise) / tau),    w = onehot(argmax soft) if hard else soft,
-        z = w @ E                                    (tl.dot, fp32 "ieee", or fp64),
-
-    ``argmax`` taking the first maximum, as ``torch.argmax`` does. ``soft`` is stored only when ``hard``
-    (the straight-through backward needs it; otherwise it equals ``w``).
-
-Backward (one launch; the first programs do ``logits``, the rest ``codebook``)
-    ``w`` enters the loss directly and through ``z = w @ E``, so ``g_w = grad_w + grad_z @ E.T``. The
-    softmax Jacobian ``d soft_k / d y_j = soft_k (delta_kj - soft_j)`` with ``y = (logits + noise) / tau``
-    gives
-
-        grad_logits = soft * (g_w - sum_k g_w,k soft_k) / tau,
-
-    with ``soft`` the soft sample also when ``hard`` (straight-through estimator). The codebook gradient
-    is ``grad_E = w.T @ grad_z`` (``w`` the one-hot rows when ``hard``), a reduction over ``B`` that each
-    ``(K block, D block)`` program does in a loop: no atomics, deterministic.
+"""Triton ``gumbel_softmax_codes``: Gumbel noise, softmax over K codes and ``z = w @ E`` in one launch (one
+program per ``BLOCK_B`` rows, the whole code axis in one tile; ``soft`` stored only when ``hard``), and a one-launch
+backward (the first programs do ``grad_logits = soft * (g_w - sum_k g_w,k soft_k) / tau`` with
+``g_w = grad_w + grad_z @ E.T``, the rest ``grad_E = w.T @ grad_z`` as a loop over ``B``: no atomics). The noise is
+``lpc_kernels.philox``'s function (``docs/design.md``, "Random numbers").
 """
 
 from __future__ import annotations
@@ -51,7 +28,9 @@ _U_MAX = tl.constexpr(GUMBEL_U_MAX)
 
 @triton.jit
 def _gumbel_noise(seed, counters):
-    """fp32 Gumbel(0, 1) noise for int64 ``counters``: ``lpc_kernels.philox.gumbel_noise`` in Triton."""
+    """fp32 Gumbel(0, 1) noise for int64 ``counters``: ``lpc_kernels.philox.gumbel_noise`` in Triton. The counter
+    words go to ``tl.philox`` as uint32 (not an int64 offset through ``tl.rand``, whose 64-bit handling has
+    differed between Triton releases)."""
     lo = (counters & 0xFFFFFFFF).to(tl.uint32)
     hi = ((counters >> 32) & 0xFFFFFFFF).to(tl.uint32)
     zero = lo * 0

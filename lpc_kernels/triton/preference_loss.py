@@ -1,40 +1,9 @@
-"""Triton ``preference_loss``: DPO / IPO / SimPO + label smoothing + ``kl_weight * KL(q || p)``.
-
-One forward launch and one backward launch for ``B`` pairs; each program owns ``BLOCK_B`` pairs and, for
-the LPC term, their ``[BLOCK_B, K]`` prior and posterior logits. The math is the reference's
-(``lpc_kernels.reference._pair_terms`` and friends), with ``lp`` policy, ``ref`` reference log-probs,
-``|y|`` lengths:
-
-    dpo:    a_w = a_l = beta,       h = a_w (lp_w - ref_w) - a_l (lp_l - ref_l),  rewards a (lp - ref)
-    ipo:    a = 1/|y| (or 1),       h = a_w (lp_w - ref_w) - a_l (lp_l - ref_l),  rewards beta a (lp - ref)
-    simpo:  a = beta/|y|,           h = a_w lp_w - a_l lp_l - gamma,              rewards a lp
-
-    pair loss (dpo, simpo) = -(1 - eps) logsigmoid(h) - eps logsigmoid(-h)
-        d/dh               = -(1 - eps) sigmoid(-h) + eps sigmoid(h)
-    pair loss (ipo)        = (h - 1/(2 beta))**2,      d/dh = 2 (h - 1/(2 beta))
-
-    log q = log_softmax(posterior), log p = log_softmax(prior),  KL = sum_k q_k (log q_k - log p_k)
-    losses = pair + kl_weight KL,  loss = mean(losses)
-
-``logsigmoid(x) = min(x, 0) - log1p(exp(-|x|))`` never overflows; ``log1p`` is written as
-``log(u) * t / (u - 1)`` with ``u = 1 + t`` (Goldberg's trick: accurate to a few ulps; the interpreter
-has no ``libdevice.log1p``). Padded columns of the ``K`` tile load as ``-inf`` (so they drop out of the
-max and the sum of the log-softmax) and are zeroed before ``log q - log p`` is formed, which would be
-``-inf - -inf = nan`` there.
-
-Backward, with ``g_i = g_loss / B + g_losses_i`` (mean and per-pair outputs) and ``s = beta`` for ipo
-(its rewards carry ``beta``), ``1`` otherwise:
-
-    d lp_w = a_w (g_i h'_i + s g_cr_i),   d lp_l = a_l (s g_rj_i - g_i h'_i),   d ref = -d lp
-    with G_i = g_i kl_weight + g_kl_i:
-    d posterior = G_i q (log q - log p - KL_i)           (softmax Jacobian of sum_k q_k log(q_k/p_k))
-    d prior     = G_i (p - q)                            (-sum_k q_k log p_k differentiated)
-
-The forward's ``mean`` is deterministic in one launch: each program stores its partial sum, then takes
-a ticket from an atomic counter (acq_rel); the program that draws the last ticket sums the partials in
-program order. When ``K`` fits one tile (``next_pow2(K) <= MAX_TILE_K``) each logits tile is loaded once;
-above that the rows are streamed in ``BLOCK_K`` chunks (online log-sum-exp, then a KL pass, then in
-backward a gradient pass).
+"""Triton ``preference_loss``: DPO / IPO / SimPO + label smoothing + ``kl_weight * KL(q || p)``, one forward and
+one backward launch for ``B`` pairs; each program owns ``BLOCK_B`` pairs and their ``[BLOCK_B, K]`` code logits.
+The math is the reference's (``lpc_kernels.reference._pair_terms`` and friends). The forward's mean is
+deterministic in the same launch: the program that draws the last ticket of an atomic counter sums the
+per-program partials in program order. Rows of more than ``MAX_TILE_K`` codes are streamed in ``LOOP_BLOCK_K``
+chunks (online log-sum-exp, a KL pass, in backward a gradient pass).
 """
 
 from __future__ import annotations
@@ -43,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..preference import PreferenceLossInputs, PreferenceLossOutput
 from ._common import INTERPRET, cast_out, compute_dtype, device_guard, next_pow2, scalar_args
 
 LOSS_IDS = {"dpo": 0, "ipo": 1, "simpo": 2}
@@ -52,14 +22,14 @@ INTERPRET_BLOCK_B = 128
 
 
 @triton.jit
-def _log1p(t):
+def _log1p(t):  # log(u) * t / (u - 1), u = 1 + t (Goldberg): the interpreter has no libdevice.log1p
     u = 1.0 + t
     um1 = u - 1.0
     return tl.where(um1 == 0.0, t, tl.log(u) * (t / tl.where(um1 == 0.0, 1.0, um1)))
 
 
 @triton.jit
-def _logsigmoid(x):
+def _logsigmoid(x):  # min(x, 0) - log1p(exp(-|x|)): never overflows
     return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
 
 
@@ -80,7 +50,8 @@ def _f64_scalars(scal_ptr):
 @triton.jit
 def _pair_terms(pc_ptr, pr_ptr, rc_ptr, rr_ptr, cl_ptr, rl_ptr, rows, r_mask, beta, gamma, ipo_target, eps,
                 one_minus_eps, LOSS_TYPE: tl.constexpr, IPO_AVG: tl.constexpr, CDT: tl.constexpr):
-    """Per pair: ``(a_w, a_l, chosen_reward, rejected_reward, pair_loss, d pair_loss / d h)``."""
+    """Per pair: ``(a_w, a_l, chosen_reward, rejected_reward, pair_loss, d pair_loss / d h)`` of the margin
+    ``h = a_w (lp_w - ref_w) - a_l (lp_l - ref_l)`` (simpo: ``a_w lp_w - a_l lp_l - gamma``)."""
     pc = tl.load(pc_ptr + rows, mask=r_mask, other=0.0).to(CDT)
     pr = tl.load(pr_ptr + rows, mask=r_mask, other=0.0).to(CDT)
     if LOSS_TYPE == 2:  # simpo (reference free)
@@ -252,37 +223,38 @@ def _pref_fwd_kernel(
 
 @triton.jit
 def _pref_bwd_kernel(
-    g_loss_ptr, g_losses_ptr, g_cr_ptr, g_rj_ptr, g_kl_ptr,
+    grad_loss_ptr, grad_losses_ptr, grad_chosen_rewards_ptr, grad_rejected_rewards_ptr, grad_kl_ptr,
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, cl_ptr, rl_ptr, prior_ptr, post_ptr,
     d_pc_ptr, d_pr_ptr, d_rc_ptr, d_rr_ptr, d_prior_ptr, d_post_ptr,
     B, K, beta, gamma, ipo_target, eps, one_minus_eps, kl_weight, scal_ptr,
     LOSS_TYPE: tl.constexpr, IPO_AVG: tl.constexpr, HAS_REF: tl.constexpr, HAS_KL: tl.constexpr,
     F64_SCALARS: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    CDT: tl.constexpr = g_losses_ptr.dtype.element_ty
+    CDT: tl.constexpr = grad_losses_ptr.dtype.element_ty
     if F64_SCALARS:
         beta, gamma, ipo_target, eps, one_minus_eps, kl_weight = _f64_scalars(scal_ptr)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     r_mask = rows < B
     a_w, a_l, cr, rj, pair, slope = _pair_terms(pc_ptr, pr_ptr, rc_ptr, rr_ptr, cl_ptr, rl_ptr, rows, r_mask, beta,
                                                 gamma, ipo_target, eps, one_minus_eps, LOSS_TYPE, IPO_AVG, CDT)
-    g_each = tl.load(g_loss_ptr).to(CDT) / B + tl.load(g_losses_ptr + rows, mask=r_mask, other=0.0).to(CDT)
-    g_cr = tl.load(g_cr_ptr + rows, mask=r_mask, other=0.0).to(CDT)
-    g_rj = tl.load(g_rj_ptr + rows, mask=r_mask, other=0.0).to(CDT)
+    # the gradient of pair i's loss term: from the mean and from losses[i]
+    g_each = tl.load(grad_loss_ptr).to(CDT) / B + tl.load(grad_losses_ptr + rows, mask=r_mask, other=0.0).to(CDT)
+    grad_cr = tl.load(grad_chosen_rewards_ptr + rows, mask=r_mask, other=0.0).to(CDT)
+    grad_rj = tl.load(grad_rejected_rewards_ptr + rows, mask=r_mask, other=0.0).to(CDT)
     dh = g_each * slope
     if LOSS_TYPE == 1:  # ipo rewards are beta * a * (lp - ref)
-        d_pc = a_w * (dh + beta * g_cr)
-        d_pr = a_l * (beta * g_rj - dh)
+        d_pc = a_w * (dh + beta * grad_cr)
+        d_pr = a_l * (beta * grad_rj - dh)
     else:
-        d_pc = a_w * (dh + g_cr)
-        d_pr = a_l * (g_rj - dh)
+        d_pc = a_w * (dh + grad_cr)
+        d_pr = a_l * (grad_rj - dh)
     tl.store(d_pc_ptr + rows, cast_out(d_pc, d_pc_ptr.dtype.element_ty), mask=r_mask)
     tl.store(d_pr_ptr + rows, cast_out(d_pr, d_pr_ptr.dtype.element_ty), mask=r_mask)
     if HAS_REF:
         tl.store(d_rc_ptr + rows, cast_out(-d_pc, d_rc_ptr.dtype.element_ty), mask=r_mask)
         tl.store(d_rr_ptr + rows, cast_out(-d_pr, d_rr_ptr.dtype.element_ty), mask=r_mask)
     if HAS_KL:
-        gk = g_each * kl_weight + tl.load(g_kl_ptr + rows, mask=r_mask, other=0.0).to(CDT)
+        gk = g_each * kl_weight + tl.load(grad_kl_ptr + rows, mask=r_mask, other=0.0).to(CDT)
         if ONE_TILE:  # each logits tile is loaded once
             offs_k = tl.arange(0, BLOCK_K)
             lq, lp, k_mask, kl = _kl_tile(prior_ptr, post_ptr, rows, r_mask, offs_k, K, None, None, CDT, ONE_TILE)
@@ -309,15 +281,20 @@ def _blocks(k: int, has_kl: bool):
     return one_tile, block_b, block_k, (8 if block_b * block_k >= 4096 else 4)
 
 
-def _scalars(loss_type, beta, gamma, label_smoothing, kl_weight, cdt, device):
-    vals = (float(beta), float(gamma), 1.0 / (2.0 * float(beta)), float(label_smoothing),
-            1.0 - float(label_smoothing), float(kl_weight))
+def _scalars(options, cdt, device):
+    vals = (float(options.beta), float(options.gamma), 1.0 / (2.0 * float(options.beta)),
+            float(options.label_smoothing), 1.0 - float(options.label_smoothing), float(options.kl_weight))
     scal, f64 = scalar_args(cdt, device, *vals)
     return vals, scal, f64
 
 
-def preference_loss_fwd(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, label_smoothing,
-                        kl_weight, ipo_average):
+def _pointers(inputs, stand_in):
+    """The eight input tensors in the kernels' order, ``stand_in`` (never read) for the absent ones."""
+    return tuple(t if t is not None else stand_in for t in inputs)
+
+
+def preference_loss_fwd(inputs, options):
+    pc, prior = inputs.policy_chosen_logps, inputs.prior_logits
     cdt = compute_dtype(pc)
     b = pc.shape[0]
     dev = pc.device
@@ -332,40 +309,38 @@ def preference_loss_fwd(pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, ga
     n_prog = triton.cdiv(b, block_b)
     partial = torch.empty(n_prog, dtype=cdt, device=dev)
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
-    vals, scal, f64 = _scalars(loss_type, beta, gamma, label_smoothing, kl_weight, cdt, dev)
+    vals, scal, f64 = _scalars(options, cdt, dev)
     with device_guard(pc):
         _pref_fwd_kernel[(n_prog,)](
-            pc, pr, rc if rc is not None else pc, rr if rr is not None else pc, cl if cl is not None else pc,
-            rl if rl is not None else pc, prior if has_kl else pc, post if has_kl else pc,
-            loss, losses, cr, rj, kl, partial, counter, b, k, *vals, scal if f64 else partial,
-            LOSS_TYPE=LOSS_IDS[loss_type], IPO_AVG=bool(ipo_average), HAS_KL=has_kl, F64_SCALARS=f64,
-            ONE_TILE=one_tile, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=min(1024, next_pow2(n_prog)),
-            num_warps=num_warps)
-    return loss, losses, cr, rj, kl
+            *_pointers(inputs, pc), loss, losses, cr, rj, kl, partial, counter, b, k, *vals,
+            scal if f64 else partial, LOSS_TYPE=LOSS_IDS[options.loss_type], IPO_AVG=bool(options.ipo_average),
+            HAS_KL=has_kl, F64_SCALARS=f64, ONE_TILE=one_tile, BLOCK_B=block_b, BLOCK_K=block_k,
+            BLOCK_P=min(1024, next_pow2(n_prog)), num_warps=num_warps)
+    return PreferenceLossOutput(loss=loss, losses=losses, chosen_rewards=cr, rejected_rewards=rj, kl=kl)
 
 
-def preference_loss_bwd(g_loss, g_losses, g_cr, g_rj, g_kl, pc, pr, rc, rr, cl, rl, prior, post, loss_type,
-                        beta, gamma, label_smoothing, kl_weight, ipo_average):
+def preference_loss_bwd(grad_outputs, inputs, options):
+    pc, pr = inputs.policy_chosen_logps, inputs.policy_rejected_logps
     cdt = compute_dtype(pc)
     b = pc.shape[0]
     dev = pc.device
-    has_kl = prior is not None
-    has_ref = rc is not None
-    k = prior.shape[1] if has_kl else 1
+    has_kl = inputs.prior_logits is not None
+    has_ref = inputs.ref_chosen_logps is not None
+    k = inputs.prior_logits.shape[1] if has_kl else 1
     d_pc, d_pr = torch.empty_like(pc), torch.empty_like(pr)
-    d_rc = torch.empty_like(rc) if has_ref else None
-    d_rr = torch.empty_like(rr) if has_ref else None
-    d_prior = torch.empty_like(prior) if has_kl else None
-    d_post = torch.empty_like(post) if has_kl else None
+    d_rc = torch.empty_like(inputs.ref_chosen_logps) if has_ref else None
+    d_rr = torch.empty_like(inputs.ref_rejected_logps) if has_ref else None
+    d_prior = torch.empty_like(inputs.prior_logits) if has_kl else None
+    d_post = torch.empty_like(inputs.posterior_logits) if has_kl else None
     one_tile, block_b, block_k, num_warps = _blocks(k, has_kl)
-    vals, scal, f64 = _scalars(loss_type, beta, gamma, label_smoothing, kl_weight, cdt, dev)
-    g = [t.to(cdt).contiguous() for t in (g_loss, g_losses, g_cr, g_rj, g_kl)]
+    vals, scal, f64 = _scalars(options, cdt, dev)
+    grads = PreferenceLossOutput(*(t.to(cdt).contiguous() for t in grad_outputs))
     with device_guard(pc):
         _pref_bwd_kernel[(triton.cdiv(b, block_b),)](
-            *g, pc, pr, rc if has_ref else pc, rr if has_ref else pc, cl if cl is not None else pc,
-            rl if rl is not None else pc, prior if has_kl else pc, post if has_kl else pc,
-            d_pc, d_pr, d_rc if has_ref else d_pc, d_rr if has_ref else d_pr, d_prior if has_kl else d_pc,
-            d_post if has_kl else d_pc, b, k, *vals, scal if f64 else g[1],
-            LOSS_TYPE=LOSS_IDS[loss_type], IPO_AVG=bool(ipo_average), HAS_REF=has_ref, HAS_KL=has_kl,
-            F64_SCALARS=f64, ONE_TILE=one_tile, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps)
-    return d_pc, d_pr, d_rc, d_rr, None, None, d_prior, d_post
+            *grads, *_pointers(inputs, pc), d_pc, d_pr, d_rc if has_ref else d_pc, d_rr if has_ref else d_pr,
+            d_prior if has_kl else d_pc, d_post if has_kl else d_pc, b, k, *vals, scal if f64 else grads.losses,
+            LOSS_TYPE=LOSS_IDS[options.loss_type], IPO_AVG=bool(options.ipo_average), HAS_REF=has_ref,
+            HAS_KL=has_kl, F64_SCALARS=f64, ONE_TILE=one_tile, BLOCK_B=block_b, BLOCK_K=block_k,
+            num_warps=num_warps)
+    return PreferenceLossInputs(policy_chosen_logps=d_pc, policy_rejected_logps=d_pr, ref_chosen_logps=d_rc,
+                                ref_rejected_logps=d_rr, prior_logits=d_prior, posterior_logits=d_post)

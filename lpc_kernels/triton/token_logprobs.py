@@ -1,31 +1,8 @@
-"""Triton ``token_logprobs``: log p(label) from materialised logits ``[N, V]``.
-
-Forward, one program per row, one streaming pass over ``V`` (online log-sum-exp, Milakov & Gimelshein
-2018): with running max ``m`` and running sum ``s = sum_j exp(x_j - m)`` over the blocks seen so far,
-a new block ``X`` updates
-
-    m' = max(m, max X),    s' = s * exp(m - m') + sum_{x in X} exp(x - m'),
-
-and at the end ``lse = m + log s``. The target logit is one scalar load, so
-
-    logp = x[label] - lse,
-
-and only ``lse [N]`` is saved for backward (4 bytes a row, not the ``[N, V]`` softmax).
-
-Backward: ``d logp / d x_j = onehot(label)_j - softmax(x)_j`` and ``softmax(x)_j = exp(x_j - lse)``, so
-with upstream ``g``
-
-    grad_j = g * (onehot_j - exp(x_j - lse)),
-
-recomputed from the logits and ``lse``, entirely in fp32 (fp64 for fp64 logits) and rounded once at
-the store. The true-class entry ``g * (1 - p)`` is therefore formed in fp32: in bf16 ``1 - p`` for ``p``
-near 1 cancels to a handful of bits (the bug Liger-Kernel fixed by recomputing it in fp32). The grid
-is ``(N, cdiv(V, BLOCK_V))`` with no loop: each element is read once and written once, and with
-``inplace=True`` the gradient overwrites the logits buffer (each program reads exactly the elements it
-writes), so a training step holds one ``[N, V]`` buffer instead of two.
-
-Ignored rows (``label == ignore_index``): ``logp = lse = 0`` and a zero gradient row, without reading
-the row's logits.
+"""Triton ``token_logprobs``: log p(label) from materialised logits ``[N, V]``. Forward: one program per row, one
+streaming pass over ``V`` (online log-sum-exp), only ``lse [N]`` saved. Backward: ``g * (onehot - exp(x - lse))``
+recomputed in fp32 (fp64 for fp64 logits) and rounded once at the store, on an ``(N, cdiv(V, BLOCK_V))`` grid
+where each program reads exactly the elements it writes, so ``inplace=True`` can overwrite the logits buffer.
+Ignored rows get ``logp = lse = 0`` and a zero gradient row without reading their logits.
 """
 
 from __future__ import annotations
@@ -98,7 +75,7 @@ def _token_logprobs_bwd_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=in_row & valid, other=0.0).to(CDT)
     p = tl.exp(x - lse)
     onehot = tl.where(cols == label, 1.0, 0.0).to(CDT)
-    d = g * (onehot - p)  # the true-class term 1 - p is formed here, in fp32
+    d = g * (onehot - p)  # the true-class term 1 - p in fp32: in bf16 it cancels to a few bits for p near 1
     d = tl.where(valid, d, 0.0)
     tl.store(out_ptr + row * stride_out + cols, cast_out(d, out_ptr.dtype.element_ty), mask=in_row)
 

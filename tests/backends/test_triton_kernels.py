@@ -5,7 +5,7 @@ Triton); with ``TRITON_INTERPRET=0`` and a GPU the same tests run on CUDA (``LPC
 the tuning sweeps there). The interpreter pays milliseconds per program instance and loop step (each
 call of a ``@triton.jit`` helper re-patches builtins), so shapes are small and blocks wide; its configs live
 in module-level dicts of each kernel file, and a few tests shrink them (monkeypatch) to force several
-blocks, V splits or the streamed-K path.
+blocks, V splits or the streamed-K path (the fused LM head's live in linear_token_logprobs_configs.py).
 
 Tolerance (Cut Cross-Entropy style): ``truth`` is the reference backend on float64 copies of the
 (dtype-rounded) inputs, ``same`` is the reference backend on the inputs themselves (fp32 math, outputs
@@ -25,6 +25,7 @@ import lpc_kernels as lk
 from lpc_kernels import reference as R
 from lpc_kernels.backends import triton_interpreted, unavailable_reason
 from lpc_kernels.numerics import compute_dtype
+from lpc_kernels.preference import PreferenceLossInputs, PreferenceLossOptions, PreferenceLossOutput
 from tests.helpers import REPO
 from tests.helpers.backend_checks import truth_close
 from tests.helpers.raw_op_cases import public_op_cases
@@ -39,6 +40,8 @@ if unavailable_reason("triton", DEVICE) is not None:
 from lpc_kernels import triton as T  # noqa: E402  (after the availability check: imports triton)
 from lpc_kernels.triton import gumbel_softmax as T_gumbel  # noqa: E402
 from lpc_kernels.triton import linear_token_logprobs as T_linear  # noqa: E402
+from lpc_kernels.triton import linear_token_logprobs_configs as T_linear_cfg  # noqa: E402
+from lpc_kernels.triton import linear_token_logprobs_split_bwd as T_linear_split  # noqa: E402
 from lpc_kernels.triton import preference_loss as T_pref  # noqa: E402
 from lpc_kernels.triton import token_logprobs as T_token  # noqa: E402
 
@@ -196,8 +199,8 @@ def test_linear_token_logprobs_partial_grads(need, bwd_variant):
 
 
 def test_linear_token_logprobs_many_splits(monkeypatch):
-    monkeypatch.setitem(T_linear.INTERPRET_FWD, "BLOCK_V", 64)
-    monkeypatch.setattr(T_linear, "INTERPRET_SPLITS", 5)
+    monkeypatch.setitem(T_linear_cfg.INTERPRET_FWD, "BLOCK_V", 64)
+    monkeypatch.setattr(T_linear_cfg, "INTERPRET_SPLITS", 5)
     hidden, weight, b, labels = _linear_inputs(3, 16, 700, torch.float32)
     _linear_check(hidden, weight, b, labels, need=(True, False, False))
 
@@ -222,64 +225,27 @@ def test_linear_token_logprobs_all_ignored():
 
 
 def test_linear_token_logprobs_vocab_128256(monkeypatch, bwd_variant):
-    for cfg in (T_linear.INTERPRET_FWD, T_linear.INTERPRET_BWD):  # wide in V, H = 16 exactly
-        monkeypatch.setitem(cfg, "BLOCK_V", 1024)
-        monkeypatch.setitem(cfg, "BLOCK_H", 16)
-    monkeypatch.setitem(T_linear.INTERPRET_BWD, "BLOCK_HB", 16)
+    cfg = T_linear_cfg
+    for blocks in (cfg.INTERPRET_FWD, cfg.INTERPRET_BWD):  # wide in V, H = 16 exactly
+        monkeypatch.setitem(blocks, "BLOCK_V", 1024)
+        monkeypatch.setitem(blocks, "BLOCK_H", 16)
+    monkeypatch.setitem(cfg.INTERPRET_BWD, "BLOCK_HB", 16)
     # split backward: 2 chunks of 65536 (the last 62720 wide), each product in tiles shaped to it
-    monkeypatch.setattr(T_linear, "INTERPRET_CHUNK_V", 65536)
-    monkeypatch.setattr(T_linear, "INTERPRET_DLOGITS", {"BLOCK_N": 16, "BLOCK_V": 4096, "BLOCK_H": 16, "GROUP_N": 4})
-    monkeypatch.setattr(T_linear, "INTERPRET_MM_DW", {"BLOCK_M": 4096, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
-    monkeypatch.setattr(T_linear, "INTERPRET_MM_DH", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 4096, "GROUP_M": 4})
+    monkeypatch.setattr(cfg, "INTERPRET_CHUNK_V", 65536)
+    monkeypatch.setattr(cfg, "INTERPRET_DLOGITS", {"BLOCK_N": 16, "BLOCK_V": 4096, "BLOCK_H": 16, "GROUP_N": 4})
+    monkeypatch.setattr(cfg, "INTERPRET_MM_DW", {"BLOCK_M": 4096, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
+    monkeypatch.setattr(cfg, "INTERPRET_MM_DH", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 4096, "GROUP_M": 4})
     hidden, weight, b, labels = _linear_inputs(3, 16, 128256, torch.bfloat16, ignore_every=3)
     labels[1] = 128255
     _linear_check(hidden, weight, b, labels, need=(True, True, False))
-
-
-def test_linear_gradient_filter_error_bound(bwd_variant):
-    """filter_eps > 0 skips tiles whose softmax is below eps everywhere; the error obeys the bound in
-    lpc_kernels/triton/linear_token_logprobs.py, and filter_eps = 0 is exact."""
-    n, h, v = 16, 32, 2048
-    hidden, weight, b, labels = _linear_inputs(n, h, v, torch.float32)
-    # a peaked (not degenerate) distribution: most of each row's mass sits on its label, and all labels
-    # sit in the first tile, so the other tiles hold no label and only small (nonzero) probabilities
-    labels = torch.arange(n, device=DEVICE) * 3
-    weight[labels] += hidden * 0.5
-    logp, lse = T.linear_token_logprobs_fwd(hidden, weight, b, labels, -100, 1024)
-    g = torch.randn(n, device=DEVICE)
-    exact = T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True)
-    unfiltered = T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
-                                             filter_eps=0.0)
-    if bwd_variant == "atomic" and DEVICE.type == "cuda":  # fp32 atomics: the summation order varies per run
-        assert all(torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(exact, unfiltered))
-    else:
-        assert all(torch.equal(a, c) for a, c in zip(exact, unfiltered))
-    eps = 2e-2
-    filt = T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
-                                       filter_eps=eps)
-    x = hidden.double() @ weight.double().T + b.double()
-    p = torch.softmax(x, -1)
-    small = torch.where(p < eps, p, 0.0)  # skipped entries are a subset of these
-    ga = g.double().abs()[:, None]
-    bound_h = (ga * small).sum(1, keepdim=True) * weight.double().abs().max(0).values[None, :]
-    bound_w = (ga * small).sum(0)[:, None] * hidden.double().abs().max(0).values[None, :]
-    bound_b = (ga * small).sum(0)
-    slack = 1e-5  # fp32 rounding on top of the analytic bound
-    for name, f, e, bound in zip(("hidden", "weight", "bias"), filt, exact, (bound_h, bound_w, bound_b)):
-        err = (f.double() - e.double()).abs()
-        assert (err <= bound + slack * (1 + e.double().abs())).all(), name
-    assert any(not torch.equal(f, e) for f, e in zip(filt, exact)), "nothing was skipped"
-    with pytest.raises(ValueError, match="filter_eps"):
-        T.linear_token_logprobs_bwd(g, hidden, weight, b, labels, lse, -100, 1024, True, True, True,
-                                    filter_eps=-1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_split_backward_one_chunk_no_ignored_rows(monkeypatch, dtype):
     """Split backward with one V chunk (grad_h written straight in the hidden dtype, no accumulator) and
     no ignored row (no gather / scatter); N = 37 and V = 700 are multiples of no block."""
-    monkeypatch.setattr(T_linear, "INTERPRET_CHUNK_V", 4096)
-    monkeypatch.setitem(T_linear.INTERPRET_MM_DW, "BLOCK_K", 32)  # K = 37 rows: a ragged K tail for grad_W
+    monkeypatch.setattr(T_linear_cfg, "INTERPRET_CHUNK_V", 4096)
+    monkeypatch.setitem(T_linear_cfg.INTERPRET_MM_DW, "BLOCK_K", 32)  # K = 37 rows: a ragged K tail for grad_W
     hidden, weight, b, labels = _linear_inputs(37, 48, 700, dtype)
     _linear_check(hidden, weight, b, labels, need=(True, True, True))
 
@@ -292,13 +258,13 @@ def test_linear_split_backward_many_chunks_matches_atomic():
     g = torch.randn(21, device=DEVICE)
     args = (g, hidden, weight, b, labels, lse, -100, 1024, True, True, True)
     atomic = T_linear.backward(*args, variant="atomic")
-    old = T_linear.INTERPRET_CHUNK_V
+    old = T_linear_cfg.INTERPRET_CHUNK_V
     try:
-        T_linear.INTERPRET_CHUNK_V = 64
+        T_linear_cfg.INTERPRET_CHUNK_V = 64
         split = T_linear.backward(*args, variant="split")
         again = T_linear.backward(*args, variant="split")
     finally:
-        T_linear.INTERPRET_CHUNK_V = old
+        T_linear_cfg.INTERPRET_CHUNK_V = old
     for a, s_, s2 in zip(atomic, split, again):
         assert torch.equal(s_, s2)
         torch.testing.assert_close(s_, a, rtol=1e-5, atol=1e-6)
@@ -322,49 +288,40 @@ def test_linear_gpu_config_lists(monkeypatch):
     LPC_TRITON_AUTOTUNE=0, one config per dtype that fits (the quick lists)."""
     from lpc_kernels.triton import _common as TC
 
-    monkeypatch.setattr(T_linear, "AUTOTUNE", False)
-    for configs, f64, smem, ptr in (
-            ([T_linear._FWD_CONFIGS[0], T_linear._FWD_CONFIGS[6], T_linear._FWD_CONFIGS_F64[0]],
-             T_linear._FWD_CONFIGS_F64, T_linear._recompute_smem, "h_ptr"),
-            ([T_linear._MM_CONFIGS[0], T_linear._MM_CONFIGS[-1], T_linear._MM_CONFIGS_F64[0]],
-             T_linear._MM_CONFIGS_F64, T_linear._mm_smem, "a_ptr")):
-        for dtype, want in ((torch.bfloat16, configs[0]), (torch.float32, configs[1]), (torch.float64, configs[2])):
-            kept = T_linear._prune(f64, smem, ptr)["early_config_prune"](configs, {ptr: torch.empty(1, dtype=dtype)})
-            assert kept == [want], (dtype, kept)
-    monkeypatch.setattr(T_linear, "AUTOTUNE", True)
+    cfg = T_linear_cfg
+    families = ((cfg.FWD_CONFIGS, cfg.FWD_CONFIGS_F64, cfg.FWD_QUICK, cfg.recompute_smem, "h_ptr"),
+                (cfg.DLOGITS_CONFIGS, cfg.DLOGITS_CONFIGS_F64, cfg.DLOGITS_QUICK, cfg.recompute_smem, "h_ptr"),
+                (cfg.MM_CONFIGS, cfg.MM_CONFIGS_F64, cfg.MM_QUICK, cfg.mm_smem, "a_ptr"),
+                (cfg.BWD_CONFIGS, cfg.BWD_CONFIGS_F64, cfg.BWD_QUICK, cfg.recompute_smem, "h_ptr"))
 
-    def prune(configs, f64_configs, smem, dtype, ptr="h_ptr"):
+    def prune(configs, f64_configs, smem, dtype, ptr):
         t = torch.empty(1, dtype=dtype)
-        return T_linear._prune(f64_configs, smem, ptr)["early_config_prune"](configs, {ptr: t})
+        return cfg.prune_by_dtype(f64_configs, smem, ptr)["early_config_prune"](configs, {ptr: t})
 
-    for configs, f64, smem, ptr in (
-            (T_linear._FWD_CONFIGS + T_linear._FWD_CONFIGS_F64, T_linear._FWD_CONFIGS_F64, T_linear._recompute_smem,
-             "h_ptr"),
-            (T_linear._DLOGITS_CONFIGS + T_linear._DLOGITS_CONFIGS_F64, T_linear._DLOGITS_CONFIGS_F64,
-             T_linear._recompute_smem, "h_ptr"),
-            (T_linear._MM_CONFIGS + T_linear._MM_CONFIGS_F64, T_linear._MM_CONFIGS_F64, T_linear._mm_smem, "a_ptr"),
-            (T_linear._BWD_CONFIGS + T_linear._BWD_CONFIGS_F64, T_linear._BWD_CONFIGS_F64, T_linear._recompute_smem,
-             "h_ptr")):
-        bf16 = prune(configs, f64, smem, torch.bfloat16, ptr)
-        fp32 = prune(configs, f64, smem, torch.float32, ptr)
-        fp64 = prune(configs, f64, smem, torch.float64, ptr)
+    monkeypatch.setattr(cfg, "AUTOTUNE", False)
+    for configs, f64, quick, smem, ptr in families:  # bf16, then fp32, then fp64 in the quick lists
+        # two-entry lists: fp32 fits the bf16 config
+        wants = (quick[0], quick[1], quick[2]) if len(quick) == 3 else (quick[0], quick[0], quick[1])
+        for dtype, want in zip((torch.bfloat16, torch.float32, torch.float64), wants):
+            assert prune(quick, f64, smem, dtype, ptr) == [want], (dtype, want)
+    monkeypatch.setattr(cfg, "AUTOTUNE", True)
+    for configs, f64, quick, smem, ptr in families:
+        bf16 = prune(configs + f64, f64, smem, torch.bfloat16, ptr)
+        fp32 = prune(configs + f64, f64, smem, torch.float32, ptr)
+        fp64 = prune(configs + f64, f64, smem, torch.float64, ptr)
         assert 6 <= len(bf16) <= 10 and all(c not in f64 for c in bf16)
         assert 1 <= len(fp32) <= len(bf16) and all(c not in f64 for c in fp32)
         assert fp64 and all(c in f64 for c in fp64)
         for c, elem in [(c, 2) for c in bf16] + [(c, 4) for c in fp32] + [(c, 8) for c in fp64]:
             assert smem(c, elem) <= TC.smem_limit(), c
             assert c.num_warps in (4, 8) or c in f64
-    assert TC.prune_smem(T_linear._mm_smem, limit=1)(T_linear._MM_CONFIGS, {}, 2)  # never empty
+    assert TC.prune_smem(cfg.mm_smem, limit=1)(cfg.MM_CONFIGS, {}, 2)  # never empty
     # the split backward's V chunks: <= 2**27 entries of D, on 256-column edges, never below 1024 columns
-    old = T_linear.INTERPRET
-    try:
-        T_linear.INTERPRET = False
-        assert T_linear._chunk_v(16384, 128256) == 8192
-        assert T_linear._chunk_v(4096, 128256) == 32768
-        assert T_linear._chunk_v(10**6, 128256) == 1024
-        assert T_linear._chunk_v(100, 32000) == 32000
-    finally:
-        T_linear.INTERPRET = old
+    monkeypatch.setattr(T_linear_split, "INTERPRET", False)
+    assert T_linear_split._chunk_v(16384, 128256) == 8192
+    assert T_linear_split._chunk_v(4096, 128256) == 32768
+    assert T_linear_split._chunk_v(10**6, 128256) == 1024
+    assert T_linear_split._chunk_v(100, 32000) == 32000
 
 
 _AUTOTUNE_LOG_SCRIPT = """
@@ -401,7 +358,7 @@ def test_autotune_log(tmp_path):
     fwd = kernels["_lin_fwd_kernel"]
     assert len(fwd) == 1 and fwd[0]["key"] == [40, 16, "torch.float32", "torch.float32", "torch.float32",
                                                 "torch.int64", "torch.int64", "torch.float32", "torch.float32"]
-    assert fwd[0]["config"]["kwargs"] == T_linear.INTERPRET_FWD
+    assert fwd[0]["config"]["kwargs"] == T_linear_cfg.INTERPRET_FWD
     assert {"num_warps", "num_stages"} <= set(fwd[0]["config"])
     mm_keys = {tuple(r["key"][:4]) for r in kernels["_mm_kernel"]}  # (M bucket, N, K bucket, ACCUM)
     assert mm_keys == {(64, 16, 4, False), (4, 16, 64, False)}  # grad_W (one chunk) and grad_h
@@ -409,9 +366,9 @@ def test_autotune_log(tmp_path):
         for r in recs:
             assert r["config"]["kwargs"] and all(k.isupper() for k in r["config"]["kwargs"])
     # in process: the same records, written on demand (atomically)
-    from lpc_kernels.triton import _common as TC
+    from lpc_kernels.triton import autotune_log
 
-    out = TC.write_autotune_log(str(tmp_path / "now.json"))
+    out = autotune_log.write_autotune_log(str(tmp_path / "now.json"))
     assert json.loads((tmp_path / "now.json").read_text()) == json.loads(json.dumps(out))
 
 
@@ -467,6 +424,7 @@ def test_gumbel_too_many_codes_is_a_clear_error():
 
 # ------------------------------------------------------------------------------------ preference_loss
 def _pref_args(loss_type, b, k, dtype, kl=True, ipo_average=True, label_smoothing=None):
+    """``(PreferenceLossInputs, PreferenceLossOptions)`` of one random case."""
     pc, pr, rc, rr = ((torch.randn(b, device=DEVICE) * 8 - 30).to(dtype) for _ in range(4))
     cl = torch.randint(1, 60, (b,), device=DEVICE)
     rl = torch.randint(1, 60, (b,), device=DEVICE).to(torch.float32)  # float lengths are allowed
@@ -477,32 +435,36 @@ def _pref_args(loss_type, b, k, dtype, kl=True, ipo_average=True, label_smoothin
     beta = {"dpo": 0.1, "ipo": 0.3, "simpo": 2.0}[loss_type]
     gamma = 0.5 if loss_type == "simpo" else 0.0
     eps = 0.0 if loss_type == "ipo" else (0.1 if label_smoothing is None else label_smoothing)
-    return (pc, pr, rc, rr, cl, rl, prior, post, loss_type, beta, gamma, eps, 0.05 if kl else 0.0, ipo_average)
+    return (PreferenceLossInputs(pc, pr, rc, rr, cl, rl, prior, post),
+            PreferenceLossOptions(loss_type, beta, gamma, eps, 0.05 if kl else 0.0, ipo_average))
 
 
-def _pref_check(args, rtol=1e-5):
-    tensors, opts = args[:8], args[8:]
-    dtype = tensors[0].dtype
+def _pref_check(case, rtol=1e-5):
+    inputs, options = case
+    dtype = inputs.policy_chosen_logps.dtype
     tol = 1e-12 if dtype == torch.float64 else rtol
-    ours = T.preference_loss_fwd(*args)
-    truth = R.preference_loss_fwd(*[d64(t) for t in tensors], *opts)
-    same = R.preference_loss_fwd(*args)
-    for name, o, t, s in zip(("loss", "losses", "chosen_rewards", "rejected_rewards", "kl"), ours, truth, same):
-        assert o.dtype == compute_dtype(tensors[0]), name
-        check(o, t, s, rtol=tol, atol=tol, what=name)
-    b = tensors[0].shape[0]
-    cdt = ours[0].dtype
-    gs = [torch.randn((), device=DEVICE, dtype=cdt)] + [torch.randn(b, device=DEVICE, dtype=cdt) for _ in range(4)]
-    grads = T.preference_loss_bwd(*gs, *args)
-    g_truth = R.preference_loss_bwd(*[g.double() for g in gs], *[d64(t) for t in tensors], *opts)
-    g_same = R.preference_loss_bwd(*gs, *args)
-    names = ("pc", "pr", "rc", "rr", "cl", "rl", "prior", "post")
-    for name, o, t, s, inp in zip(names, grads, g_truth, g_same, tensors):
-        if inp is None or name in ("cl", "rl"):
+    inputs64 = PreferenceLossInputs(*[d64(t) for t in inputs])
+    ours = T.preference_loss_fwd(inputs, options)
+    truth = R.preference_loss_fwd(inputs64, options)
+    same = R.preference_loss_fwd(inputs, options)
+    for name in PreferenceLossOutput._fields:
+        o = getattr(ours, name)
+        assert o.dtype == compute_dtype(inputs.policy_chosen_logps), name
+        check(o, getattr(truth, name), getattr(same, name), rtol=tol, atol=tol, what=name)
+    b = inputs.policy_chosen_logps.shape[0]
+    cdt = ours.loss.dtype
+    gs = PreferenceLossOutput(torch.randn((), device=DEVICE, dtype=cdt),
+                              *[torch.randn(b, device=DEVICE, dtype=cdt) for _ in range(4)])
+    grads = T.preference_loss_bwd(gs, inputs, options)
+    g_truth = R.preference_loss_bwd(PreferenceLossOutput(*[g.double() for g in gs]), inputs64, options)
+    g_same = R.preference_loss_bwd(gs, inputs, options)
+    for name in PreferenceLossInputs._fields:
+        o, t, inp = getattr(grads, name), getattr(g_truth, name), getattr(inputs, name)
+        if inp is None or name in ("chosen_lengths", "rejected_lengths"):
             assert o is None, name
             continue
         assert o.dtype == inp.dtype, name
-        check(o, t, s, rtol=tol, atol=max(grad_atol(dtype, t), tol), what=f"grad {name}")
+        check(o, t, getattr(g_same, name), rtol=tol, atol=max(grad_atol(dtype, t), tol), what=f"grad {name}")
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
@@ -533,8 +495,9 @@ def test_preference_loss_extreme_margins():
     b = 64
     pc = torch.linspace(-5e3, 5e3, b, device=DEVICE)
     pr, rc, rr = torch.zeros(b, device=DEVICE), torch.zeros(b, device=DEVICE), torch.zeros(b, device=DEVICE)
-    _pref_check((pc, pr, rc, rr, None, None, None, None, "dpo", 0.2, 0.0, 0.05, 0.0, True))
-    _pref_check((pc, pr, rc, rr, None, None, None, None, "dpo", 0.2, 0.0, 0.0, 0.0, True))
+    for label_smoothing in (0.05, 0.0):
+        _pref_check((PreferenceLossInputs(pc, pr, rc, rr),
+                     PreferenceLossOptions("dpo", beta=0.2, label_smoothing=label_smoothing)))
 
 
 # ----------------------------------------------------------------- public ops: autograd, opcheck, compile

@@ -111,10 +111,10 @@ def bad_raw_calls(device):
                                                   torch.randn(4, 3, device=device), "dpo", 0.1, 0.0, 0.0, 0.1, True)),
         ("kl_weight", lambda: OPS.preference_loss_fwd(pc, pc, pc, pc, None, None, None, None, "dpo", 0.1, 0.0,
                                                       0.0, 0.1, True)),
-        ("g_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
-                                                   "dpo", 0.1, 0.0, 0.0, 0.0, True)),
-        ("g_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
-                                                 None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+        ("grad_loss", lambda: OPS.preference_loss_bwd(pc, pc, pc, pc, pc, pc, pc, pc, pc, None, None, None, None,
+                                                      "dpo", 0.1, 0.0, 0.0, 0.0, True)),
+        ("grad_kl", lambda: OPS.preference_loss_bwd(pc[0], pc, pc, pc, pc[:1], pc, pc, pc, pc, None, None, None,
+                                                    None, "dpo", 0.1, 0.0, 0.0, 0.0, True)),
     ]
 
 

@@ -1,6 +1,6 @@
-"""What all ops share (lpc_kernels/__init__.py, backends.py, backend_interface.py, nn.py): the backend choice and its
-errors, the backend interface every backend implements, one training step through all four ops under
-``torch.compile(fullgraph=True)``, and the ``torch.nn`` wrappers."""
+"""What all ops share (lpc_kernels/__init__.py, backends.py, backend_interface.py, preference.py, nn.py): the backend
+choice and its errors, the backend interface every backend implements (preference_loss's values by name), one
+training step through all four ops under ``torch.compile(fullgraph=True)``, and the ``torch.nn`` wrappers."""
 
 import inspect
 
@@ -10,6 +10,7 @@ import torch
 import lpc_kernels as lk
 from lpc_kernels import backend_interface
 from lpc_kernels.backends import BACKENDS, backend_module, unavailable_reason
+from lpc_kernels.preference import PreferenceLossInputs, PreferenceLossOptions, PreferenceLossOutput
 from tests.helpers.backend_checks import CPU, check_compiled_step_matches_eager, on_cuda
 from tests.ops import test_gumbel_softmax_codes, test_linear_token_logprobs, test_preference_loss, test_token_logprobs
 
@@ -75,6 +76,29 @@ def test_every_backend_implements_the_interface(name):
     for fn in backend_interface.FUNCTIONS:
         assert hasattr(module, fn), f"{module.__name__} lacks {fn}"
         assert _parameters(getattr(module, fn)) == _parameters(getattr(backend_interface, fn)), (name, fn)
+
+
+def test_preference_loss_interface_passes_values_by_name(backend):
+    """A backend's preference_loss_fwd returns ``PreferenceLossOutput``, its preference_loss_bwd the gradient of each
+    input under the input's name (``PreferenceLossInputs``), None for the lengths and for absent inputs."""
+    module = backend_module(backend)
+    b = 3
+    inputs = PreferenceLossInputs(torch.randn(b), torch.randn(b), chosen_lengths=torch.tensor([1, 2, 3]),
+                                  rejected_lengths=torch.tensor([2.0, 2.0, 5.0]))
+    options = PreferenceLossOptions(loss_type="simpo", beta=2, gamma=0.5).checked()
+    assert type(options.beta) is float
+    out = module.preference_loss_fwd(inputs, options)
+    assert isinstance(out, PreferenceLossOutput) and out.loss.shape == () and out.kl.shape == (b,)
+    grad_outputs = PreferenceLossOutput(torch.ones(()), *(torch.zeros(b) for _ in range(4)))
+    grads = module.preference_loss_bwd(grad_outputs, inputs, options)
+    assert isinstance(grads, PreferenceLossInputs)
+    absent = ("ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths", "prior_logits",
+              "posterior_logits")
+    assert all(getattr(grads, name) is None for name in absent)
+    # d mean(-logsigmoid(h)) / d lp_w with h = beta (lp_w / |y_w| - lp_l / |y_l|) - gamma
+    h = 2 * (inputs.policy_chosen_logps / inputs.chosen_lengths
+             - inputs.policy_rejected_logps / inputs.rejected_lengths) - 0.5
+    torch.testing.assert_close(grads.policy_chosen_logps, -torch.sigmoid(-h) * 2 / inputs.chosen_lengths / b)
 
 
 # ----------------------------------------------------------------------------------- torch.compile

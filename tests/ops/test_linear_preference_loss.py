@@ -14,7 +14,7 @@ from torch.library import opcheck
 
 import lpc_kernels as lk
 from lpc_kernels.backends import backend_module
-from lpc_kernels.ops.linear_preference_loss import linear_preference_loss_op, pair_chunks
+from lpc_kernels.ops.linear_preference_loss import GradRequests, linear_preference_loss_op, pair_chunks
 from tests.helpers.backend_checks import assert_compiled_matches_eager, check_bad_input, new_leaf, truth_close
 from tests.helpers.formulas import f_linear_token_logprobs, f_preference
 
@@ -157,6 +157,20 @@ def test_frozen_head_and_no_grad(backend):
     torch.testing.assert_close(out2.loss, out.loss.detach())
 
 
+def test_reference_logps_gradient_without_code_logits_gradient(backend):
+    """Only hidden and the reference log-probs require grad, with the loss and the kl both reaching backward: the op
+    returns no code-logits gradient it was not asked for."""
+    t, labels = make_inputs()
+    for name in ("weight", "bias", "z", "prior_logits", "posterior_logits"):
+        t[name] = t[name].detach()
+    out = call(t, labels, "dpo", backend)
+    torch.autograd.backward([out.loss, out.kl], [torch.tensor(1.5), torch.ones(B)])
+    d, ref, _ = truth(t, labels, "dpo")
+    ref[0].backward(torch.tensor(1.5, dtype=torch.float64))
+    for name in ("hidden", "ref_chosen_logps", "ref_rejected_logps"):
+        truth_close(t[name].grad, d[name].grad, rtol=1e-4, atol=1e-5, what=name)
+
+
 def test_not_twice_differentiable(backend):
     t, labels = make_inputs()
     out = call(t, labels, "dpo", backend)
@@ -189,12 +203,16 @@ def test_opcheck(backend):
     base = (h, t["weight"], t["bias"], labels[keep], ids, lengths, None, t["z"], t["ref_chosen_logps"],
             t["ref_rejected_logps"], t["prior_logits"], t["posterior_logits"], "dpo", 0.1, 0.0, 0.0, 0.5, True,
             -100, 7)
-    opcheck(linear_preference_loss_op, base + ([True] * 6, backend))
+    opcheck(linear_preference_loss_op, base + (list(GradRequests(*[True] * 6)), backend))
+    # the reference log-probs' gradients without the code logits': only what is requested comes back
+    some = GradRequests(hidden=True, weight=False, bias=False, z=True, ref_logps=True, code_logits=False)
+    opcheck(linear_preference_loss_op, base + (list(some), backend))
     pos = torch.nonzero(keep.reshape(-1)).squeeze(1)
     flat = t["hidden"].detach().reshape(-1, H).requires_grad_(True)
     frozen = (flat, t["weight"].detach(), None, labels.reshape(-1)[pos], ids, lengths, pos, None, None, None, None,
               None, "simpo", 2.0, 0.5, 0.0, 0.0, True, -100, 1000)
-    opcheck(linear_preference_loss_op, frozen + ([True, False, False, False, False, False], backend))
+    only_hidden = GradRequests(hidden=True, weight=False, bias=False, z=False, ref_logps=False, code_logits=False)
+    opcheck(linear_preference_loss_op, frozen + (list(only_hidden), backend))
 
 
 def test_torch_compile_fullgraph_packed(backend):

@@ -7,7 +7,7 @@ forward and backward.
 Profiles: ``ci`` (the default: derandomized, so CI sees the same examples every run, about a minute) and
 ``long`` (``HYPOTHESIS_PROFILE=long``: random, many more examples, for nightly runs).
 
-Bound of every comparison (the numerics contract, ``docs/design.md`` section 3, widened for magnitude):
+Bound of every comparison (the numerics contract, ``docs/design.md``, "Numerics", widened for magnitude):
 ``|ours - truth| <= 2 |same - truth| + atol + rtol |truth|``, ``truth`` float64 math on the dtype-rounded inputs,
 ``same`` PyTorch doing the computation in the op's compute dtype, ``atol`` growing with the magnitude of the
 terms (``4 eps (terms + 1) max|term|``), one rounding of the output dtype added for 16-bit gradients.
@@ -218,7 +218,7 @@ def test_linear_token_logprobs_properties(backend):
         terms = [None] * 3
         if dtype in (torch.bfloat16, torch.float16):
             # 16-bit: the triton and cuda backends round D = g (onehot - p) to the input dtype before the gradient
-            # products (docs/design.md section 3), an error of one rounding per term of each sum
+            # products (docs/design.md, "Numerics"), an error of one rounding per term of each sum
             x = (views64[0] @ views64[1].T + (0 if b64 is None else b64)).detach()
             valid = labels != IGNORE
             d = (g[:, None] * torch.softmax(x, -1)).nan_to_num(0.0).abs() + valid[:, None] * g.abs()[:, None]

@@ -198,7 +198,7 @@ def _bf16_cpu(rank):
         ours, single, exact = ours.double(), single.double(), exact.double()
         scale = exact.abs().max().item()
         # bf16 gradients carry 2**-8 relative rounding; the stand-in correction adds at most one more
-        # rounding of the same size per rank (see docs/design.md section 6)
+        # rounding of the same size per rank (see docs/design.md, "Vocab-parallel LM head")
         bound = 2 * (single - exact).abs().max().item() + 2 * WORLD * 2.0 ** -8 * scale + 1e-6
         err = (ours - exact).abs().max().item()
         assert err <= bound, f"{what}: error {err:.3e} vs float64 truth exceeds {bound:.3e}"
