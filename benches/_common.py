@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -225,43 +227,6 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
-# ------------------------------------------------------------------------------------ peaked logits
-# Inputs of the gradient filter's cases (``filter_eps``): random weights give near-uniform softmaxes (entropy ~ ln V),
-# where the filter's mass bound drops nothing; a trained LM's per-token entropy is about 1-3 nats. These logits are a
-# Zipf log-frequency term plus a context term: ``x_iv = -PEAKED_ZIPF * ln(v + 1) + PEAKED_NOISE * n_iv`` (``n_iv`` ~
-# N(0, 1) from random hidden states and head), mean entropy ~ 2.9 nats at V = 32000, H = 512; labels are sampled
-# from the softmax, as a trained LM's targets are likely tokens. The log-frequency term rides on ``hidden[:, 0] = 1``.
-PEAKED_ZIPF, PEAKED_NOISE = 1.5, 2.0
-FILTER_EPS = 2.0**-12  # Cut Cross-Entropy's "auto"/"high" value for bf16 (its eps / 32)
-
-
-def logits_suffix(logits: str) -> str:
-    """The shape id's suffix of an input kind: none for ``"random"``, ``-peaked`` for ``"peaked"``."""
-    return "" if logits == "random" else f"-{logits}"
-
-
-def filter_variant(impl: str) -> tuple[str, float]:
-    """``(impl without "_filtered", its filter_eps)``: ``FILTER_EPS`` for a ``*_filtered`` impl, else 0."""
-    return impl.removesuffix("_filtered"), FILTER_EPS if impl.endswith("_filtered") else 0.0
-
-
-def peaked_head(rows: int, h: int, v: int, dtype: torch.dtype, seed: int = 0) -> tuple:
-    """``(hidden [rows, H], weight [V, H], labels [rows], mean entropy in nats)``, see ``PEAKED_ZIPF``."""
-    g = generator(seed)
-    hidden = torch.randn(rows, h, generator=g, device=DEVICE)
-    hidden[:, 0] = 1.0
-    weight = torch.randn(v, h, generator=g, device=DEVICE) * (PEAKED_NOISE / (h - 1) ** 0.5)
-    weight[:, 0] = -PEAKED_ZIPF * torch.log1p(torch.arange(v, device=DEVICE, dtype=torch.float32))
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    labels = torch.empty(rows, dtype=torch.long, device=DEVICE)
-    entropy = 0.0
-    for s in range(0, rows, 1024):
-        logp = torch.log_softmax(hidden[s:s + 1024].float() @ weight.float().T, -1)
-        labels[s:s + 1024] = torch.multinomial(logp.exp(), 1, generator=g).squeeze(1)
-        entropy -= float((logp.exp() * logp).sum())
-    return hidden, weight, labels, entropy / rows
-
-
 # -------------------------------------------------------------------------------- caches per process
 class _Cache:
     """Inputs of the current (op, shape) and the current case; one of each is kept alive at a time."""
@@ -432,6 +397,31 @@ def _gpu_memory(case: Case) -> dict:
     }
 
 
+MEMORY_RESULT_PREFIX = "LPC_MEMORY_RESULT "  # the line of _memory.py's stdout that holds its JSON result
+
+
+def _cpu_memory(module: str, impl: str, shape_id: str, *, timeout_s: float) -> dict:
+    """Run ``benches/_memory.py`` in a fresh Python; returns {"fwd", "bwd", "fwd_bwd": bytes, "method"} or
+    {"error"}. glibc's mmap threshold is pinned to 64 KiB so freed tensors go back to the OS."""
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_TRIM_THRESHOLD_"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([BENCH_DIR, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    start = time.time()
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "_memory.py"), module, impl, shape_id],
+                              capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory subprocess timed out after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MEMORY_RESULT_PREFIX):
+            result = json.loads(line[len(MEMORY_RESULT_PREFIX):])
+            result["subprocess_s"] = round(time.time() - start, 1)
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"memory subprocess failed (rc {proc.returncode}): {' | '.join(tail)}"}
+
+
 def measure_memory(mod, impl: str, shape: Shape, case: Case) -> dict:
     if case.memory is not None:
         return case.memory
@@ -442,9 +432,7 @@ def measure_memory(mod, impl: str, shape: Shape, case: Case) -> dict:
     elif not shape.memory:
         case.memory = {"error": "not measured: tensors of this shape are below the resolution of peak RSS"}
     else:
-        from _memory import measure_in_subprocess
-
-        case.memory = measure_in_subprocess(mod.__name__, impl, shape.id, timeout_s=SETTINGS.mem_timeout_s)
+        case.memory = _cpu_memory(mod.__name__, impl, shape.id, timeout_s=SETTINGS.mem_timeout_s)
     return case.memory
 
 
@@ -531,7 +519,7 @@ def run(benchmark, request, mod, shape: Shape, impl: str, mode: str, *, op: Opti
         if "subprocess_s" in mem:
             benchmark.extra_info["mem_subprocess_s"] = mem["subprocess_s"]
     _pedantic(benchmark, case, mode, _rounds(case, shape))
-    if mode == "fwd_bwd":
+    if mode == "fwd_bwd" and benchmark.stats is not None:  # None under --benchmark-disable (one untimed call)
         case.call_s = benchmark.stats.stats.median
     if hasattr(os, "getloadavg"):
         benchmark.extra_info["loadavg_1m"] = round(os.getloadavg()[0], 2)

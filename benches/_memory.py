@@ -1,6 +1,7 @@
 """Peak CPU memory of one (op, implementation, shape) in a fresh process.
 
-Usage (what ``_common.measure_memory`` runs)::
+A script, not a library: ``_common.measure_memory`` runs it in a fresh Python per implementation and
+shape, and reads the JSON line it prints. Usage::
 
     python benches/_memory.py <bench module> <impl> <shape id>
 
@@ -12,8 +13,8 @@ The child builds the same inputs and case as the benchmark, runs one forward + b
 * ``fwd_bwd``: the peak over both minus RSS before the forward.
 
 Peak RSS is ``VmHWM`` from ``/proc/self/status``, reset by writing ``5`` to ``/proc/self/clear_refs``
-(Linux >= 4.0). glibc's mmap threshold is pinned to 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed tensors
-go back to the OS instead of staying in the heap, where they would hide the growth of a later call.
+(Linux >= 4.0). The parent pins glibc's mmap threshold to 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed
+tensors go back to the OS instead of staying in the heap, where they would hide the growth of a later call.
 tracemalloc is not used: it does not see tensors (they are not allocated through Python's allocator).
 """
 
@@ -23,13 +24,10 @@ import gc
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULT_PREFIX = "LPC_MEMORY_RESULT "
 
 
 def _status_kib(key: str) -> int:
@@ -45,27 +43,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def measure_in_subprocess(module: str, impl: str, shape_id: str, *, timeout_s: float = 900) -> dict:
-    """Run this file in a fresh Python; returns {"fwd", "bwd", "fwd_bwd": bytes, "method"} or {"error"}."""
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env["MALLOC_TRIM_THRESHOLD_"] = "0"
-    env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    start = time.time()
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "_memory.py"), module, impl, shape_id],
-                              capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"memory subprocess timed out after {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-            result["subprocess_s"] = round(time.time() - start, 1)
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"memory subprocess failed (rc {proc.returncode}): {' | '.join(tail)}"}
 
 
 def main(argv: list) -> None:
@@ -99,7 +76,7 @@ def main(argv: list) -> None:
     result = {"fwd": (peak_fwd - base) * kib, "bwd": (peak_bwd - base2) * kib,
               "fwd_bwd": (max(peak_fwd, peak_bwd) - base) * kib,
               "method": "peak RSS growth (VmHWM after clear_refs) in a fresh process"}
-    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.write(_common.MEMORY_RESULT_PREFIX + json.dumps(result) + "\n")
     sys.stdout.flush()
 
 

@@ -95,7 +95,7 @@ def make_inputs(shape: Shape) -> dict:
 def step(x: dict, collator) -> torch.Tensor:
     from lpc.data import to_device
     from lpc.losses import LossConfig, preference_objective
-    from lpc.model import reference_logps
+    from lpc.objective import reference_logps
 
     batch = to_device(collator(x["pairs"]), C.DEVICE)
     ref_c, ref_r = reference_logps(x["reference"], batch)

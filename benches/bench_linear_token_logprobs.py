@@ -14,13 +14,9 @@ Implementations (all return fp32 log-probs ``[N]``; backward gets the same upstr
                   (``ours_reference``, the pure-PyTorch oracle, at the target shape only)
   *_frozen        the same with a frozen head (``weight`` without grad, as under LoRA): ``eager_frozen``,
                   ``ours_<backend>_frozen`` (the frozen-head path: the hidden gradient's factor in the forward)
-  *_filtered      ours with ``filter_eps = FILTER_EPS`` (2^-12): the frozen-head path leaves the columns whose
-                  softmax is below it (and holds at most it of any row's mass) out of its second GEMM
   ours_triton_<v> the triton backend with backward variant ``v`` (``split``: deterministic, per V chunk a
                   logits-gradient kernel and two gradient products; ``atomic``: one kernel with fp32
                   atomics), set through ``LPC_TRITON_LINEAR_BWD`` around each backward
-Shapes ``...-peaked``: logits as peaked as a trained LM's (``_common.peaked_head``: mean entropy ~ 2.9 nats,
-labels sampled from the softmax) next to the random ones (entropy ~ ln V), where the mass bound drops nothing.
 No label is ignored (``ignore_index`` rows would be skipped by ours and by CCE, not by eager).
 """
 
@@ -38,9 +34,8 @@ OP = "linear_token_logprobs"
 CHECK_IMPL = "eager"
 
 
-def _s(n, h, v, dtype, rounds, quick=False, tags=(), logits="random"):
-    return Shape(f"N{n}-H{h}-V{v}{C.logits_suffix(logits)}", {"N": n, "H": h, "V": v, "logits": logits}, dtype,
-                 rounds, quick, tags)
+def _s(n, h, v, dtype, rounds, quick=False, tags=()):
+    return Shape(f"N{n}-H{h}-V{v}", {"N": n, "H": h, "V": v}, dtype, rounds, quick, tags)
 
 
 SHAPES = C.shapes_for(
@@ -51,21 +46,15 @@ SHAPES = C.shapes_for(
          _s(4096, 4096, 128256, "bfloat16", 10),
          _s(16384, 4096, 32000, "bfloat16", 10)],
 )
-TRITON_BWD_VARIANTS = ("split", "atomic")
+TRITON_BWD_VARIANTS = ("split", "atomic")  # lpc_kernels.triton.linear_token_logprobs.BWD_VARIANTS
 # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16 (vocabulary columns per tile); read from the source, as
 # importing trl.trainer needs TRL's full dependency set
-TRL_CHUNK_SIZE = 32768  # lpc_kernels.triton.linear_token_logprobs.BWD_VARIANTS
+TRL_CHUNK_SIZE = 32768
 IMPLS = (["eager"]
          + [impl for b in C.OURS_BACKENDS[:-1]
             for impl in ([f"ours_triton_{v}" for v in TRITON_BWD_VARIANTS] if b == "triton" else [f"ours_{b}"])]
          + ["eager_frozen"] + [f"ours_{b}_frozen" for b in C.OURS_BACKENDS[:-1]]
-         + [f"ours_{b}_frozen_filtered" for b in C.OURS_BACKENDS[:-1]]
          + ["torch_chunked", "trl", "cce", "liger", "compile"] + [f"ours_{C.OURS_BACKENDS[-1]}"])
-PEAKED_SHAPES = C.shapes_for(cpu=[_s(4096, 512, 32000, "float32", 2, logits="peaked")],
-                             gpu=[_s(16384, 4096, 128256, "bfloat16", 10, logits="peaked")])
-PEAKED_IMPLS = (["eager", "eager_frozen"] + [f"ours_{b}{v}" for b in C.OURS_BACKENDS[:-1]
-                                              for v in ("", "_frozen", "_frozen_filtered")])
-SHAPES = SHAPES + PEAKED_SHAPES  # one list, so _memory.py finds either kind by id
 
 
 @contextlib.contextmanager
@@ -85,10 +74,6 @@ def make_inputs(shape: Shape) -> dict:
     n, h, v = shape.dims["N"], shape.dims["H"], shape.dims["V"]
     g = C.generator(0)
     dt = shape.torch_dtype
-    if shape.dims["logits"] == "peaked":
-        hidden, weight, labels, entropy = C.peaked_head(n, h, v, dt)
-        return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(), "labels": labels,
-                "grad": torch.randn(n, generator=g, device=C.DEVICE), "entropy": entropy}
     hidden = torch.randn(n, h, generator=g, device=C.DEVICE).to(dt).requires_grad_()
     weight = (torch.randn(v, h, generator=g, device=C.DEVICE) * 0.02).to(dt).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=g, device=C.DEVICE)
@@ -103,10 +88,7 @@ def eager(hidden, weight, labels):
 
 def build(impl: str, shape: Shape, x: dict) -> C.Case:
     hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
-    info = {"mean_entropy_nats": round(x["entropy"], 2)} if "entropy" in x else {}
-    impl, filter_eps = C.filter_variant(impl)
-    if filter_eps:
-        info["filter_eps"] = filter_eps
+    info = {}
     if impl.endswith("_frozen"):
         frozen = weight.detach()
         info["frozen_head"] = True
@@ -118,8 +100,7 @@ def build(impl: str, shape: Shape, x: dict) -> C.Case:
             import lpc_kernels as lk
 
             info["backend"] = backend
-            fwd = lambda: lk.linear_token_logprobs(hidden, frozen, labels, backend=backend,  # noqa: E731
-                                                   filter_eps=filter_eps)
+            fwd = lambda: lk.linear_token_logprobs(hidden, frozen, labels, backend=backend)  # noqa: E731
         return C.Case(forward=fwd, backward=C.backward_with(x["grad"]), params=[hidden], info=info)
     if impl == "eager":
         fwd = lambda: eager(hidden, weight, labels)  # noqa: E731
@@ -172,8 +153,6 @@ def build(impl: str, shape: Shape, x: dict) -> C.Case:
     return C.Case(forward=fwd, backward=C.backward_with(x["grad"]), params=[hidden, weight], info=info)
 
 
-@pytest.mark.parametrize("shape,impl,mode",
-                         C.params(SHAPES[:-len(PEAKED_SHAPES)], IMPLS, sweep_skip=("ours_reference",))
-                         + C.params(PEAKED_SHAPES, PEAKED_IMPLS))
+@pytest.mark.parametrize("shape,impl,mode", C.params(SHAPES, IMPLS, sweep_skip=("ours_reference",)))
 def test_linear_token_logprobs(benchmark, request, shape, impl, mode):
     C.run(benchmark, request, sys.modules[__name__], shape, impl, mode)

@@ -20,10 +20,6 @@
                   ``lpc_kernels.preference_loss`` (4 GEMMs for the policy: the backward recomputes the logits)
   ours_<backend>  ``lpc_kernels.linear_preference_loss`` (gradients computed in the forward, 3 GEMMs; the reference
                   log-probs through ``sequence_logprobs`` under ``no_grad``); ``fwd`` includes the gradients
-  ours_<b>_filtered  the same with ``filter_eps = FILTER_EPS`` (2^-12): per chunk, the vocabulary columns whose
-                  softmax is below it on every row (holding at most it of any row's mass) leave the two gradient GEMMs
-  Shapes ``...-peaked``: logits as peaked as a trained LM's (``_common.peaked_head``: mean entropy ~ 2.9 nats,
-  labels sampled from the softmax) next to the random ones (entropy ~ ln V), where the mass bound drops nothing.
   No latent here (kl_weight = 0): Liger has no LPC term; the LPC step is in bench_train_step.py.
 """
 
@@ -123,9 +119,9 @@ def build_plain(impl: str, shape: Shape, x: dict) -> C.Case:
 
 
 # ------------------------------------------------------------------------ fused LM head + preference loss
-def _l(loss, b, t, h, v, dtype, rounds, quick=False, logits="random"):
-    return Shape(f"{loss}-B{b}-T{t}-H{h}-V{v}{C.logits_suffix(logits)}",
-                 {"loss": loss, "B": b, "T": t, "H": h, "V": v, "N": 2 * b * t, "logits": logits}, dtype, rounds, quick)
+def _l(loss, b, t, h, v, dtype, rounds, quick=False):
+    return Shape(f"{loss}-B{b}-T{t}-H{h}-V{v}", {"loss": loss, "B": b, "T": t, "H": h, "V": v, "N": 2 * b * t},
+                 dtype, rounds, quick)
 
 
 LINEAR_SHAPES = C.shapes_for(
@@ -134,37 +130,26 @@ LINEAR_SHAPES = C.shapes_for(
     gpu=[_l("dpo", 4, 1024, 4096, 128256, "bfloat16", 5, quick=True),
          _l("simpo", 4, 1024, 4096, 128256, "bfloat16", 5)],
 )
-LINEAR_IMPLS = (["eager"] + [f"ours_{b}{v}" for b in C.OURS_BACKENDS[:-1] for v in ("", "_filtered")]
+LINEAR_IMPLS = (["eager"] + [f"ours_{b}" for b in C.OURS_BACKENDS[:-1]]
                 + [f"composed_{b}" for b in C.OURS_BACKENDS[:-1]] + ["liger", "compile", "ours_reference"])
-PEAKED_SHAPES = C.shapes_for(cpu=[_l("dpo", 8, 256, 512, 32000, "float32", 3, logits="peaked")],
-                             gpu=[_l("dpo", 4, 1024, 4096, 128256, "bfloat16", 5, logits="peaked")])
-PEAKED_IMPLS = (["eager"] + [f"ours_{b}{v}" for b in C.OURS_BACKENDS[:-1] for v in ("", "_filtered")]
-                + [f"composed_{b}" for b in C.OURS_BACKENDS[:-1]] + ["liger"])
-SHAPES = SHAPES + LINEAR_SHAPES + PEAKED_SHAPES  # one list, so _memory.py finds either kind by id
+SHAPES = SHAPES + LINEAR_SHAPES  # one list, so _memory.py finds either kind by id
 
 
 def _make_linear_inputs(shape: Shape) -> dict:
     b, t, h, v = (shape.dims[k] for k in ("B", "T", "H", "V"))
     g = C.generator(0)
     dt = shape.torch_dtype
-    extra = {}
-    if shape.dims["logits"] == "peaked":
-        hidden, weight, labels, extra["entropy"] = C.peaked_head(2 * b * t, h, v, dt)
-        hidden, labels = hidden.view(2 * b, t, h).requires_grad_(), labels.view(2 * b, t)
-        ref_hidden = C.peaked_head(2 * b * t, h, v, dt, seed=1)[0].view(2 * b, t, h)
-        weight.requires_grad_()
-    else:
-        hidden = torch.randn(2 * b, t, h, generator=g, device=C.DEVICE).to(dt).requires_grad_()
-        ref_hidden = torch.randn(2 * b, t, h, generator=g, device=C.DEVICE).to(dt)
-        weight = (torch.randn(v, h, generator=g, device=C.DEVICE) * 0.02).to(dt).requires_grad_()
-        labels = torch.randint(0, v, (2 * b, t), generator=g, device=C.DEVICE)
+    hidden = torch.randn(2 * b, t, h, generator=g, device=C.DEVICE).to(dt).requires_grad_()
+    ref_hidden = torch.randn(2 * b, t, h, generator=g, device=C.DEVICE).to(dt)
+    weight = (torch.randn(v, h, generator=g, device=C.DEVICE) * 0.02).to(dt).requires_grad_()
     ref_weight = weight.detach().clone()
+    labels = torch.randint(0, v, (2 * b, t), generator=g, device=C.DEVICE)
     prompt = t // 4
     labels[:, :prompt] = -100  # prompt positions are not scored
     ends = torch.randint(t // 2, t + 1, (2 * b,), generator=g, device=C.DEVICE)
     labels[torch.arange(t, device=C.DEVICE)[None, :] >= ends[:, None]] = -100  # right padding
     return {"hidden": hidden, "ref_hidden": ref_hidden, "weight": weight, "ref_weight": ref_weight,
-            "labels": labels, **extra}
+            "labels": labels}
 
 
 def _eager_seq_logps(hidden, weight, labels):
@@ -195,9 +180,6 @@ def build_linear(impl: str, shape: Shape, x: dict) -> C.Case:
     ref_hidden, ref_weight = x["ref_hidden"], x["ref_weight"]
     b = hidden.shape[0] // 2
     info = {"loss_type": lt, "beta": beta}
-    if "entropy" in x:
-        info["mean_entropy_nats"] = round(x["entropy"], 2)
-    impl, filter_eps = C.filter_variant(impl)
     if impl == "eager":
         fwd = lambda: eager_linear_step(hidden, weight, labels, ref_hidden, ref_weight, lt, beta)  # noqa: E731
     elif impl == "compile":
@@ -231,13 +213,11 @@ def build_linear(impl: str, shape: Shape, x: dict) -> C.Case:
         options = dict(loss_type=lt, beta=beta, gamma=GAMMA if lt == "simpo" else 0.0, backend=backend)
         if impl.startswith("ours_"):
             info["note"] = "gradients computed inside the forward call (fwd includes them; bwd scales them)"
-            if filter_eps:
-                info["filter_eps"] = filter_eps
 
             def fwd():
                 rc, rr = ref_logps()
                 return lk.linear_preference_loss(hidden, weight, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
-                                                 filter_eps=filter_eps, **options).loss
+                                                 **options).loss
         else:
             def fwd():
                 logps, lengths = lk.sequence_logprobs(hidden, weight, labels, backend=backend)
@@ -252,13 +232,11 @@ def build(impl: str, shape: Shape, x: dict) -> C.Case:
     return (build_linear if "T" in shape.dims else build_plain)(impl, shape, x)
 
 
-@pytest.mark.parametrize("shape,impl,mode", C.params(SHAPES[:len(SHAPES) - len(LINEAR_SHAPES) - len(PEAKED_SHAPES)],
-                                                     IMPLS))
+@pytest.mark.parametrize("shape,impl,mode", C.params(SHAPES[:len(SHAPES) - len(LINEAR_SHAPES)], IMPLS))
 def test_preference_loss(benchmark, request, shape, impl, mode):
     C.run(benchmark, request, sys.modules[__name__], shape, impl, mode)
 
 
-@pytest.mark.parametrize("shape,impl,mode",
-                         C.params(LINEAR_SHAPES, LINEAR_IMPLS) + C.params(PEAKED_SHAPES, PEAKED_IMPLS))
+@pytest.mark.parametrize("shape,impl,mode", C.params(LINEAR_SHAPES, LINEAR_IMPLS))
 def test_fused_linear_preference(benchmark, request, shape, impl, mode):
     C.run(benchmark, request, sys.modules[__name__], shape, impl, mode, op="fused_linear_preference")

@@ -99,7 +99,8 @@ def _lpc_api():
     try:
         from lpc.config import LPCConfig
         from lpc.losses import LossConfig, preference_objective
-        from lpc.model import LPCModel, reference_logps
+        from lpc.model import LPCModel
+        from lpc.objective import reference_logps
 
         return (LPCModel, LPCConfig, reference_logps, LossConfig, preference_objective), None
     except Exception as exc:  # the trainer package is optional for the benchmark

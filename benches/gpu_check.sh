@@ -25,8 +25,7 @@
 #   report    benches/report.py -> OUTDIR/report.md, summary.csv, *_scaling.png (if matplotlib exists)
 #
 # Time: each step gets min(its cap, what is left minus the minimum kept for the later wanted steps);
-# the bench step takes whatever the others leave (about 60-120 s of a 400 s budget, measured on an H100
-# in Nov 2026: env 6 s, wheels 17 s, build 44 s, sanitize 20 s; test and probe are estimates).
+# the bench step takes whatever the others leave.
 # Narrow the bench with GPU_CHECK_BENCH_ARGS / GPU_CHECK_BENCH_FILES, or drop steps with GPU_CHECK_STEPS.
 #
 # Environment:
@@ -71,9 +70,7 @@ export PYTHONUNBUFFERED=1
 # subtracts it, so a step that ignores SIGINT still ends inside the budget.
 # Worst case, all non-bench steps at their caps: 30+45+180+45+150+90+60+30 = 630 s > 400, so the reserves
 # (5+5+45+20+60+40+60+40+10 = 285 s) decide: an early
-# step that overruns eats into the bench step first. Nominal on an H100 (400 s): GPU check
-# 5 s, env ~6, wheels ~17, build ~50 (limit ~145), probe ~20 (limit 45), test limit ~130, sanitize ~20
-# (at least 40 kept), then bench gets what is left (>= 60), dist <= 60, report ~2.
+# step that overruns eats into the bench step first.
 declare -A RESERVE=([env]=5 [wheels]=5 [build]=45 [probe]=20 [test]=60 [sanitize]=40 [bench]=60 [dist]=40 [report]=10)
 declare -A CAP=([env]=30 [wheels]=45 [build]=180 [probe]=45 [test]=150 [sanitize]=90 [bench]=100000 [dist]=60 [report]=30)
 ORDER=(env wheels build probe test sanitize bench dist report)
