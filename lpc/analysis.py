@@ -1,21 +1,6 @@
-"""Analysis helpers for LPC runs: code/source statistics, label-noise injection, projections, latents.
-
-Pure-numpy metrics (no scikit-learn needed):
-
-* ``normalized_mutual_information(a, b)``: NMI with arithmetic-mean normalisation (scikit-learn's default),
-  ``I(a; b) / ((H(a) + H(b)) / 2)``, in [0, 1].
-* ``code_histogram(codes, num_codes)``: how often each code is used (int counts).
-* ``perplexity(p)``: ``exp(H(p))``, the effective number of codes a distribution uses (K for uniform).
-
-Label noise (the paper's protocol and unmarked variants): ``flip_pairs`` swaps chosen/rejected on a
-seeded subset of rows, optionally appending a marker to the flipped prompts; ``flip_mask`` is the subset.
-
-Latents: ``collect_latents(model, dataset, collator, batch_size)`` runs a trained ``LPCModel`` over
-held-out pairs and returns, per pair, prior and posterior probabilities, the latents ``z`` from both, the
-argmax codes and the true source.
-
-Projections: ``project_2d`` (t-SNE when scikit-learn is installed, PCA otherwise), drawn by
-``lpc.plots.plot_projection``.
+"""Statistics of LPC runs in numpy (no scikit-learn needed): NMI and ARI of two labelings, code histograms and
+perplexity, few-shot accuracy from per-code margins, label-noise injection (``flip_pairs``) and 2-D projections
+(``project_2d``: t-SNE with scikit-learn, PCA otherwise). The latents a model assigns: ``lpc.evaluate.collect_latents``.
 """
 
 from __future__ import annotations
@@ -24,15 +9,9 @@ import importlib.util
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-import torch
-
-from .data import batches, to_device
-from .losses import preference_objective
-from .model import reference_logps
 
 __all__ = ["normalized_mutual_information", "adjusted_rand_index", "few_shot_accuracy", "code_histogram",
-           "perplexity", "entropy", "flip_mask", "flip_pairs", "project_2d", "collect_pairs", "collect_latents",
-           "mean_std", "as_labels"]
+           "perplexity", "entropy", "flip_mask", "flip_pairs", "project_2d", "mean_std", "as_labels"]
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -295,89 +274,3 @@ def project_2d(x, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]
         xy = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
         return np.asarray(xy, dtype=np.float64), "tsne"
     return _pca_2d(x), "pca"
-
-
-# ---------------------------------------------------------------------------------------------- latents
-_INT_KEYS = ("prior_code", "posterior_code", "source", "correct")
-
-
-def collect_pairs(model, dataset, collator, batch_size: int = 128, *, ref_model=None, loss_cfg=None) -> dict:
-    """One inference pass (``z`` from the prior, as at test time) over ``dataset``, kept per pair.
-
-    Always ``source`` ``[N]`` (-1 when unknown). With ``loss_cfg`` (``lpc.losses.LossConfig``; DPO and IPO
-    also need ``ref_model``: the frozen reference module, or a scorer ``batch -> (chosen [B], rejected [B])``
-    as in ``lpc.reference``): ``margin`` ``[N]`` (implicit-reward margin ``r_w - r_l`` of ``lk.preference_loss``,
-    the quantity ``lpc.evaluate`` thresholds at 0) and ``correct`` ``[N]`` (margin > 0). With an LPC model:
-    the keys of ``collect_latents``. All numpy; the model is in eval mode for the pass and restored after.
-
-    Raises:
-        ValueError: ``batch_size`` < 1, or a loss that needs the reference model without ``ref_model``.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if loss_cfg is not None and loss_cfg.needs_reference and ref_model is None:
-        raise ValueError(f"loss_type={loss_cfg.loss_type!r} needs ref_model (the frozen reference policy)")
-    lpc = getattr(model, "lpc", None) is not None
-    parts: dict[str, list] = {}
-
-    def add(key, t):
-        parts.setdefault(key, []).append(t.detach().cpu())
-
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for batch in batches(dataset, batch_size, collator):
-                batch = to_device(batch, device)
-                out = model(batch, use_prior=True)  # prior latent; posterior logits come from the same pass
-                add("source", batch["source"])
-                if loss_cfg is not None:
-                    if not loss_cfg.needs_reference:
-                        ref = (None, None)
-                    elif isinstance(ref_model, torch.nn.Module):
-                        ref = reference_logps(ref_model, batch, backend=model.backend)
-                    else:
-                        ref = ref_model(batch)
-                    res = preference_objective(out, ref[0], ref[1], loss_cfg)
-                    margin = (res.chosen_rewards - res.rejected_rewards).float()
-                    add("margin", margin)
-                    add("correct", margin > 0)
-                if lpc:
-                    post = torch.softmax(out.posterior_logits.float(), dim=-1)
-                    add("prior_probs", torch.softmax(out.prior_logits.float(), dim=-1))
-                    add("posterior_probs", post)
-                    add("z_prior", out.z.float())
-                    add("z_posterior", model.embed(post).float())
-                    add("prior_code", out.prior_logits.argmax(-1))
-                    add("posterior_code", out.posterior_logits.argmax(-1))
-    finally:
-        model.train(was_training)
-    return {k: torch.cat(v).numpy().astype(np.int64 if k in _INT_KEYS else np.float32) for k, v in parts.items()}
-
-
-def collect_latents(model, dataset, collator, batch_size: int = 128) -> dict:
-    """Run ``model`` (an ``lpc.model.LPCModel`` with LPC) over ``dataset``; per held-out pair:
-
-    * ``prior_probs`` / ``posterior_probs``: ``[N, K]`` softmax of the prior / posterior logits;
-    * ``z_prior``: ``[N, D]`` the inference latent (``model.prior_z``: the model's ``lpc.inference`` mode);
-    * ``z_posterior``: ``[N, D]`` the posterior's expected embedding ``posterior_probs @ E`` (deterministic:
-      training draws a Gumbel sample around it, which would only add noise to a picture of what it learnt);
-    * ``prior_code`` / ``posterior_code``: ``[N]`` argmax codes; ``source``: ``[N]`` (-1 when unknown).
-
-    All numpy (float32 / int64); empty arrays for an empty dataset. The model is put in eval mode for the
-    pass and restored afterwards.
-
-    Raises:
-        ValueError: the model has no latent (``model.lpc is None``) or ``batch_size`` < 1.
-    """
-    if getattr(model, "lpc", None) is None:
-        raise ValueError("collect_latents needs an LPC model (model.lpc is None: a plain DPO/IPO/SimPO policy)")
-    out = collect_pairs(model, dataset, collator, batch_size)
-    if not out:  # empty dataset
-        k, d = model.lpc.num_codes, model.hidden_size
-        out = {"prior_probs": np.zeros((0, k), np.float32), "posterior_probs": np.zeros((0, k), np.float32),
-               "z_prior": np.zeros((0, d), np.float32), "z_posterior": np.zeros((0, d), np.float32),
-               "prior_code": np.zeros(0, np.int64), "posterior_code": np.zeros(0, np.int64),
-               "source": np.zeros(0, np.int64)}
-    return out

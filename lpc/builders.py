@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .config import ConfigError, TrainConfig
 from .data import PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
 from .data.tokenizer import load_synthetic_tokenizer
-from .model import LPCModel, build_tiny_llama, check_batch_layout, make_reference, supported_batch_layouts
+from .hf import BATCH_LAYOUTS_BY_SPEED, build_tiny_llama, check_batch_layout, supported_batch_layouts
+from .model import LPCModel
+from .objective import make_reference
 from .runtime import quiet_transformers
 
 
@@ -89,11 +91,18 @@ def split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[in
     return perm[:n_eval], perm[n_eval:]
 
 
+def weights_dtype(cfg: TrainConfig, *, frozen: bool = False) -> torch.dtype:
+    """The dtype weights are stored in: float64 with ``--dtype float64``; with ``--dtype bfloat16`` bf16 for frozen
+    weights (no fp32 master copy needed), fp32 for trained ones (autocast computes in bf16); fp32 otherwise."""
+    if cfg.dtype == "float64":
+        return torch.float64
+    return torch.bfloat16 if cfg.dtype == "bfloat16" and frozen else torch.float32
+
+
 def build_policy(cfg: TrainConfig, model_spec: Optional[str] = None):
     """``(policy, tokenizer)``: ``--model`` (or ``model_spec``) from disk/hub, else the tiny Llama built from
-    ``cfg.seed`` with the synthetic tokenizer. Weights are fp32, except bf16 for ``--dtype bfloat16``
-    with LoRA (frozen base weights need no fp32 master copy)."""
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and cfg.lora_r > 0 else torch.float32
+    ``cfg.seed`` with the synthetic tokenizer, its weights in ``weights_dtype`` (frozen with LoRA)."""
+    dtype = weights_dtype(cfg, frozen=cfg.lora_r > 0)
     spec = model_spec or cfg.model
     if spec is None:
         tok = load_synthetic_tokenizer(cfg.cache_dir)
@@ -161,10 +170,6 @@ def apply_lora(policy, cfg: TrainConfig):
         raise ConfigError("lora_target_modules", str(exc)) from None
 
 
-# what --batch-layout auto prefers: the fastest first (benches/results/cpu/batch_layouts.md)
-BATCH_LAYOUTS_BY_SPEED = ("shared-prompt", "packed", "padded")
-
-
 def build_collator(cfg: TrainConfig, tokenizer, *models) -> PreferenceCollator:
     """The collator of ``--batch-layout``; ``auto`` takes the fastest layout that every one of ``models`` (policy,
     reference) can run. Raises ``ConfigError`` when one of them cannot run the layout asked for."""
@@ -184,14 +189,14 @@ def build_lpc_model(cfg: TrainConfig, policy) -> LPCModel:
     """The ``LPCModel`` of a run around ``policy`` (with LoRA adapters when ``--lora-r``)."""
     if cfg.lora_r > 0:
         policy = apply_lora(policy, cfg)
-    return LPCModel(policy, cfg.lpc_config(), backend=cfg.backend)
+    model = LPCModel(policy, cfg.lpc_config(), backend=cfg.backend)
+    return model.to(torch.float64) if cfg.dtype == "float64" else model  # the codebook and heads too
 
 
 def load_reference_model(cfg: TrainConfig) -> torch.nn.Module:
     """The ``--ref-model`` (frozen, eval mode; bf16 weights with ``--dtype bfloat16``)."""
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     with quiet_transformers():
-        return make_reference(AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=dtype))
+        return make_reference(AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=weights_dtype(cfg, frozen=True)))
 
 
 def initial_reference(cfg: TrainConfig, policy=None) -> torch.nn.Module:

@@ -1,29 +1,7 @@
-"""Training checkpoints: save, find and load, with safetensors and JSON only (nothing is unpickled).
-
-Layout of ``<run>/checkpoints/step-00000050/``:
-
-* the policy in HF layout (``config.json`` + ``model.safetensors``, sharded with an index for big models;
-  with LoRA the ``peft`` adapter files ``adapter_config.json`` + ``adapter_model.safetensors``), the
-  tokenizer, ``lpc_heads.safetensors`` + ``lpc_config.json`` (codebook and heads), ``train_config.json``;
-* ``optimizer.safetensors``: every optimizer state tensor, with the param groups and scalar state as
-  JSON in the safetensors metadata;
-* ``rng_state.safetensors``: torch CPU (and CUDA) generator states, NumPy's state vector;
-* ``trainer_state.json``: step, LR-scheduler state, data position (epoch, position), Gumbel seed,
-  Python/NumPy RNG scalars, the config.
-
-Each checkpoint is written into a temp directory beside its final name and renamed into place
-(``lpc.io.atomic_directory``): a run killed mid-save leaves the previous checkpoint intact and only a
-``.step-*.tmp-*`` directory, which the next save removes. A failed write (full disk, read-only directory)
-removes the temp directory and stops the run with ``CheckpointError``. ``manifest.json`` (every file's size and
-SHA-256, ``lpc.io.write_manifest``) is written last, before the rename; loading verifies it, and ``--resume
-latest`` skips checkpoints that fail (``newest_intact_checkpoint``). Checkpoints written before manifests
-existed load unverified. Loading uses ``safetensors`` and ``json`` only, so a checkpoint from an untrusted
-source cannot run code.
-
-Resume rules (``find_resume``, ``inherited_settings``, ``check_resume_compatible``): a resumed run takes the
-checkpoint's settings unless given, may change only the settings whose field says ``resume="free"``
-(``lpc.config``), and never inherits how the saved run was launched (``resume="launch"``).
-"""
+"""Training checkpoints (``<run>/checkpoints/step-N/``: model, heads, optimizer, RNG and trainer state): save, find,
+verify and load them with safetensors and JSON only (nothing is unpickled), and the rules of a resumed run. A save goes
+to a temp directory renamed into place, ``manifest.json`` (each file's size and SHA-256) written last; the faults this
+survives: ``docs/reliability.md``, "Checkpoints" and "Faults during a save"."""
 
 from __future__ import annotations
 
@@ -34,7 +12,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -329,10 +307,28 @@ def load_rng(path: os.PathLike, state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def find_resume(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict], Optional[Path], list[str]]:
+class ResumePoint(NamedTuple):
+    """A verified checkpoint to resume from: its directory, its ``trainer_state.json`` and notes on the newer
+    checkpoints skipped (``resume_point``)."""
+
+    checkpoint: Path
+    state: dict
+    notes: list
+
+
+def resume_point(spec: str, output_dir: Optional[os.PathLike]) -> Optional[ResumePoint]:
+    """The checkpoint ``--resume spec`` names (``resolve_resume``: its manifest verified), or ``None`` for ``latest``
+    without a checkpoint yet. Verifying hashes every file: resolve once per start and pass the result on."""
+    path, skipped = resolve_resume(spec, output_dir)
+    return None if path is None else ResumePoint(path, read_state(path), skipped)
+
+
+def find_resume(cfg: TrainConfig, point: Optional[ResumePoint] = None
+                ) -> tuple[Optional[Path], Optional[dict], Optional[Path], list[str]]:
     """``(checkpoint, its trainer_state.json, run directory, notes)`` for ``cfg.resume``; the checkpoint and
     state are ``None`` without ``--resume`` (or with ``latest`` and no checkpoint yet: a fresh start), the run
-    directory ``None`` when neither ``--output-dir`` nor a checkpoint names it.
+    directory ``None`` when neither ``--output-dir`` nor a checkpoint names it. ``point``: ``cfg.resume`` already
+    resolved (``resume_point``; the command line does it to read the checkpoint's settings).
 
     Raises:
         ConfigError: ``--resume`` names nothing usable, or a checkpoint whose settings differ from ``cfg`` in a
@@ -341,27 +337,25 @@ def find_resume(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict], Optio
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     if not cfg.resume:
         return None, None, out_dir, []
-    try:
-        path, skipped = resolve_resume(cfg.resume, out_dir)
-    except ValueError as exc:  # CheckpointError included
-        raise ConfigError("resume", str(exc)) from None
-    if path is None:
+    if point is None:
+        try:
+            point = resume_point(cfg.resume, out_dir)
+        except ValueError as exc:  # CheckpointError included
+            raise ConfigError("resume", str(exc)) from None
+    if point is None:
         return None, None, out_dir, [f"--resume latest: no checkpoint under {out_dir}, starting from step 0"]
-    state = read_state(path)
-    notes = skipped + check_resume_compatible(cfg, state["config"], path)
-    return path, state, out_dir or run_dir_of(path), notes
+    notes = point.notes + check_resume_compatible(cfg, point.state["config"], point.checkpoint)
+    return point.checkpoint, point.state, out_dir or run_dir_of(point.checkpoint), notes
 
 
-def inherited_settings(resume: str, output_dir: Optional[str]) -> dict:
-    """The settings a run resumed from ``resume`` takes from its checkpoint (all but the launch ones), with the
-    run directory; ``{}`` when there is no checkpoint yet (``latest``). Raises ``ValueError`` like
-    ``resolve_resume``."""
-    found, _ = resolve_resume(resume, output_dir)
-    if found is None:
+def inherited_settings(point: Optional[ResumePoint], output_dir: Optional[str]) -> dict:
+    """The settings a run resumed from ``point`` takes from its checkpoint (all but the launch ones), with the run
+    directory; ``{}`` without a checkpoint (``latest`` before the first one)."""
+    if point is None:
         return {}
     launch = TrainConfig.fields_with(RESUME_LAUNCH)
-    saved = {k: v for k, v in read_state(found)["config"].items() if k not in launch}
-    return {**saved, "output_dir": output_dir or str(run_dir_of(found))}
+    saved = {k: v for k, v in point.state["config"].items() if k not in launch}
+    return {**saved, "output_dir": output_dir or str(run_dir_of(point.checkpoint))}
 
 
 def check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path) -> list[str]:

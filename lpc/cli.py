@@ -1,7 +1,7 @@
 """What the ``python -m lpc.*`` command lines share, and the training command line itself.
 
 ``build_parser`` generates one ``--flag`` per ``TrainConfig`` field from the field's type, default and metadata
-(help, group, choices: ``lpc.config.setting``), plus ``--config``. ``parse_args`` layers the settings:
+(help, group, choices: ``lpc.config.setting``), plus ``--config``. ``parse_command_line`` layers the settings:
 explicit flags > the resumed checkpoint's config > the ``--config`` file > defaults; a config file's values
 are checked like the flags (``read_config_file``).
 """
@@ -14,10 +14,10 @@ import difflib
 import json
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from . import checkpoint as ckpt_lib
-from .config import GROUPS, ConfigError, TrainConfig
+from .config import GROUPS, ConfigError, TrainConfig, drop_removed_settings
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -126,7 +126,7 @@ def read_config_file(path: str, parser: Optional[argparse.ArgumentParser] = None
         raise ConfigError("config", f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
     actions = _actions_by_dest(parser)
     out = {}
-    for key, value in data.items():
+    for key, value in drop_removed_settings(data, str(path)).items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
             close = difflib.get_close_matches(dest, list(actions), n=1)
@@ -136,8 +136,16 @@ def read_config_file(path: str, parser: Optional[argparse.ArgumentParser] = None
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Flags -> ``TrainConfig``. Precedence: explicit flags > the resumed checkpoint's config > ``--config``
+class CommandLine(NamedTuple):
+    """A parsed ``lpc.train`` command line: the config, and the checkpoint ``--resume`` names, verified once
+    (``None`` without one)."""
+
+    config: TrainConfig
+    resume: Optional[ckpt_lib.ResumePoint]
+
+
+def parse_command_line(argv: Optional[Sequence[str]] = None) -> CommandLine:
+    """Flags -> ``CommandLine``. Precedence: explicit flags > the resumed checkpoint's config > ``--config``
     file > defaults. Bad values exit with ``python -m lpc.train: error: --flag: ...``."""
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
@@ -145,13 +153,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         pre.add_argument(flag)
     known, _ = pre.parse_known_args(argv)
     layered: dict = {}
+    point = None
     try:
         if known.config:
             layered.update(read_config_file(known.config, parser))
         resume = known.resume or layered.get("resume")
         if resume:
             actions = _actions_by_dest(parser)
-            inherited = ckpt_lib.inherited_settings(resume, known.output_dir or layered.get("output_dir"))
+            output_dir = known.output_dir or layered.get("output_dir")
+            point = ckpt_lib.resume_point(resume, output_dir)
+            inherited = ckpt_lib.inherited_settings(point, output_dir)
             layered.update({k: v for k, v in inherited.items() if k in actions})
     except ConfigError as exc:
         parser.error(f"{exc.flag}: {exc.message}")
@@ -161,6 +172,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     args.pop("config")
     try:
-        return TrainConfig(**args)
+        return CommandLine(TrainConfig(**args), point)
     except ConfigError as exc:
         parser.error(f"{exc.flag}: {exc.message}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The ``TrainConfig`` of an ``lpc.train`` command line (``parse_command_line``)."""
+    return parse_command_line(argv).config

@@ -3,8 +3,7 @@
 Every ``TrainConfig`` setting is written once, as a field with its default and, in the field's metadata,
 its help text, its ``--help`` group, its allowed values and its rule on resume (``setting``). The command
 line (``lpc.cli``) is generated from these fields, so a new field is a new flag, a config-file key and a
-``train_config.json`` entry at once. Defaults marked (paper) come from Gong et al. (ICML 2025, arXiv
-2505.04993); the rest are our choices (``docs/design.md`` section 1).
+``train_config.json`` entry at once. Where the defaults come from: ``docs/design.md``, "Defaults".
 """
 
 from __future__ import annotations
@@ -16,20 +15,22 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lpc_kernels.backends import BACKENDS as KERNEL_BACKENDS
+from lpc_kernels.preference import LOSS_TYPES
+
 PRIOR_MIX = ("linear", "none")
 PRIOR_SAMPLE = ("expected", "gumbel")
 INFERENCE_CODE = ("expected", "argmax")
-LOSS_TYPES = ("dpo", "ipo", "simpo")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto",) + KERNEL_BACKENDS
 STRATEGIES = ("none", "ddp", "fsdp2")  # data parallelism under torchrun (lpc.distributed)
 SYNTHETIC_PRESETS = ("sources", "annotators")
 BATCH_LAYOUTS = ("padded", "packed", "shared-prompt")  # lpc.data.batching
 REPORT_TO = ("none", "tensorboard", "wandb")  # lpc.tracking
 # KL weight by loss when --kl-weight is not given. DPO's and SimPO's losses are the label's negative
-# log-likelihood, so 1 is the ELBO. IPO's (margin - 1/(2 beta))^2 is ~36x DPO's at a zero margin, and at 1 its
-# posterior passed the label through z in 10 of 10 seeds; at 10 in none (docs/results.md, "KL weight for IPO").
+# log-likelihood, so 1 is the ELBO. IPO's (margin - 1/(2 beta))^2 is far larger than DPO's at a zero margin, and
+# at 1 its posterior passed the label through z (docs/results.md, "KL weight for IPO").
 DEFAULT_KL_WEIGHT = {"dpo": 1.0, "simpo": 1.0, "ipo": 10.0}
 
 # the --help groups of the training flags, in order
@@ -37,6 +38,9 @@ GROUPS = ("objective", "latent (with --lpc)", "optimisation", "model", "data", "
 # what a resumed run may change (RESUME_FREE: the numbers do not depend on it, or, for steps, the user asks to
 # extend or shorten the run) and what it never takes from the checkpoint (LAUNCH: how this invocation is started)
 RESUME_SAME, RESUME_FREE, RESUME_LAUNCH = "same", "free", "launch"
+# settings earlier versions wrote into train_config.json, with the value at which they did nothing: a config file
+# holding that value still loads (the key is dropped), another value is refused (drop_removed_settings)
+REMOVED_SETTINGS = {"filter_eps": 0.0}
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,20 @@ class ConfigError(ValueError):
     @property
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
+
+
+def drop_removed_settings(settings: dict, where: str) -> dict:
+    """``settings`` (keys with ``-`` or ``_``) without the ``REMOVED_SETTINGS`` at their no-op value; ``ConfigError``
+    naming one set to anything else (what it asked for no longer exists)."""
+    out = {}
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in REMOVED_SETTINGS:
+            out[key] = value
+        elif value != REMOVED_SETTINGS[name]:
+            raise ConfigError(name, f"{where}: {key}={value!r}: this setting was removed; only "
+                                    f"{REMOVED_SETTINGS[name]!r}, which did nothing, is still accepted")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- value checks
@@ -102,13 +120,17 @@ def setting(default, help: str, *, group: str, choices: Optional[tuple] = None, 
                                                         "check": check, "resume": resume})
 
 
+def check_field(f: dataclasses.Field, value: Any, name: Optional[str] = None) -> None:
+    """``ConfigError`` naming the field (or ``name``) when ``value`` fails the field's own check (``setting``)."""
+    check = f.metadata.get("check")
+    if check is not None and not check[0](value):
+        raise ConfigError(name or f.name, f"must be {check[1]}, got {value!r}")
+
+
 def check_fields(obj) -> None:
     """Run every field's own check (``setting(check=...)``), in declaration order."""
     for f in dataclasses.fields(obj):
-        check = f.metadata.get("check")
-        value = getattr(obj, f.name)
-        if check is not None and not check[0](value):
-            raise ConfigError(f.name, f"must be {check[1]}, got {value!r}")
+        check_field(f, getattr(obj, f.name))
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -176,7 +198,6 @@ class LossConfig:
     ipo_average: bool = True
     backend: str = "auto"
     free_bits: float = 0.0
-    filter_eps: float = 0.0  # the fused loss's gradient filter (lk.linear_preference_loss)
 
     @property
     def needs_reference(self) -> bool:
@@ -276,11 +297,6 @@ class TrainConfig(LPCConfig):
                                      "--no-fused-loss: the composition of linear_token_logprobs and "
                                      "preference_loss (same values to rounding)", group=OBJECTIVE,
                                resume=RESUME_FREE)
-    filter_eps: float = setting(0.0, "with --fused-loss: leave out of the LM head's gradient the vocabulary columns "
-                                     "below this on every position of a chunk that together hold at most this of "
-                                     "any position's softmax mass (Cut Cross-Entropy's filter with a mass bound; "
-                                     "on CPU it costs about what it saves). 0: exact", group=OBJECTIVE,
-                                check=in_unit_interval(), resume=RESUME_FREE)
     latent_diagnostics: bool = setting(True, "also score each training batch with z from the prior and from the "
                                              "posterior's sample alone (no gradient, up to 2 more LM-head passes): "
                                              "lpc/prior_accuracy, lpc/posterior_accuracy and the label-leak warning",
@@ -303,7 +319,8 @@ class TrainConfig(LPCConfig):
     max_grad_norm: float = setting(1.0, "gradient clipping (0 disables)", group=OPTIM, check=number_at_least(0))
     dtype: str = setting("float32", "compute dtype: bfloat16 runs the model under autocast with fp32 master weights "
                                     "(with LoRA the frozen base weights and the reference are stored in bf16); "
-                                    "codebook and heads stay fp32", group=OPTIM, choices=DTYPES)
+                                    "codebook and heads stay fp32. float64 runs everything in float64 (reference "
+                                    "runs: comparisons across processes and layouts)", group=OPTIM, choices=DTYPES)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less activation "
                                                   "memory, more compute)", group=OPTIM)
     seed: int = setting(0, "seed of model init, data order and Gumbel noise", group=OPTIM, check=int_at_least(0))
@@ -442,9 +459,6 @@ class TrainConfig(LPCConfig):
             # model's forward (so FSDP2 would not gather its LM head); and LoRA's trainable state is small
             raise ConfigError("strategy", "fsdp2 with LoRA (--lora-r) is not supported: use --strategy ddp, which "
                                           "replicates the frozen base once and all-reduces only the adapters")
-        if self.filter_eps and not self.fused_loss:
-            raise ConfigError("filter_eps", "needs --fused-loss (the gradient filter is an option of "
-                                            "lk.linear_preference_loss); drop --no-fused-loss or set it to 0")
         if self.lora_r and not self.lora_target_modules:
             raise ConfigError("lora_target_modules", "must name the modules LoRA adapts (e.g. all-linear)")
 
@@ -458,8 +472,7 @@ class TrainConfig(LPCConfig):
         """The ``LossConfig`` of the preference objective these settings describe."""
         return LossConfig(loss_type=self.loss, beta=self.beta, gamma=self.gamma,
                           label_smoothing=self.label_smoothing, kl_weight=self.kl_weight,
-                          ipo_average=self.ipo_average, backend=self.backend, free_bits=self.free_bits,
-                          filter_eps=self.filter_eps)
+                          ipo_average=self.ipo_average, backend=self.backend, free_bits=self.free_bits)
 
     def synthetic_config(self) -> SyntheticConfig:
         """The ``SyntheticConfig`` of the built-in data these settings describe (without ``--dataset``)."""
@@ -482,11 +495,13 @@ class TrainConfig(LPCConfig):
     @classmethod
     def from_dict(cls, d: dict, *, ignore_unknown: bool = False) -> "TrainConfig":
         """``TrainConfig(**d)``; unknown keys raise ``ConfigError`` unless ``ignore_unknown`` (configs
-        saved by a newer version)."""
+        saved by a newer version), and so do ``REMOVED_SETTINGS`` at any value but their no-op one."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown and not ignore_unknown:
-            raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(sorted(names))})")
+        if not ignore_unknown:
+            d = drop_removed_settings(d, "config")
+            unknown = sorted(set(d) - names)
+            if unknown:
+                raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(sorted(names))})")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod

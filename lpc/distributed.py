@@ -1,42 +1,7 @@
-"""Data-parallel training for ``python -m lpc.train`` under ``torchrun``: DDP and FSDP2 (``fully_shard``).
-
-Everything the trainer needs to run on several processes, on PyTorch's own distributed engine:
-
-* **Process group** (``init_distributed`` / ``process_group``): rank, world size and local rank from the
-  environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...), NCCL on
-  GPU (device ``cuda:LOCAL_RANK``) and gloo on CPU. ``process_group`` destroys the group on exit; on an
-  error it names the failing rank on stderr, tears the group down without waiting for the other ranks
-  (NCCL: abort) and re-raises, so the process exits non-zero with its traceback and ``torchrun`` stops
-  the rest of the job. Without ``torchrun`` a ``--strategy ddp|fsdp2`` run is a 1-process group.
-* **Strategies** (``wrap_model``, ``fsdp2_shard``): DDP replicates the ``LPCModel`` (policy, LM head,
-  codebook and heads) and all-reduces gradients; FSDP2 shards each decoder layer, the transformer body
-  (embeddings, final norm; unless the embeddings are tied to the LM head) and the root ``LPCModel`` (LM
-  head, codebook, prior/posterior heads) over all ranks, with a ``MixedPrecisionPolicy`` under
-  ``--dtype bfloat16`` (bf16 compute in the transformer, fp32 gradient reduction; the root unit keeps
-  fp32 parameters: the heads and the KL always run in fp32, and the LM head is cast by autocast exactly
-  as in a 1-process run). The frozen reference model is replicated under DDP and sharded the same way
-  under FSDP2 (``lpc.reference.wrap_reference``). A module sharded by ``fsdp2_shard`` names the submodules to
-  shard before it through its ``fsdp_units()`` method (``LPCModel``, ``lpc.reference.ReferenceScorer``).
-* **Same global batch as one process** (``rank_slice``): every rank draws the same
-  global batch from the seeded sampler and takes its contiguous slice, so the optimizer sees the same
-  gradient (the mean over the global batch) as the 1-process run and the loss curve matches. Each
-  example keeps its GLOBAL index for its Gumbel ``(seed, offset)`` (``LPCModel.gumbel_offsets``), so a
-  2-process run draws the same codes as the 1-process run.
-* **Metrics** (``gather_rows``, ``gather_fields``, ``all_reduce_scalar``, ``gather_objects``): per-example
-  tensors are gathered in rank order (= global batch order) so the step metrics are computed on the global
-  batch exactly as in one process (held-out evaluation split across ranks: ``lpc.evaluate.evaluate_sharded``).
-* **Rank 0 only** (``DistContext.is_main``, ``main_first``, ``barrier``, ``broadcast_object``): files are written by
-  rank 0; work that fills a shared cache runs on rank 0 first.
-* **Checkpoints** (``full_state_dict``, ``full_optimizer_state_dict``, ``shard_state_dict``,
-  ``shard_optimizer_state_dict``): full (unsharded) state dicts gathered to rank 0, written in the
-  trainer's own checkpoint layout, so a checkpoint saved at world size N resumes at any world size
-  (including 1, with no process group) and ``lpc.evaluate`` / ``lpc.generate`` read it unchanged.
-  Why not ``torch.distributed.checkpoint`` (DCP): DCP writes its own sharded layout whose metadata file
-  is a pickle, while the trainer's checkpoints are safetensors + JSON that can be loaded without
-  unpickling anything, in HF layout. The price: rank 0 holds one full copy of the model and optimizer
-  state in CPU memory while saving (gathered one tensor at a time, so each GPU holds at most one extra
-  full tensor).
-"""
+"""Data-parallel training under ``torchrun`` (``--strategy ddp|fsdp2``) on PyTorch's own engine: process groups, DDP
+or FSDP2 (``fully_shard``) wrapping, each rank's slice of the global batch, the gathers that make the metrics the
+1-process run's, and full state dicts so that checkpoints resume at any world size. The strategies and their
+trade-offs: ``docs/distributed.md``, "Training with torchrun"."""
 
 from __future__ import annotations
 
@@ -369,7 +334,7 @@ def _fsdp_mp_policies(mixed_precision: Optional[torch.dtype]):
 
 def fsdp2_shard(root: nn.Module, ctx: DistContext, *, mixed_precision: Optional[torch.dtype] = None) -> nn.Module:
     """``fully_shard`` each of ``root.fsdp_units()`` (for an ``LPCModel``: every decoder layer of its policy, then
-    the transformer body: ``lpc.model.shard_units``), then ``root`` itself (everything left: the LM head and, for
+    the transformer body: ``lpc.hf.shard_units``), then ``root`` itself (everything left: the LM head and, for
     an ``LPCModel``, the codebook and heads). ``root`` must be the module whose ``forward`` the trainer calls:
     FSDP2 gathers a unit's parameters in that unit's forward hook, and the LM head weight is read directly, not
     through ``lm_head.forward``. Sharded in place; returns ``root``."""

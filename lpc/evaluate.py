@@ -1,16 +1,7 @@
-"""Held-out evaluation: preference accuracy with ``z`` from the prior, reward margins, per-source accuracy,
-and code usage. ``python -m lpc.evaluate --run <dir>`` evaluates a finished (or checkpointed) run.
-
-Accuracy is the fraction of held-out pairs whose implicit-reward margin ``r(x, y_w, z) - r(x, y_l, z)``
-is > 0, with ``z`` from the prior ``p(z | x)`` (the posterior needs the labelled pair, so it is not
-available at test time). Rewards are those of ``lk.preference_loss``: ``beta * (log pi - log pi_ref)``
-for DPO, the same per token for IPO, ``beta * log pi / |y|`` for SimPO.
-
-The CLI writes ``<run>/evaluation/evaluation.json`` and PNG plots (``code_usage.png``: prior and
-posterior argmax-code histograms; ``reward_margins.png``; ``accuracy_by_source.png``;
-``training_curves.png`` from ``metrics.jsonl``). Plots need matplotlib (an optional extra); without it
-the JSON is still written and the CLI says which plots were skipped.
-"""
+"""Held-out evaluation: preference accuracy with ``z`` from the prior (the posterior needs the label), reward margins
+(those of ``lk.preference_loss``), per-source accuracy, code usage and the latent's diagnostics, and the latents
+themselves (``collect_latents``). ``python -m lpc.evaluate --run <dir>`` evaluates a finished or checkpointed run
+into ``<run>/evaluation/`` (``evaluation.json`` and, with matplotlib, PNG plots)."""
 
 from __future__ import annotations
 
@@ -31,13 +22,15 @@ import lpc_kernels as lk
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .analysis import code_histogram, normalized_mutual_information, perplexity
-from .builders import build_collator, build_data, build_lpc_model, build_policy, initial_reference, load_tokenizer
+from .builders import (build_collator, build_data, build_lpc_model, build_policy, initial_reference, load_tokenizer,
+                       weights_dtype)
 from .cli import HelpFormatter
-from .config import TrainConfig
+from .config import LossConfig, TrainConfig
 from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, synthetic, to_device
 from .io import write_json_atomic
-from .losses import LossConfig, preference_objective, reward_margins
-from .model import LPCModel, code_perplexity, entropy_from_logits, reference_logps
+from .losses import code_perplexity, entropy_from_logits, preference_objective, reward_margins
+from .model import LPCModel
+from .objective import reference_logps
 from .plots import plot_code_usage, plot_margins, plot_source_accuracy, plot_training_curves
 from .reference import LiveReference, cached_eval_reference
 from .runtime import autocast, autocast_dtype, log, resolve_device, threads_for
@@ -58,7 +51,6 @@ def accuracy_by_source(correct: torch.Tensor, source: torch.Tensor,
     return by_source
 
 
-@torch.no_grad()
 def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], dataset: PreferenceDataset,
              collator: PreferenceCollator, loss_cfg: LossConfig, *, batch_size: int = 128,
              source_names: Optional[Sequence[str]] = None, return_arrays: bool = False, diagnostics: bool = False):
@@ -67,10 +59,7 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
     Args:
         ref_model: the frozen reference model, or a scorer ``batch -> (chosen [B], rejected [B])``
             (``lpc.reference``); ``None`` for SimPO.
-        return_arrays: also return the per-pair numpy arrays the metrics are computed from (``margin``,
-            ``loss``, ``source``; with LPC ``prior_code``, ``posterior_code``, ``prior_entropy``, ``prior_probs``
-            ``[N, K]``; with ``diagnostics`` the margins under the other latents, see below, ``margin_by_code``
-            ``[N, K]`` and the latents ``z_prior`` and ``z_posterior`` (expected embedding) ``[N, D]``).
+        return_arrays: also return the per-pair numpy arrays the metrics are computed from (``pair_arrays``).
         diagnostics: with LPC, also score every pair with z from the posterior, from the posterior fed the pair
             swapped, with z = 0 and with z = E[k] for every code (``LPCModel.diagnostic_zs``; one LM-head pass
             each, the backbone runs once).
@@ -82,7 +71,28 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
         ``z_rms_ratio``; with ``diagnostics`` ``accuracy_posterior``, ``accuracy_posterior_swapped``,
         ``accuracy_zero_z`` and ``accuracy_by_code`` (K values); with ``return_arrays`` ``(dict, arrays)``.
     """
-    if loss_cfg.needs_reference and ref_model is None:
+    arrays = pair_arrays(model, ref_model, dataset, collator, loss_cfg, batch_size=batch_size,
+                         diagnostics=diagnostics)
+    if not arrays:
+        return ({"num_pairs": 0}, {}) if return_arrays else {"num_pairs": 0}
+    result = summarize(arrays, source_names)
+    return (result, arrays) if return_arrays else result
+
+
+@torch.no_grad()
+def pair_arrays(model: LPCModel, ref_model: Union[nn.Module, Callable, None], dataset: PreferenceDataset,
+                collator: PreferenceCollator, loss_cfg: Optional[LossConfig], *, batch_size: int = 128,
+                diagnostics: bool = False, latents: bool = False) -> dict[str, np.ndarray]:
+    """One inference pass (z from the prior) over ``dataset``, per pair, as numpy arrays (``{}`` for no pairs);
+    the model is in eval mode for the pass and restored after.
+
+    Always ``source``; with ``loss_cfg`` ``margin`` (``r_w - r_l``) and ``loss``; with LPC ``prior_code``,
+    ``posterior_code``, ``prior_entropy``, ``prior_probs`` ``[N, K]`` and what ``z_rms_ratio`` needs (``z_sq``,
+    ``hidden_sq``, ``scored``); with ``diagnostics`` the margins under the other latents (``margin_<name>``,
+    ``margin_by_code`` ``[N, K]``); with ``diagnostics`` or ``latents`` the latents ``z_prior`` and ``z_posterior``
+    (expected embedding) ``[N, D]``; with ``latents`` ``posterior_probs`` ``[N, K]``.
+    """
+    if loss_cfg is not None and loss_cfg.needs_reference and ref_model is None:
         raise ValueError(f"loss_type={loss_cfg.loss_type!r} needs the reference model")
     if isinstance(ref_model, nn.Module):
         module = ref_model
@@ -99,10 +109,11 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
         for batch in batches(dataset, batch_size, collator):
             batch = to_device(batch, device)
             out = model(batch, use_prior=True, diagnostics=diagnostics)
-            ref = ref_model(batch) if loss_cfg.needs_reference else (None, None)
-            res = preference_objective(out, ref[0], ref[1], loss_cfg)
-            add("margin", res.chosen_rewards - res.rejected_rewards)
-            add("loss", res.losses)
+            ref = ref_model(batch) if loss_cfg is not None and loss_cfg.needs_reference else (None, None)
+            if loss_cfg is not None:
+                res = preference_objective(out, ref[0], ref[1], loss_cfg)
+                add("margin", res.chosen_rewards - res.rejected_rewards)
+                add("loss", res.losses)
             add("source", batch["source"])
             if out.prior_logits is not None:
                 add("prior_code", out.prior_logits.argmax(-1))
@@ -112,7 +123,9 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
                 add("z_sq", out.z_sq)
                 add("hidden_sq", out.hidden_sq)
                 add("scored", out.chosen_lengths + out.rejected_lengths)
-                if diagnostics:  # the latents themselves, for projections
+                if latents:
+                    add("posterior_probs", torch.softmax(out.posterior_logits.float(), -1))
+                if diagnostics or latents:  # the latents themselves, for projections
                     add("z_prior", out.z)
                     add("z_posterior", model.embed(torch.softmax(out.posterior_logits.float(), -1)))
             for name, (chosen, rejected) in (out.diagnostics or {}).items():
@@ -121,14 +134,40 @@ def evaluate(model: LPCModel, ref_model: Union[nn.Module, Callable, None], datas
     finally:
         model.train(was_training)
     if not parts:
-        return ({"num_pairs": 0}, {}) if return_arrays else {"num_pairs": 0}
+        return {}
     lk.raise_pending_errors()  # the values are on the host now: report what the ops found on the device
     arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
     codes = sorted((k for k in arrays if k.startswith("margin_code_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     if codes:  # one [N, K] matrix: the margin of every pair under every code
         arrays["margin_by_code"] = np.stack([arrays.pop(k) for k in codes], axis=1)
-    result = summarize(arrays, source_names)
-    return (result, arrays) if return_arrays else result
+    return arrays
+
+
+LATENT_ARRAYS = ("prior_probs", "posterior_probs", "z_prior", "z_posterior", "prior_code", "posterior_code", "source")
+
+
+def collect_latents(model: LPCModel, dataset: PreferenceDataset, collator: PreferenceCollator,
+                    batch_size: int = 128) -> dict[str, np.ndarray]:
+    """The latents of an LPC ``model`` on ``dataset``, per pair (``pair_arrays``' ``LATENT_ARRAYS``): prior and
+    posterior probabilities ``[N, K]``, ``z_prior`` (the inference latent) and ``z_posterior`` (the posterior's
+    expected embedding: training draws a Gumbel sample around it) ``[N, D]``, the argmax codes and the source
+    ``[N]``. Empty arrays for an empty dataset.
+
+    Raises:
+        ValueError: the model has no latent (``model.lpc is None``) or ``batch_size`` < 1.
+    """
+    if getattr(model, "lpc", None) is None:
+        raise ValueError("collect_latents needs an LPC model (model.lpc is None: a plain DPO/IPO/SimPO policy)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    arrays = pair_arrays(model, None, dataset, collator, None, batch_size=batch_size, latents=True)
+    if not arrays:
+        k, d = model.lpc.num_codes, model.hidden_size
+        return {"prior_probs": np.zeros((0, k), np.float32), "posterior_probs": np.zeros((0, k), np.float32),
+                "z_prior": np.zeros((0, d), np.float32), "z_posterior": np.zeros((0, d), np.float32),
+                "prior_code": np.zeros(0, np.int64), "posterior_code": np.zeros(0, np.int64),
+                "source": np.zeros(0, np.int64)}
+    return {k: arrays[k] for k in LATENT_ARRAYS}
 
 
 def summarize(arrays: dict, source_names: Optional[Sequence[str]] = None) -> dict:
@@ -225,6 +264,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--run {run}: no train_config.json (is it a run directory of lpc.train?)")
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()), ignore_unknown=True)
+    verified = checkpoint != "final"  # a checkpoint's manifest is checked here, final/'s when it is loaded
     if checkpoint == "final":
         model_dir = run_dir / "final"
     elif checkpoint == "latest":  # the newest checkpoint that passes its manifest
@@ -235,7 +275,8 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
             raise FileNotFoundError(f"--checkpoint latest: {run_dir} has no checkpoints")
     else:
         model_dir = Path(checkpoint)
-        if (model_dir / ckpt_lib.STATE_FILE).is_file():
+        verified = (model_dir / ckpt_lib.STATE_FILE).is_file()
+        if verified:
             ckpt_lib.verify_checkpoint(model_dir)
     if not (model_dir / "lpc_config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved LPC model (no lpc_config.json); finished runs have "
@@ -243,7 +284,7 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
     with threads_for(cfg):
-        model = _load_model(model_dir, cfg, dev)
+        model = _load_model(model_dir, cfg, dev, verified=verified)
         tokenizer = load_tokenizer(model_dir)
         train_set, eval_set, names, syn = build_data(cfg, tokenizer)
         collator = build_collator(cfg, tokenizer, model.policy)
@@ -300,13 +341,15 @@ def evaluate_run(run: str, *, checkpoint: str = "final", output: Optional[str] =
     return result
 
 
-def _load_model(model_dir: Path, cfg: TrainConfig, device: torch.device) -> LPCModel:
-    """An ``LPCModel`` from ``final/`` or a checkpoint (a LoRA checkpoint: base model + adapter)."""
+def _load_model(model_dir: Path, cfg: TrainConfig, device: torch.device, *, verified: bool) -> LPCModel:
+    """An ``LPCModel`` from ``final/`` or a checkpoint (a LoRA checkpoint: base model + adapter); ``verified``: its
+    manifest was checked already."""
     if (model_dir / "adapter_config.json").is_file():
         model = build_lpc_model(cfg, build_policy(cfg)[0])
         ckpt_lib.load_model_state(model_dir, model)  # the adapter, then the codebook and heads
         return model.to(device).eval()
-    return LPCModel.from_pretrained(model_dir, backend=cfg.backend).to(device).eval()
+    model = LPCModel.from_pretrained(model_dir, backend=cfg.backend, verified=verified, dtype=weights_dtype(cfg))
+    return model.to(device).eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

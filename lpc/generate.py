@@ -1,14 +1,7 @@
-"""``python -m lpc.generate --run <dir> --prompt "..."``: sample answers from a trained LPC policy.
-
-``z`` comes from the prior ``p(z | x)`` as at test time (the run's ``--inference`` rule: the expected
-embedding ``softmax(prior) @ E``, or the argmax code), or is forced with ``--code k`` (``z = E[k]``);
-``--code all`` answers once per code, so you can see what each code does. ``z`` is added to the final
-hidden state before the LM head at every generated position, exactly as in training.
-
-Decoding is greedy by default (``--temperature 0``), so differences between codes come from ``z`` alone;
-``--temperature T --top-p P --seed S`` samples. The prompt is formatted as in training (the tokenizer's
-chat template for ``--model`` runs whose tokenizer has one, else BOS + text).
-"""
+"""``python -m lpc.generate --run <dir> --prompt "..."``: answers from a trained LPC policy, ``z`` from the prior as at
+test time (the run's ``--inference`` rule) or forced with ``--code k`` (``z = E[k]``; ``--code all``: one answer per
+code), added to the final hidden state before the LM head at every generated position, as in training. Greedy by
+default, so differences between codes come from ``z`` alone; prompts are formatted as in training."""
 
 from __future__ import annotations
 
@@ -25,7 +18,8 @@ from transformers import AutoTokenizer
 
 from .cli import HelpFormatter
 from .config import ConfigError
-from .model import LPCModel, decoder_of, lm_head_of
+from .hf import decoder_of, lm_head_of
+from .model import LPCModel
 from .runtime import resolve_device
 
 

@@ -1,10 +1,5 @@
-"""The LPC objective through ``lk.preference_loss``, and the per-step metrics (TRL names).
-
-``L = mean_i pair_loss_i(z_i) + kl_weight * mean_i KL(q_i || p_i)`` (``docs/design.md`` section 1): the pair loss
-is DPO, IPO or SimPO on the summed answer log-probs; the KL term is computed by the op from the prior and
-posterior logits (log-softmax inside). Without LPC the logits are not passed and the loss is plain
-DPO / IPO / SimPO.
-"""
+"""The LPC objective through ``lk.preference_loss`` and the per-step metrics (TRL names): ``docs/design.md``, "KL and
+the objective" and "Per-step metrics"."""
 
 from __future__ import annotations
 
@@ -17,9 +12,10 @@ import torch
 from torch import Tensor
 
 import lpc_kernels as lk
+from lpc_kernels.numerics import compute_dtype
 
 from .config import LossConfig
-from .model import LPCOutput, code_perplexity, entropy_from_logits, op_kl_weight
+from .model import LPCOutput, StepKL
 
 
 def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
@@ -29,17 +25,13 @@ def preference_objective(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejec
     passes the warm-up's). With ``cfg.free_bits`` the KL term is ``kl_weight * mean_i max(KL_i, free_bits)``,
     which is flat (no gradient) below the threshold."""
     lpc = out.prior_logits is not None
-    kl_weight = (cfg.kl_weight if kl_weight is None else kl_weight) if lpc else 0.0
-    res = out.objective  # computed in the forward (``lpc.model.Objective``) with op_kl_weight
+    kl = StepKL.of(cfg, kl_weight, latent=lpc)
+    res = out.objective  # computed in the forward (``lpc.objective.Objective``) with the same op weight
     if res is None:
         res = margins_and_loss(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected, out, cfg,
                                out.prior_logits if lpc else None, out.posterior_logits if lpc else None,
-                               op_kl_weight(cfg, kl_weight, lpc))
-    if cfg.free_bits > 0 and lpc:
-        kl_term = kl_weight * res.kl.clamp_min(cfg.free_bits)
-        # from res.loss, not losses.mean(): the fused op's per-pair losses are values without gradient
-        res = res._replace(loss=res.loss + kl_term.mean(), losses=res.losses + kl_term)
-    return res
+                               kl.op_weight)
+    return kl.add_free_bits(res)
 
 
 def margins_and_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor],
@@ -79,7 +71,7 @@ def leak_margins(out: LPCOutput, ref_chosen: Optional[Tensor], ref_rejected: Opt
 @torch.no_grad()
 def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, float]:
     """Batch-mean metrics with TRL's names plus ``lpc/*`` (only when the model has the latent); the list is in
-    ``docs/design.md`` section 7.
+    ``docs/design.md``, "Per-step metrics".
 
     The scalars are read to the host together (one device sync), in a dtype that holds each of them
     exactly, so every value is the one ``float()`` of its own tensor gives.
@@ -108,6 +100,18 @@ def step_metrics(out: LPCOutput, loss: lk.PreferenceLossOutput) -> dict[str, flo
     dtype = functools.reduce(torch.promote_types, (v.dtype for v in m.values()))
     values = torch.stack([v.detach().reshape(()).to(dtype) for v in m.values()]).tolist()
     return dict(zip(m, values))
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """``[B, K] -> [B]`` entropy in nats, from log-softmax (never log of a softmax)."""
+    lp = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def code_perplexity(logits: Tensor) -> Tensor:
+    """``exp(H(mean_b softmax(logits_b)))``: how many codes the batch uses (1..K)."""
+    p = torch.softmax(logits.to(compute_dtype(logits)), dim=-1).mean(0)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
 def z_rms_ratio(out: LPCOutput) -> Tensor:

@@ -1,28 +1,9 @@
-"""The LPC model: any HF causal LM plus a codebook and prior/posterior heads, ``z`` added before the LM head.
-
-``docs/design.md`` section 1 (the method) in code; section 7 walks through this file:
-
-* One backbone pass per batch. The chosen and rejected sequences of ``B`` pairs run as one ``[R, L]`` pass
-  in the batch's layout (``lpc.data``: padded, packed, or one shared prompt per pair) through the model's
-  transformer body (``get_decoder()``, i.e. without the LM head), giving final hidden states ``H [R * L, D]``
-  (after the final norm). The backbone never sees ``z``, so the same ``H`` gives the features and the states
-  the log-probs need; the batch's ``score_index`` and ``feature_index`` say where they are in any layout.
-* Features: ``h_x`` at the last prompt token (with a causal model this equals a prompt-only pass), ``h_w`` and
-  ``h_l`` at the last token (the eos) of the chosen and the rejected answer.
-* Prior ``softmax(MLP_prior(h_x))`` and posterior ``softmax(MLP_post([h_w ; h_l]))`` over ``K`` codes.
-* Training: ``w, z_post = gumbel_softmax_codes(posterior_logits, E, seed, offset)``;
-  ``z = g * z_prior + (1 - g) * z_post`` with ``g`` from ``prior_mix_weight``. Inference: ``z`` from the
-  prior (expected embedding by default, or the argmax code).
-* Conditioning: ``log pi(y_t | x, y_<t, z) = linear_token_logprobs(H[t-1] + z, W_head, y_t)``, only at the
-  positions that predict answer tokens (adding ``z`` to the others would not change any log-prob), so the
-  ``[N, V]`` logits are never materialised.
-
-The reference model is a frozen copy of the initial policy, scored the same way without ``z``.
-"""
+"""The LPC model: an HF causal LM with a codebook and prior/posterior heads, ``z`` added to the final hidden
+states before the LM head (``docs/design.md``, "The method" and "The LPC model in code"). ``LPCModel`` owns the
+latent's rules: the prior mix, the Gumbel counters, calibration, how a step's KL weight is applied, and saving."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -35,248 +16,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import lpc_kernels as lk
+from lpc_kernels.numerics import compute_dtype
 
 from .config import LossConfig, LPCConfig
-from .data.batching import PROMPT
+from .hf import final_hidden_states, lm_head_of, scored_positions, shard_units
 from .io import atomic_directory, read_safetensors, verify_manifest, write_manifest
+from .objective import Objective, fused_objective, scored_logps
 from .runtime import quiet_transformers
 
 HEADS_FILE = "lpc_heads.safetensors"
 LPC_CONFIG_FILE = "lpc_config.json"
-
-
-# ------------------------------------------------------------------------------------ policy helpers
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The transformer body of an HF causal LM (everything before the LM head)."""
-    get = getattr(model, "get_decoder", None)
-    body = get() if callable(get) else None
-    if body is None:
-        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if body is None or body is model:
-        raise ValueError(f"cannot find the transformer body of {type(model).__name__} "
-                         "(neither get_decoder() nor base_model_prefix)")
-    return body
-
-
-def lm_head_of(model: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
-    """``(weight [V, D], bias [V] | None)`` of the LM head; refuses heads that are not a plain linear map."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"the LM head must be an nn.Linear, got {type(head).__name__}")
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):  # logits != hidden @ W.T for these models
-        value = getattr(cfg, attr, None)
-        if value not in (None, 1.0):
-            raise ValueError(f"models with {attr}={value} are not supported: the fused log-prob op computes "
-                             "plain hidden @ W.T + b")
-    return head.weight, head.bias
-
-
-def decoder_layers(policy: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of an HF causal LM: the modules whose class is in ``_no_split_modules``
-    (how HF / accelerate name them, e.g. ``LlamaDecoderLayer``), else the body's ``layers`` list."""
-    names: set[str] = set()
-    for m in policy.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    found = [m for m in policy.modules() if type(m).__name__ in names]
-    if found:
-        return found
-    layers = getattr(decoder_of(policy), "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers):
-        return list(layers)
-    raise ValueError(f"cannot find the decoder layers of {type(policy).__name__} to shard with FSDP2 (no "
-                     "_no_split_modules and no .layers list)")
-
-
-def shard_units(policy: nn.Module) -> list[nn.Module]:
-    """What FSDP2 shards of a policy before its root, innermost first: every decoder layer, then the transformer
-    body (embeddings, final norm), unless the input embeddings are tied to the LM head (whose weight the root's
-    forward reads, so it must stay in the root's unit)."""
-    inp = policy.get_input_embeddings() if hasattr(policy, "get_input_embeddings") else None
-    out = policy.get_output_embeddings() if hasattr(policy, "get_output_embeddings") else None
-    tied = inp is not None and out is not None and inp.weight is out.weight
-    return decoder_layers(policy) + ([] if tied else [decoder_of(policy)])
-
-
-# attention implementations that take the 4D masks of the packed and shared-prompt layouts
-ATTENTION_4D = ("eager", "sdpa")
-
-
-def layout_mask(segment_ids: Tensor, branch_ids: Tensor) -> Tensor:
-    """``[R, L]`` unit and branch ids (``lpc.data`` batch keys) -> ``[R, 1, L, L]`` bool, True where query ``i``
-    may attend to key ``j``: ``j <= i`` in the same unit, and ``j`` in the prompt or in ``i``'s own branch (the
-    rejected answer never sees the chosen one). Padding queries attend to themselves only (no empty rows)."""
-    length = segment_ids.shape[1]
-    idx = torch.arange(length, device=segment_ids.device)
-    causal = idx[None, :] <= idx[:, None]
-    same_unit = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] >= 0)
-    branch = (branch_ids[:, None, :] == PROMPT) | (branch_ids[:, :, None] == branch_ids[:, None, :])
-    allowed = (causal & same_unit & branch) | (idx[None, :] == idx[:, None])
-    return allowed[:, None]
-
-
-def attention_implementation(model: nn.Module) -> str:
-    """The HF attention implementation of ``model`` (``config._attn_implementation``; eager when unset)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
-
-
-def supported_batch_layouts(model: nn.Module) -> tuple[str, ...]:
-    """The batch layouts ``model`` can run, fastest first (``benches/bench_batch_layouts.py``): packed and
-    shared-prompt rows need attention that takes a 4D mask (eager, sdpa); flash attention takes packed rows
-    through the position ids; anything else runs padded rows only."""
-    impl = attention_implementation(model)
-    if impl in ATTENTION_4D:
-        return ("shared-prompt", "packed", "padded")
-    return ("packed", "padded") if impl.startswith("flash") else ("padded",)
-
-
-def check_batch_layout(model: nn.Module, layout: str) -> None:
-    """Raise ``ValueError`` naming the layout and the attention implementation when ``model`` cannot run
-    ``layout`` (``supported_batch_layouts``)."""
-    if layout in supported_batch_layouts(model):
-        return
-    impl = attention_implementation(model)
-    raise ValueError(f"batch layout {layout!r} needs attention that takes a 4D mask ({', '.join(ATTENTION_4D)}"
-                     f"{'; or flash attention through position ids' if layout == 'packed' else ''}), but "
-                     f"{type(model).__name__} uses attn_implementation={impl!r}: use --batch-layout "
-                     f"{supported_batch_layouts(model)[0]} or load the model with attn_implementation='sdpa'")
-
-
-def attention_inputs(model: nn.Module, batch: dict) -> dict:
-    """The attention arguments of ``batch``'s layout for ``model``: a 2D padding mask (``padded``), a 4D mask
-    with per-sequence position ids (``packed``, ``shared-prompt``; eager and sdpa attention), or position ids
-    alone (``packed`` with flash attention: HF's varlen path). ``check_batch_layout`` says which models can."""
-    layout = batch["layout"]
-    if layout == "padded":
-        return {"attention_mask": (batch["segment_ids"] >= 0).long()}
-    check_batch_layout(model, layout)
-    impl = attention_implementation(model)
-    if impl not in ATTENTION_4D:
-        return {"position_ids": batch["position_ids"]}
-    allowed = layout_mask(batch["segment_ids"], batch["branch_ids"])
-    if impl == "eager":  # eager attention adds the mask to the scores
-        dtype = model.get_input_embeddings().weight.dtype
-        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)
-    return {"attention_mask": allowed, "position_ids": batch["position_ids"]}
-
-
-def final_hidden_states(model: nn.Module, batch: dict) -> Tensor:
-    """``[R * L, D]`` final-layer hidden states (after the final norm, no LM head) of the batch's ``[R, L]`` rows,
-    flattened so that ``score_index`` and ``feature_index`` address them."""
-    out = decoder_of(model)(input_ids=batch["input_ids"], use_cache=False, **attention_inputs(model, batch))
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
-class ScoredPositions(NamedTuple):
-    """The positions of ``S`` sequences that predict answer tokens, compacted (prompt and padding never reach
-    the log-prob op): ``hidden [N, D]``, the sequence of each ``sequences [N]``, the token it predicts
-    ``targets [N]``."""
-
-    hidden: Tensor
-    sequences: Tensor
-    targets: Tensor
-    num_sequences: int
-
-
-def scored_positions(hidden: Tensor, batch: dict) -> ScoredPositions:
-    """``hidden [R * L, D]`` (``final_hidden_states``) -> the ``ScoredPositions`` of the batch's ``2B``
-    sequences (pair ``b``'s chosen answer is sequence ``b``, its rejected answer ``B + b``)."""
-    return ScoredPositions(hidden[batch["score_index"]], batch["score_sequence"], batch["score_target"],
-                           2 * batch["prompt_lengths"].shape[0])
-
-
-def scored_logps(pos: ScoredPositions, weight: Tensor, bias: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                 *, backend: str = "auto") -> Tensor:
-    """``[S]`` summed answer log-probs of the scored positions ``pos`` through ``lk.linear_token_logprobs``, with
-    ``z [S, D]`` (one latent per sequence) added to every scored position of its sequence; float32 (float64
-    for float64 inputs)."""
-    h = pos.hidden
-    if z is not None:
-        h = h + z.to(h.dtype)[pos.sequences]
-    h, weight, bias = head_inputs(h, weight, bias)
-    logp = lk.linear_token_logprobs(h, weight, pos.targets, bias=bias, backend=backend)
-    return logp.new_zeros(pos.num_sequences).index_add(0, pos.sequences, logp)
-
-
-def head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The LM-head ops need one dtype: under autocast (--dtype bfloat16) the autocast dtype (fp32 master weights
-    are cast per step, as autocast does for nn.Linear); otherwise the head's dtype."""
-    dev = hidden.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
-
-
-class Objective(NamedTuple):
-    """What ``LPCModel.forward`` needs to compute the training loss itself, through ``lk.linear_preference_loss``
-    (the LM head, pair loss and KL in one op, inside the forward so FSDP2 still holds the unsharded head):
-    reference log-probs ``[B]`` (None for SimPO), the loss settings and this step's KL weight (``op_kl_weight``)."""
-
-    ref_chosen: Optional[Tensor]
-    ref_rejected: Optional[Tensor]
-    cfg: LossConfig
-    kl_weight: float
-
-
-def op_kl_weight(cfg: LossConfig, kl_weight: Optional[float], lpc: bool) -> float:
-    """The KL weight the loss op applies: this step's weight (default ``cfg.kl_weight``), 0 without the latent,
-    and 0 with free bits (``lpc.losses.preference_objective`` adds the clamped KL term itself)."""
-    if not lpc or cfg.free_bits > 0:
-        return 0.0
-    return cfg.kl_weight if kl_weight is None else kl_weight
-
-
-def fused_objective(pos: ScoredPositions, batch: dict, weight: Tensor, bias: Optional[Tensor], z: Optional[Tensor],
-                    prior_logits: Optional[Tensor], posterior_logits: Optional[Tensor], obj: Objective,
-                    backend: str) -> lk.LinearPreferenceLossOutput:
-    """``lk.linear_preference_loss`` on the batch's scored positions (packed layout: they are sorted by sequence,
-    ``batch["score_lengths"]`` counts them), ``z [B, D]`` added to both answers of each pair."""
-    cfg = obj.cfg
-    h, weight, bias = head_inputs(pos.hidden, weight, bias)
-    lpc = prior_logits is not None
-    return lk.linear_preference_loss(
-        h, weight, pos.targets, bias=bias, z=z, ref_chosen_logps=obj.ref_chosen if cfg.needs_reference else None,
-        ref_rejected_logps=obj.ref_rejected if cfg.needs_reference else None,
-        prior_logits=prior_logits, posterior_logits=posterior_logits, kl_weight=op_kl_weight(cfg, obj.kl_weight, lpc),
-        backend=backend, sequence_ids=pos.sequences, sequence_lengths=batch["score_lengths"],
-        filter_eps=cfg.filter_eps, **cfg.op_options())
-
-
-def response_logps(hidden: Tensor, batch: dict, weight: Tensor, bias: Optional[Tensor] = None,
-                   z: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
-    """Summed answer log-probs per sequence (``scored_logps`` of ``scored_positions(hidden, batch)``).
-
-    Args:
-        hidden: ``[R * L, D]`` final hidden states of the batch's rows (``final_hidden_states``).
-        batch: a collated batch (any layout; ``lpc.data``).
-        weight / bias: LM head ``[V, D]`` / ``[V]``. z: ``[2B, D]`` latent added to every scored position of each
-            sequence (chosen sequences first).
-
-    Returns:
-        ``[2B]`` float32 (float64 for float64 inputs) sums of ``log pi(y_t | ...)`` over answer tokens, chosen
-        sequences first.
-    """
-    return scored_logps(scored_positions(hidden, batch), weight, bias, z, backend=backend)
-
-
-@torch.no_grad()
-def reference_logps(ref_model: nn.Module, batch: dict, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """``(chosen [B], rejected [B])`` summed log-probs of the frozen, unconditioned reference model."""
-    weight, bias = lm_head_of(ref_model)
-    logps = response_logps(final_hidden_states(ref_model, batch), batch, weight, bias, backend=backend)
-    return logps.chunk(2)
-
-
-def make_reference(policy: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``policy`` in eval mode (the DPO reference ``pi_ref``)."""
-    ref = copy.deepcopy(policy)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
 
 
 def prior_mix_weight(step: int, total_steps: int, mode: str = "linear") -> float:
@@ -291,20 +43,51 @@ def prior_mix_weight(step: int, total_steps: int, mode: str = "linear") -> float
     return min(max(step / (total_steps - 1), 0.0), 1.0)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """``[B, K] -> [B]`` entropy in nats, from log-softmax (never log of a softmax)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    return -(lp.exp() * lp).sum(-1)
-
-
-def code_perplexity(logits: Tensor) -> Tensor:
-    """``exp(H(mean_b softmax(logits_b)))``: how many codes the batch uses (1..K)."""
-    p = torch.softmax(logits.float(), dim=-1).mean(0)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+def _compute(t: Tensor) -> Tensor:
+    """``t`` in its compute dtype: float32 (float64 in a ``--dtype float64`` run) for the heads' softmaxes."""
+    return t.to(compute_dtype(t))
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class LatentDraw(NamedTuple):
+    """How a training pass draws ``z`` (``LPCModel.step_draw``): the prior-mix weight ``g`` and the Gumbel seed and
+    counters of its posterior (``offset``) and prior (``prior_offset``) noise."""
+
+    mix: float
+    seed: int
+    offset: int
+    prior_offset: Optional[int]  # None: the ``B*K`` counters after the posterior's (``latent``)
+
+
+class StepKL(NamedTuple):
+    """How a step applies its KL weight (``docs/design.md``, "The label leak and its controls"): the loss op weighs
+    ``KL_i`` by ``op_weight``; with free bits the op gets 0 and ``add_free_bits`` adds
+    ``weight * mean_i max(KL_i, free_bits)`` after it. Both are 0 without the latent."""
+
+    weight: float
+    free_bits: float
+
+    @classmethod
+    def of(cls, cfg: LossConfig, kl_weight: Optional[float] = None, *, latent: bool = True) -> "StepKL":
+        """The rule for a step whose KL weight is ``kl_weight`` (default ``cfg.kl_weight``)."""
+        if not latent:
+            return cls(0.0, 0.0)
+        return cls(cfg.kl_weight if kl_weight is None else kl_weight, cfg.free_bits)
+
+    @property
+    def op_weight(self) -> float:
+        return 0.0 if self.free_bits > 0 else self.weight
+
+    def add_free_bits(self, res):
+        """``res`` (an ``lk`` loss output) with the free-bits term in ``loss`` and ``losses``."""
+        if self.free_bits <= 0:
+            return res
+        kl_term = self.weight * res.kl.clamp_min(self.free_bits)
+        # from res.loss, not losses.mean(): the fused op's per-pair losses are values without gradient
+        return res._replace(loss=res.loss + kl_term.mean(), losses=res.losses + kl_term)
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -323,7 +106,7 @@ class LPCOutput:
     num_tokens: int                   # real tokens of prompt+chosen and prompt+rejected (any layout)
     # LPC diagnostics (no gradient): the log-probs with z from the prior (the inference z) and, in training,
     # with z from the posterior's sample alone; mean z**2 per pair and the sum over the pair's scored positions
-    # of mean h**2 (lpc/z_rms_ratio: docs/design.md section 7)
+    # of mean h**2 (lpc/z_rms_ratio: docs/design.md, "Per-step metrics")
     prior_chosen_logps: Optional[Tensor] = None      # [B]
     prior_rejected_logps: Optional[Tensor] = None    # [B]
     posterior_chosen_logps: Optional[Tensor] = None  # [B]
@@ -382,12 +165,19 @@ class LPCModel(nn.Module):
     # ------------------------------------------------------------------------------------ latents
     def features(self, hidden: Tensor, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """``(h_x, h_w, h_l)``, each ``[B, D]``, from the ``[R * L, D]`` hidden states of one pass: the last prompt
-        token and the last token (eos) of each answer, wherever the batch layout put them."""
-        h_x, h_w, h_l = hidden[batch["feature_index"]]
+        token and the last token (eos) of each answer, wherever the batch layout put them (``head_features``)."""
+        return self.head_features(*hidden[batch["feature_index"]])
+
+    def head_features(self, h_x: Tensor, h_w: Tensor, h_l: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The features as the heads take them: detached with ``detach_features``, in the codebook's dtype."""
         if self.lpc.detach_features:
             h_x, h_w, h_l = h_x.detach(), h_w.detach(), h_l.detach()
         dt = self.codebook.dtype
         return h_x.to(dt), h_w.to(dt), h_l.to(dt)
+
+    def code_logits(self, h_x: Tensor, h_w: Tensor, h_l: Tensor) -> tuple[Tensor, Tensor]:
+        """``(prior_logits, posterior_logits)`` ``[B, K]`` of the heads' features (``head_features``)."""
+        return self.prior(h_x), self.posterior(torch.cat([h_w, h_l], dim=-1))
 
     def embed(self, weights: Tensor) -> Tensor:
         """``[B, K]`` code weights -> ``z = (weights @ E) * hidden_rms`` ``[B, D]``."""
@@ -402,8 +192,12 @@ class LPCModel(nn.Module):
         """Set ``hidden_rms`` to the RMS of the policy's final hidden states at the scored positions of ``batch``
         (called once before training): the codebook's ``codebook_scale`` is then relative to this model's hidden
         states, whatever its hidden size or final norm. Returns the value."""
-        pos = scored_positions(final_hidden_states(self.policy, batch), batch)
-        self.hidden_rms.fill_(pos.hidden.float().pow(2).mean().sqrt())
+        return self.calibrate_on(scored_positions(final_hidden_states(self.policy, batch), batch).hidden)
+
+    @torch.no_grad()
+    def calibrate_on(self, scored_hidden: Tensor) -> float:
+        """``calibrate`` from final hidden states already gathered at the scored positions (any shape)."""
+        self.hidden_rms.fill_(_compute(scored_hidden).pow(2).mean().sqrt())
         return float(self.hidden_rms)
 
     def prior_z(self, prior_logits: Tensor, mode: Optional[str] = None) -> tuple[Tensor, Tensor]:
@@ -412,7 +206,7 @@ class LPCModel(nn.Module):
         if mode == "argmax":
             w = F.one_hot(prior_logits.argmax(-1), self.lpc.num_codes).to(self.codebook.dtype)
         else:
-            w = torch.softmax(prior_logits.float(), dim=-1).to(self.codebook.dtype)
+            w = torch.softmax(_compute(prior_logits), dim=-1).to(self.codebook.dtype)
         return w, self.embed(w)
 
     def latent(self, prior_logits: Tensor, posterior_logits: Tensor, *, mix: float, seed: int,
@@ -461,6 +255,30 @@ class LPCModel(nn.Module):
         base = step * 2 * global_batch * k
         return base + first_index * k, base + global_batch * k + first_index * k
 
+    def mix_at(self, step: int, total_steps: int) -> float:
+        """The prior-mix weight ``g`` of 0-based ``step`` of ``total_steps`` (``prior_mix_weight``; 0 without LPC)."""
+        return 0.0 if self.lpc is None else prior_mix_weight(step, total_steps, self.lpc.prior_mix)
+
+    def step_draw(self, step: int, total_steps: int, *, seed: int, global_batch: int,
+                  first_index: int) -> LatentDraw:
+        """How a training pass at ``step`` draws ``z`` for the examples of a global batch of ``global_batch`` from
+        ``first_index`` on: ``mix_at`` and ``gumbel_offsets``."""
+        return LatentDraw(self.mix_at(step, total_steps), seed,
+                          *self.gumbel_offsets(step, global_batch, first_index))
+
+    def step_z(self, prior_logits: Tensor, posterior_logits: Tensor,
+               draw: Optional[LatentDraw]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(code weights, z, z_post)`` of a pass: the training latent of ``draw`` (``latent``), or without one the
+        inference latent (``prior_z``; ``z_post`` None)."""
+        if draw is None:
+            return (*self.prior_z(prior_logits), None)
+        return self.latent(prior_logits, posterior_logits, mix=draw.mix, seed=draw.seed, offset=draw.offset,
+                           prior_offset=draw.prior_offset)
+
+    def step_kl(self, cfg: LossConfig, kl_weight: Optional[float] = None) -> StepKL:
+        """How the loss applies a step's KL weight (default ``cfg.kl_weight``) and ``cfg.free_bits`` (``StepKL``)."""
+        return StepKL.of(cfg, kl_weight, latent=self.lpc is not None)
+
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, *, mix: float = 0.0, seed: int = 0, offset: int = 0,
                 prior_offset: Optional[int] = None, use_prior: bool = False, diagnostics: bool = False,
@@ -468,8 +286,7 @@ class LPCModel(nn.Module):
         """One policy pass over a collated batch (see ``lpc.data``).
 
         Args:
-            mix: prior-mix weight ``g`` in [0, 1] (training). seed / offset / prior_offset: Gumbel noise
-                counters (see ``latent`` and ``gumbel_offsets``).
+            mix / seed / offset / prior_offset: how training draws ``z`` (a ``LatentDraw``: ``step_draw``).
             use_prior: inference mode: ``z`` from the prior (``lpc.inference``), no sampling.
             diagnostics: with ``use_prior``, also the log-probs under every z of ``diagnostic_zs`` (one more
                 LM-head pass each, no gradient; the backbone runs once). In training (LPC), the log-probs with
@@ -493,7 +310,9 @@ class LPCModel(nn.Module):
             """``(chosen, rejected, loss)``: through the fused loss with an ``objective`` (loss None otherwise)."""
             if objective is None:
                 return (*logps(z), None)
-            res = fused_objective(pos, batch, weight, bias, z, prior_logits, posterior_logits, objective, self.backend)
+            res = fused_objective(pos, batch, weight, bias, z, prior_logits, posterior_logits, objective,
+                                  kl_weight=self.step_kl(objective.cfg, objective.kl_weight).op_weight,
+                                  backend=self.backend)
             return res.chosen_logps, res.rejected_logps, lk.PreferenceLossOutput(*res[:5])
 
         if self.lpc is None:
@@ -502,21 +321,16 @@ class LPCModel(nn.Module):
                              None, batch["num_tokens"], objective=loss)
         with torch.autocast(hidden.device.type, enabled=False):
             h_x, h_w, h_l = self.features(hidden, batch)
-            prior_logits = self.prior(h_x)
-            posterior_logits = self.posterior(torch.cat([h_w, h_l], dim=-1))
-            if use_prior:
-                w, z = self.prior_z(prior_logits)
-                z_post = None
-            else:
-                w, z, z_post = self.latent(prior_logits, posterior_logits, mix=mix, seed=seed, offset=offset,
-                                           prior_offset=prior_offset)
+            prior_logits, posterior_logits = self.code_logits(h_x, h_w, h_l)
+            w, z, z_post = self.step_z(prior_logits, posterior_logits,
+                                       None if use_prior else LatentDraw(mix, seed, offset, prior_offset))
         chosen, rejected, loss = training_logps(z, prior_logits, posterior_logits)
         out = LPCOutput(chosen, rejected, batch["chosen_lengths"], batch["rejected_lengths"], prior_logits,
                         posterior_logits, w, z, batch["num_tokens"], objective=loss)
         with torch.no_grad():
-            sq = pos.hidden.detach().float().pow(2).mean(-1)
+            sq = _compute(pos.hidden.detach()).pow(2).mean(-1)
             out.hidden_sq = sum(sq.new_zeros(pos.num_sequences).index_add(0, pos.sequences, sq).chunk(2))
-            out.z_sq = z.detach().float().pow(2).mean(-1)
+            out.z_sq = _compute(z.detach()).pow(2).mean(-1)
             if use_prior:
                 out.prior_chosen_logps, out.prior_rejected_logps = chosen.detach(), rejected.detach()
                 if diagnostics:
@@ -535,8 +349,8 @@ class LPCModel(nn.Module):
         (of the posterior fed ``[h_l ; h_w]``: the pair with its label flipped), ``zero``, and ``code_k = E[k]``
         for every code."""
         with torch.autocast(z_prior.device.type, enabled=False):
-            post = torch.softmax(posterior_logits.float(), dim=-1)
-            swapped = torch.softmax(self.posterior(torch.cat([h_l, h_w], dim=-1)).float(), dim=-1)
+            post = torch.softmax(_compute(posterior_logits), dim=-1)
+            swapped = torch.softmax(_compute(self.posterior(torch.cat([h_l, h_w], dim=-1))), dim=-1)
             zs = {"prior": z_prior, "posterior": self.embed(post), "posterior_swapped": self.embed(swapped),
                   "zero": torch.zeros_like(z_prior)}
             codes = torch.arange(self.lpc.num_codes, device=z_prior.device)
@@ -608,32 +422,22 @@ class LPCModel(nn.Module):
             raise ValueError(f"{file}: missing {missing}, unexpected {unexpected}")
 
     @classmethod
-    def from_pretrained(cls, path: os.PathLike, *, backend: str = "auto", **model_kwargs) -> "LPCModel":
+    def from_pretrained(cls, path: os.PathLike, *, backend: str = "auto", verified: bool = False,
+                        **model_kwargs) -> "LPCModel":
         """Load what ``save_pretrained`` wrote (``model_kwargs`` go to ``AutoModelForCausalLM``); raises
-        ``lpc.io.IntegrityError`` naming the file when a file fails the directory's manifest."""
+        ``lpc.io.IntegrityError`` naming the file when a file fails the directory's manifest (unless ``verified``:
+        the caller checked it)."""
         path = Path(path)
-        verify_manifest(path)
+        if not verified:
+            verify_manifest(path)
         with quiet_transformers():
             policy = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
         with open(path / LPC_CONFIG_FILE) as f:
             meta = json.load(f)
         lpc = LPCConfig.from_dict(meta["lpc"]) if meta.get("lpc") else None
         model = cls(policy, lpc, backend=backend)
+        if policy.dtype == torch.float64:  # a --dtype float64 run: its codebook and heads are float64 too
+            model.to(torch.float64)
         if lpc is not None:
             model.load_heads(path)
         return model
-
-
-# ------------------------------------------------------------------------------------ the tiny model
-def build_tiny_llama(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                     intermediate_size: Optional[int] = None, max_positions: int = 128, seed: int = 0):
-    """A random-init ``LlamaForCausalLM`` sized for CPU smoke runs, initialised from ``seed``."""
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                      intermediate_size=intermediate_size or 4 * hidden_size, num_hidden_layers=num_layers,
-                      num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                      max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)

@@ -20,12 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lpc_kernels.numerics import compute_dtype
+
 from . import distributed as dist_lib
 from .builders import load_reference_model, reference_fingerprint
 from .config import ConfigError, TrainConfig
 from .data import IndexView, PreferenceCollator, PreferenceDataset, batches, to_device
 from .io import atomic_file
-from .model import LPCModel, check_batch_layout, make_reference, reference_logps, shard_units
+from .hf import check_batch_layout, shard_units
+from .model import LPCModel
+from .objective import make_reference, reference_logps
 from .runtime import autocast
 
 CACHE_FILE = "ref_logps.safetensors"
@@ -69,7 +73,7 @@ class CachedReference:
         if chosen.shape != rejected.shape or chosen.ndim != 1:
             raise ValueError(f"cached chosen/rejected log-probs must be two [N] tensors, got "
                              f"{tuple(chosen.shape)} and {tuple(rejected.shape)}")
-        self.chosen, self.rejected = chosen.float(), rejected.float()
+        self.chosen, self.rejected = chosen.to(compute_dtype(chosen)), rejected.to(compute_dtype(rejected))
 
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
         idx = batch["index"].cpu()  # one copy to the host, then the bounds check there
@@ -82,7 +86,7 @@ class CachedReference:
 class ReferenceScorer(nn.Module):
     """A frozen reference model as a module whose ``forward(batch)`` returns ``(chosen [B], rejected [B])``
     summed answer log-probs: the unit FSDP2 shards, so that its forward hook gathers the LM head weight
-    that ``lpc.model.reference_logps`` reads directly."""
+    that ``lpc.objective.reference_logps`` reads directly."""
 
     def __init__(self, ref_model: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -131,8 +135,8 @@ def compute_reference_logps(scorer: RefScorer, dataset: PreferenceDataset, colla
     chosen, rejected = [], []
     for batch in batches(dataset, batch_size, collator):
         c, r = scorer(to_device(batch, device))
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
+        chosen.append(c.to(compute_dtype(c)).cpu())  # float32, or float64 in a float64 run
+        rejected.append(r.to(compute_dtype(r)).cpu())
     if not chosen:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(chosen), torch.cat(rejected)

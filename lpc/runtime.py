@@ -92,10 +92,9 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def default_threads(cfg: TrainConfig) -> int:
     """Intra-op threads when ``--threads`` is not given.
 
-    The built-in tiny model's matmuls take about a millisecond: a second thread gains ~25% on an idle
-    2-core machine, but on a shared one (OpenMP threads spin-waiting on oversubscribed cores) we measured
-    the same run 6-7x slower with 2 threads than with 1. So one thread for the tiny model; real models
-    (``--model``) have enough work per op to use the cores (capped at 8).
+    The built-in tiny model's matmuls take about a millisecond: a second thread gains little on an idle machine,
+    and on a shared one OpenMP threads spin-waiting on oversubscribed cores make the run several times slower. So
+    one thread for the tiny model; real models (``--model``) have enough work per op to use the cores (capped at 8).
     """
     if cfg.model is None and cfg.hidden_size <= 256:
         return 1

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from .cli import HelpFormatter
 from .data import load_preference_rows
+from .hf import build_tiny_llama
 from .io import atomic_directory
 from .runtime import quiet_transformers
 
@@ -44,13 +44,8 @@ def make_tiny_model(out_dir: os.PathLike, texts: Iterable[str], *, vocab_size: i
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                      eos_token="</s>", padding_side="right", model_max_length=2048)
     hf_tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                      max_position_embeddings=2048, pad_token_id=hf_tok.pad_token_id,
-                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+    model = build_tiny_llama(hf_tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                             max_positions=2048, seed=seed)
     with atomic_directory(out_dir) as tmp, quiet_transformers():
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)

@@ -1,45 +1,21 @@
 """``python -m lpc.train``: train LPC-DPO (or IPO / SimPO, with or without LPC) and evaluate on held-out pairs.
 
-With no arguments: LPC-DPO on the built-in synthetic preference data (``lpc.data.synthetic``) with a tiny
-random-init Llama and a locally trained word-level tokenizer, on CPU, in a few minutes. ``--model`` takes
-a local HF model directory or hub id, ``--dataset`` a JSONL / JSON / Parquet file or a ``datasets`` name.
-Every flag can also come from ``--config file.yaml|json``; explicit flags override the file (``lpc.cli``).
-
-Outputs under ``--output-dir`` (default ``runs/<loss>-<lpc|nolpc>-<timestamp>``):
-
-* ``train_config.json``: the resolved configuration (``--config`` accepts it back).
-* ``metrics.jsonl``: one JSON line per step (``rewards/*``, ``logps/*``, ``lpc/*``, plus ``loss``, ``step``,
-  ``epoch``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``lpc/mix``: ``docs/design.md`` section 7);
-  ``eval.jsonl`` with ``--eval-every``.
-* ``checkpoints/step-N/`` with ``--save-every`` (``lpc.checkpoint``); ``--resume`` continues from one.
-* ``ref_logps.safetensors`` with ``--precompute-ref-logps``.
-* ``final/``: the policy (HF layout, safetensors; LoRA adapters merged), ``lpc_heads.safetensors``
-  (codebook and heads), ``lpc_config.json``, the tokenizer and ``train_config.json``; written to a temp
-  dir, then renamed. ``eval.json``: the final held-out evaluation (``lpc.evaluate``).
-
-This module is the loop only: ``setup`` builds a ``Trainer`` from the components (``lpc.builders``,
-``lpc.reference``, ``lpc.checkpoint``, ``lpc.distributed``), ``train_step`` runs one optimizer step over a
-global batch in micro-batches, ``train`` runs the steps with evaluation and checkpoints, ``main`` is the CLI.
-The data order is a pure function of ``(seed, epoch)`` plus a position (``lpc.data.EpochSampler``); the Gumbel
-noise of every example a pure function of ``(seed, step, index in the global batch)``
-(``LPCModel.gumbel_offsets``).
+``setup`` builds a run (``lpc.builders``, ``lpc.reference``, ``lpc.checkpoint``, ``lpc.distributed``) into a
+``Trainer``; ``train_step`` runs one optimizer step over a global batch in micro-batches; the loop hands metrics,
+evaluation and checkpoints to the components of ``lpc.train_components``; ``main`` is the CLI. What a run writes
+under ``--output-dir``: README.md, "Training".
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
-from tqdm.auto import tqdm
 
 import lpc_kernels as lk
 
@@ -47,73 +23,31 @@ from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .builders import (build_collator, build_data, build_lpc_model, build_optimizer, build_policy, check_paths,
                        enable_gradient_checkpointing)
-from .cli import build_parser, parse_args
-from .config import ConfigError, LossConfig, SyntheticConfig, TrainConfig
-from .data import DataError, EpochSampler, PreferenceCollator, PreferenceDataset, synthetic, to_device
-from .evaluate import evaluate_sharded
+from .cli import build_parser, parse_command_line
+from .config import ConfigError, TrainConfig
+from .data import DataError, EpochSampler, to_device
 from .io import DirectoryInUse, DirectoryLock, IntegrityError, write_json_atomic
 from .losses import leak_margins, merge_micro_batches, preference_objective, step_metrics
-from .model import LPCModel, Objective, prior_mix_weight
+from .objective import Objective
 from .reference import build_reference_scorers
 from .runtime import autocast, autocast_dtype, determinism, log, resolve_device, threads_for
 from .tracking import Trackers, check_trackers, trackers_of
-
-
-@dataclass
-class Trainer:
-    """Everything a training step needs; built by ``setup``."""
-
-    cfg: TrainConfig
-    device: torch.device
-    out_dir: Path
-    model: LPCModel
-    tokenizer: Any
-    collator: PreferenceCollator
-    train_set: PreferenceDataset
-    eval_set: PreferenceDataset
-    source_names: Optional[list]
-    syn: Optional[SyntheticConfig]
-    loss_cfg: LossConfig
-    train_ref: Optional[Callable]
-    eval_ref: Optional[Callable]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: EpochSampler
-    gumbel_seed: int
-    autocast_dtype: Optional[torch.dtype]
-    step: int = 0  # next 0-based step to run
-    resumed_from: Optional[Path] = None
-    resume_state: Optional[dict] = None
-    notes: list = field(default_factory=list)
-    lock: Optional[DirectoryLock] = None  # rank 0's lock on out_dir
-    trackers: Optional[Trackers] = None   # rank 0's --report-to trackers
-    # data parallelism (lpc.distributed): this rank's place, and the module training forwards go through
-    # (the DDP wrapper; under FSDP2 and without a strategy ``model`` itself)
-    dist: dist_lib.DistContext = field(default_factory=dist_lib.DistContext)
-    train_model: Optional[torch.nn.Module] = None
-    # every parameter the optimizer updates (what gradient clipping covers): fixed once the optimizer is
-    # built (loading its state on resume keeps the same parameter objects)
-    params: list = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.params = dist_lib.flat_params(self.optimizer)
-
-    def autocast(self):
-        """The forward-pass autocast context (``--dtype bfloat16``), or a no-op."""
-        return autocast(self.device, self.autocast_dtype)
+from .train_components import Checkpointer, Evaluator, MetricsLog, Trainer, run_config
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None) -> Trainer:
+def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None,
+          resume: Optional[ckpt_lib.ResumePoint] = None) -> Trainer:
     """Build model, reference, optimizer, scheduler, data order, and restore a checkpoint (``cfg.resume``).
 
     The global RNG of a resumed run is restored by ``train`` right before the first step. ``ctx``: this
-    rank's place in a data-parallel job (``lpc.distributed``; default: one process on ``--device``).
+    rank's place in a data-parallel job (``lpc.distributed``; default: one process on ``--device``). ``resume``:
+    ``cfg.resume`` already resolved and verified (``lpc.cli.parse_command_line``).
     """
     ctx = ctx or dist_lib.DistContext(device=resolve_device(cfg.device))
     check_paths(cfg)  # before loading a model that may take minutes
     check_trackers(cfg.report_to)
-    ckpt_path, state, out_dir, notes = ckpt_lib.find_resume(cfg)
+    ckpt_path, state, out_dir, notes = ckpt_lib.find_resume(cfg, resume)
     if out_dir is None:
         out_dir = Path("runs") / f"{cfg.loss}-{'lpc' if cfg.lpc else 'nolpc'}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(dist_lib.broadcast_object(str(out_dir), ctx))  # rank 0's: the timestamps may differ
@@ -139,7 +73,7 @@ def _setup_locked(cfg: TrainConfig, ctx: dist_lib.DistContext, ckpt_path: Option
                   out_dir: Path, notes: list, lock: Optional[DirectoryLock]) -> Trainer:
     device = ctx.device
     if ctx.is_main:
-        write_json_atomic(out_dir / "train_config.json", {**cfg.to_dict(), "output_dir": str(out_dir)})
+        write_json_atomic(out_dir / "train_config.json", run_config(cfg, out_dir))
     if cfg.batch_size % (ctx.world_size * cfg.gradient_accumulation_steps):
         raise ConfigError("batch_size", f"{cfg.batch_size} pairs cannot be split into {ctx.world_size} processes x "
                                         f"{cfg.gradient_accumulation_steps} micro-batches of equal size: use a "
@@ -223,7 +157,7 @@ def train_step(tr: Trainer, step: int) -> dict:
     indices = tr.sampler.next_indices()  # the global batch: the same on every rank
     # data-parallel: this rank's contiguous slice; examples keep their global index for the Gumbel noise
     local = dist_lib.rank_slice(len(indices), ctx.rank, ctx.world_size)
-    mix = prior_mix_weight(step, cfg.steps, cfg.prior_mix) if cfg.lpc else 0.0
+    mix = tr.model.mix_at(step, cfg.steps)
     kl_weight = cfg.kl_weight_at(step)
     lr = tr.optimizer.param_groups[0]["lr"]
     accum = cfg.gradient_accumulation_steps
@@ -234,12 +168,12 @@ def train_step(tr: Trainer, step: int) -> dict:
     passes = [p for j in range(accum) for p in backbone_passes(tr, indices, j, mb)]
     for i_pass, (first, group) in enumerate(passes):
         batch = to_device(tr.collator([tr.train_set[i] for i in group]), tr.device)
-        offset, prior_offset = tr.model.gumbel_offsets(step, cfg.batch_size, first)
+        draw = tr.model.step_draw(step, cfg.steps, seed=tr.gumbel_seed, global_batch=cfg.batch_size,
+                                  first_index=first)
         with tr.autocast():
             ref = tr.train_ref(batch) if tr.train_ref is not None else (None, None)
             objective = Objective(ref[0], ref[1], tr.loss_cfg, kl_weight) if cfg.fused_loss else None
-            out = forward(batch, mix=mix, seed=tr.gumbel_seed, offset=offset, prior_offset=prior_offset,
-                          diagnostics=cfg.latent_diagnostics, objective=objective)
+            out = forward(batch, **draw._asdict(), diagnostics=cfg.latent_diagnostics, objective=objective)
         res = preference_objective(out, ref[0], ref[1], tr.loss_cfg, kl_weight=kl_weight)
         # each pass weighs by its share of this rank's pairs: the gradient is the one of the whole local batch
         loss = res.loss if len(passes) == 1 else (
@@ -269,8 +203,6 @@ def train_step(tr: Trainer, step: int) -> dict:
     return m
 
 
-LEAK_WINDOW, LEAK_GAP = 50, 0.05
-
 
 def backbone_passes(tr: Trainer, indices: Sequence[int], j: int, mb: int) -> list[tuple[int, list[int]]]:
     """The backbone passes of this rank's micro-batch ``j`` (``mb`` pairs) of the global batch ``indices``:
@@ -298,62 +230,9 @@ def backbone_passes(tr: Trainer, indices: Sequence[int], j: int, mb: int) -> lis
     return passes
 
 
-def leak_warning(window: Sequence[dict]) -> Optional[str]:
-    """The warning for a likely label leak, or ``None``: over the last ``LEAK_WINDOW`` steps, the batch's reward
-    accuracy with z from the posterior's sample runs more than ``LEAK_GAP`` above the accuracy with z from the
-    prior. In the 400 LPC runs of our two studies, no run without a held-out leak came closer than 0.044 (largest
-    gap over any 50-step window; 0.027 at KL weight 1), and every leak crossed 0.05 by step 132 (docs/results.md).
-    A posterior that legitimately knows more than the prior (say, the annotator) can trip it too: the warning
-    says "likely" and names the held-out check."""
-    if len(window) < LEAK_WINDOW or "lpc/prior_accuracy" not in window[-1]:
-        return None
-    post = sum(m["lpc/posterior_accuracy"] for m in window) / len(window)
-    prior = sum(m["lpc/prior_accuracy"] for m in window) / len(window)
-    if post - prior <= LEAK_GAP:
-        return None
-    return (f"lpc: likely label leak. Over the last {len(window)} steps the training pairs are ranked correctly "
-            f"{post:.0%} of the time with z from the posterior but only {prior:.0%} with z from the prior (what "
-            "evaluation uses): the posterior, which sees which answer was chosen, is passing that to the policy "
-            "through z. Raise --kl-weight (1 is the ELBO), lower --codebook-scale, or use --prior-mix linear; "
-            "lpc.evaluate's accuracy_posterior_swapped shows the effect on held-out pairs.")
-
-
-def run_evaluation(tr: Trainer, diagnostics: bool = False) -> dict:
-    """Held-out metrics of the current model (z from the prior); ``diagnostics``: the leak diagnostics of
-    ``lpc.evaluate.evaluate`` too (the final evaluation)."""
-    if not len(tr.eval_set):
-        return {"num_pairs": 0}
-    with tr.autocast():  # data-parallel: each rank evaluates its share, the metrics are reduced over ranks
-        return evaluate_sharded(tr.model, tr.eval_ref, tr.eval_set, tr.collator, tr.loss_cfg, tr.dist,
-                                batch_size=tr.cfg.eval_batch_size, source_names=tr.source_names,
-                                diagnostics=diagnostics)
-
-
-def save_checkpoint(tr: Trainer, step: int) -> Optional[Path]:
-    """Write ``<run>/checkpoints/step-<step>`` (``step`` = optimizer steps done); the path on rank 0.
-
-    Data-parallel: every rank calls it; rank 0 writes the 1-process layout (FSDP2: full states gathered to
-    rank 0 first), so the checkpoint resumes at any world size. The ranks leave together.
-    """
-    ctx = tr.dist
-    model_sd = optim_sd = None
-    if ctx.strategy == "fsdp2":  # collectives: every rank
-        model_sd = dist_lib.full_state_dict(tr.model, ctx)
-        optim_sd = dist_lib.full_optimizer_state_dict(tr.optimizer, ctx)
-    path = None
-    if ctx.is_main:
-        path = ckpt_lib.save_checkpoint(
-            tr.out_dir, step, model=tr.model, tokenizer=tr.tokenizer, optimizer=tr.optimizer,
-            scheduler=tr.scheduler, sampler_state=tr.sampler.state_dict(), extra_state={"gumbel_seed": tr.gumbel_seed},
-            config={**tr.cfg.to_dict(), "output_dir": str(tr.out_dir)}, keep=tr.cfg.keep_checkpoints,
-            model_state_dict=model_sd, optimizer_state_dict=optim_sd)
-    dist_lib.barrier(ctx)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- train
-def train(cfg: TrainConfig) -> dict:
-    """Run training and the final evaluation.
+def train(cfg: TrainConfig, resume: Optional[ckpt_lib.ResumePoint] = None) -> dict:
+    """Run training and the final evaluation (``resume``: ``cfg.resume`` already resolved, see ``setup``).
 
     Returns ``{"output_dir", "checkpoint" (final/), "metrics", "eval_json", "eval", "wall_s",
     "train_summary", "resumed_from", "rank"}``.
@@ -361,12 +240,12 @@ def train(cfg: TrainConfig) -> dict:
     # --strategy ddp|fsdp2: a process group (torchrun's environment; NCCL on GPU, gloo on CPU), destroyed on the
     # way out; a rank that raises aborts it and exits non-zero (torchrun then stops the others)
     with determinism(cfg.deterministic), threads_for(cfg), dist_lib.process_group(cfg.strategy, cfg.device) as ctx:
-        return _run(cfg, ctx)
+        return _run(cfg, ctx, resume)
 
 
-def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
+def _run(cfg: TrainConfig, ctx: dist_lib.DistContext, resume: Optional[ckpt_lib.ResumePoint]) -> dict:
     t_start = time.perf_counter()
-    tr = setup(cfg, ctx)
+    tr = setup(cfg, ctx, resume)
     try:
         if ctx.is_main and trackers_of(cfg.report_to):
             tr.trackers = Trackers(cfg.report_to, tr.out_dir, cfg.to_dict(), resumed=tr.resumed_from is not None)
@@ -379,96 +258,41 @@ def _run(cfg: TrainConfig, ctx: dist_lib.DistContext) -> dict:
 
 
 def _train_and_evaluate(tr: Trainer, t_start: float) -> dict:
+    _announce(tr)
+    if tr.resumed_from is not None:
+        ckpt_lib.load_rng(tr.resumed_from, tr.resume_state)
+    evaluator, checkpointer = Evaluator(tr), Checkpointer(tr)
+    with MetricsLog(tr) as metrics:
+        for step in range(tr.step, tr.cfg.steps):
+            m = train_step(tr, step)
+            tr.step = step + 1
+            metrics.log(m, tr.step)
+            evaluator.maybe_evaluate(tr.step, metrics)
+            checkpointer.maybe_save(tr.step)
+    final_eval = evaluator.final(train_wall_s=time.perf_counter() - t_start)
+    checkpointer.save_final()
+    return {"output_dir": str(tr.out_dir), "checkpoint": str(checkpointer.final_dir), "metrics": str(metrics.path),
+            "eval_json": str(evaluator.path), "eval": final_eval, "wall_s": time.perf_counter() - t_start,
+            "train_summary": metrics.summary() if tr.dist.is_main else {},
+            "resumed_from": str(tr.resumed_from or "") or None, "rank": tr.dist.rank}
+
+
+def _announce(tr: Trainer) -> None:
+    """Rank 0 prints what the run is about to do: data loading and truncation, the process layout, the notes."""
+    if not tr.dist.is_main:
+        return
     cfg, ctx = tr.cfg, tr.dist
-    main_rank = ctx.is_main  # rank 0 prints and writes every file
-    say = log if main_rank else (lambda msg: None)
     for st in getattr(tr.train_set, "load_stats", []):
-        say(st.summary())
+        log(st.summary())
     if tr.train_set.num_truncated or tr.eval_set.num_truncated:
-        say(f"data: {tr.train_set.num_truncated} training and {tr.eval_set.num_truncated} held-out pairs "
+        log(f"data: {tr.train_set.num_truncated} training and {tr.eval_set.num_truncated} held-out pairs "
             f"truncated to --max-length {cfg.max_length}"
             + (f" / --max-prompt-length {cfg.max_prompt_length}" if cfg.max_prompt_length else ""))
     if ctx.strategy != "none":
-        say(f"{ctx.strategy}: {ctx.world_size} process(es), {ctx.backend} on {ctx.device.type}; "
+        log(f"{ctx.strategy}: {ctx.world_size} process(es), {ctx.backend} on {ctx.device.type}; "
             f"{cfg.batch_size // ctx.world_size} of the {cfg.batch_size} pairs of each step per rank")
     for note in tr.notes:
-        say(note)
-    if tr.resumed_from is not None:
-        ckpt_lib.load_rng(tr.resumed_from, tr.resume_state)
-
-    metrics_path = tr.out_dir / "metrics.jsonl"
-    eval_log = tr.out_dir / "eval.jsonl"
-    if tr.step == 0 and main_rank:
-        for p in (metrics_path, eval_log):
-            p.unlink(missing_ok=True)
-    bar = tqdm(total=cfg.steps, initial=tr.step, desc=f"{'lpc-' if cfg.lpc else ''}{cfg.loss}",
-               disable=not (cfg.progress and main_rank), dynamic_ncols=True, file=sys.stderr, unit="step")
-    recent: list[dict] = []
-    leak_window: list[dict] = []
-    warned = False
-    with (open(metrics_path, "a") if main_rank else contextlib.nullcontext()) as mf:
-        for step in range(tr.step, cfg.steps):
-            m = train_step(tr, step)
-            tr.step = step + 1
-            if main_rank:
-                mf.write(json.dumps(m) + "\n")
-                mf.flush()
-                if tr.trackers is not None:
-                    tr.trackers.log(m, tr.step)
-            recent = (recent + [m])[-20:]
-            leak_window = (leak_window + [m])[-LEAK_WINDOW:]
-            warning = None if warned else leak_warning(leak_window)
-            if warning is not None and main_rank:
-                bar.write(warning, file=sys.stderr)
-            warned = warned or warning is not None
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / len(recent):.4f}",
-                            acc=f"{sum(r['rewards/accuracies'] for r in recent) / len(recent):.3f}",
-                            tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
-            if cfg.eval_every > 0 and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps and len(tr.eval_set):
-                ev = run_evaluation(tr)  # every rank: the held-out pairs are split across them
-                if main_rank:
-                    with open(eval_log, "a") as ef:
-                        ef.write(json.dumps({"step": tr.step, **ev}) + "\n")
-                    if tr.trackers is not None:
-                        tr.trackers.log(ev, tr.step, prefix="eval/")
-                    bar.write(f"step {tr.step}: held-out accuracy {ev['accuracy']:.3f}")
-            if cfg.save_every > 0 and tr.step % cfg.save_every == 0:
-                save_checkpoint(tr, tr.step)
-    bar.close()
-    train_s = time.perf_counter() - t_start
-
-    final_eval = run_evaluation(tr, diagnostics=True)
-    if tr.syn is not None and len(tr.eval_set):  # the ceiling: a predictor that knows the generator's sources
-        final_eval["bayes_accuracy"] = synthetic.bayes_accuracy(tr.eval_set.rows, tr.syn)
-    final_eval.update(step=cfg.steps, train_wall_s=train_s)
-    final_dir = tr.out_dir / "final"
-    extra = {"train_config.json": {**cfg.to_dict(), "output_dir": str(tr.out_dir)}}
-    full_sd = dist_lib.full_state_dict(tr.model, ctx) if ctx.strategy == "fsdp2" else None  # every rank
-    if main_rank:
-        write_json_atomic(tr.out_dir / "eval.json", final_eval)
-        if tr.trackers is not None:
-            tr.trackers.log(final_eval, cfg.steps, prefix="eval/")
-        if ckpt_lib.is_peft(tr.model.policy):  # final/ is a plain HF model: merge the adapters into the weights
-            tr.model.policy = tr.model.policy.merge_and_unload()
-        # full_sd: under FSDP2 the full weights gathered to this rank (None otherwise); the same files
-        tr.model.save_pretrained(final_dir, tokenizer=tr.tokenizer, extra_files=extra, state_dict=full_sd)
-    dist_lib.barrier(ctx)  # the job ends when rank 0's files are written
-    wall = time.perf_counter() - t_start
-    return {"output_dir": str(tr.out_dir), "checkpoint": str(final_dir), "metrics": str(metrics_path),
-            "eval_json": str(tr.out_dir / "eval.json"), "eval": final_eval, "wall_s": wall,
-            "train_summary": _train_summary(metrics_path) if main_rank else {},
-            "resumed_from": str(tr.resumed_from or "") or None, "rank": ctx.rank}
-
-
-def _train_summary(metrics_path: Path) -> dict:
-    """Means over the last 10% of steps (at least one) of the training metrics."""
-    lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    if not lines:
-        return {}
-    tail = lines[-max(1, len(lines) // 10):]
-    keys = ["loss", "rewards/accuracies", "rewards/margins", "tokens_per_s", "lpc/kl", "lpc/code_perplexity"]
-    return {"steps": lines[-1]["step"], **{k: sum(x[k] for x in tail) / len(tail) for k in keys if k in tail[0]}}
+        log(note)
 
 
 def format_summary(cfg: TrainConfig, summary: dict) -> str:
@@ -507,13 +331,13 @@ def format_summary(cfg: TrainConfig, summary: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point: parse, train, print the summary table (bad input exits with a usage error)."""
-    cfg = parse_args(argv)
+    cfg, resume = parse_command_line(argv)
     parser = build_parser()
     if cfg.output_dir and not cfg.resume and ckpt_lib.list_checkpoints(cfg.output_dir):
         parser.error(f"--output-dir: {cfg.output_dir} already holds checkpoints of a run; pass --resume latest "
                      "to continue it, or choose another --output-dir")
     try:
-        summary = train(cfg)
+        summary = train(cfg, resume)
     except ConfigError as exc:
         parser.error(f"{exc.flag}: {exc.message}")
     except (FileNotFoundError, ImportError, DataError, IntegrityError) as exc:  # IntegrityError: checkpoints

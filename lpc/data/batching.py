@@ -1,38 +1,6 @@
-"""Tokenised pairs, batches and the training order.
-
-Batch layouts (``PreferenceCollator``, ``BATCH_LAYOUTS``; ``docs/design.md`` section 8): ``B`` pairs become ``R``
-rows of ``L`` positions that the backbone runs as one ``[R, L]`` pass.
-
-* ``padded``: ``R = 2B`` rows, the chosen sequences (prompt + answer + eos) first, then the rejected ones,
-  right-padded to the longest (``L``).
-* ``packed``: the same ``2B`` sequences packed without padding into rows as long as the longest sequence
-  (first-fit decreasing); each sequence attends only to itself and its positions restart at 0.
-* ``shared-prompt``: one unit ``[prompt | chosen | rejected]`` per pair, packed the same way; the rejected
-  tokens attend to the prompt and to themselves, not to the chosen answer, and their positions restart at the
-  prompt's end. The prompt is encoded once per pair.
-
-Every layout gives the same keys::
-
-    layout            str                 the layout's name
-    input_ids         [R, L]  int64       token ids, pad_id at padding
-    position_ids      [R, L]  int64       position of each token in its own sequence (0 at padding)
-    segment_ids       [R, L]  int64       unit of each token (sequence; pair for shared-prompt), -1 at padding
-    branch_ids        [R, L]  int64       0 prompt, 1 chosen, 2 rejected (shared-prompt; 0 elsewhere)
-    score_index       [N]     int64       flat position r * L + t of the hidden state predicting each scored token
-    score_sequence    [N]     int64       its sequence: pair b's chosen answer is b, its rejected answer B + b
-    score_target      [N]     int64       the scored (answer) token; sequences in order, tokens in order
-    score_lengths     list    2B ints     scored positions per sequence (host values: lk.linear_preference_loss's
-                                          sequence_lengths, so the loss op never reads the device)
-    feature_index     [3, B]  int64       flat positions of h_x (last prompt token), h_w, h_l (last answer tokens)
-    prompt_lengths    [B]     int64       prompt tokens (shared by both sequences)
-    chosen_lengths / rejected_lengths [B] answer tokens, eos included
-    source            [B]     int64       source id, -1 when unknown
-    index             [B]     int64       position of the pair in its dataset (-1: unknown)
-    num_tokens        int                 real tokens of prompt + chosen and prompt + rejected: the same work
-                                          count in every layout (what ``tokens_per_s`` divides)
-
-The attention each layout needs is built from ``segment_ids`` / ``branch_ids`` by ``lpc.model``.
-"""
+"""Tokenised pairs (``PreferenceDataset``), the training order (``EpochSampler``) and the batches of a batch layout
+(``PreferenceCollator``): ``B`` pairs become ``R`` rows of ``L`` positions that the backbone runs as one ``[R, L]``
+pass, with the same keys in every layout (``docs/design.md``, "Batch layouts")."""
 
 from __future__ import annotations
 
@@ -179,7 +147,37 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 class PreferenceCollator:
-    """Lays out a list of ``TokenizedPair`` as the batch dict described in the module docstring.
+    """Lays out a list of ``TokenizedPair`` as the rows of one backbone pass in its ``layout``:
+
+    * ``padded``: ``R = 2B`` rows, the chosen sequences (prompt + answer + eos) first, then the rejected ones,
+      right-padded to the longest (``L``).
+    * ``packed``: the same ``2B`` sequences packed without padding into rows as long as the longest sequence
+      (first-fit decreasing); each sequence attends only to itself and its positions restart at 0.
+    * ``shared-prompt``: one unit ``[prompt | chosen | rejected]`` per pair, packed the same way; the rejected
+      tokens attend to the prompt and to themselves, not to the chosen answer, and their positions restart at the
+      prompt's end. The prompt is encoded once per pair.
+
+    Every layout gives the same keys::
+
+        layout            str                 the layout's name
+        input_ids         [R, L]  int64       token ids, pad_id at padding
+        position_ids      [R, L]  int64       position of each token in its own sequence (0 at padding)
+        segment_ids       [R, L]  int64       unit of each token (sequence; pair for shared-prompt), -1 at padding
+        branch_ids        [R, L]  int64       0 prompt, 1 chosen, 2 rejected (shared-prompt; 0 elsewhere)
+        score_index       [N]     int64       flat position r * L + t of the hidden state predicting each scored token
+        score_sequence    [N]     int64       its sequence: pair b's chosen answer is b, its rejected answer B + b
+        score_target      [N]     int64       the scored (answer) token; sequences in order, tokens in order
+        score_lengths     list    2B ints     scored positions per sequence (host values: lk.linear_preference_loss's
+                                              sequence_lengths, so the loss op never reads the device)
+        feature_index     [3, B]  int64       flat positions of h_x (last prompt token), h_w, h_l (last answer tokens)
+        prompt_lengths    [B]     int64       prompt tokens (shared by both sequences)
+        chosen_lengths / rejected_lengths [B] answer tokens, eos included
+        source            [B]     int64       source id, -1 when unknown
+        index             [B]     int64       position of the pair in its dataset (-1: unknown)
+        num_tokens        int                 real tokens of prompt + chosen and prompt + rejected: the same work
+                                              count in every layout (what ``tokens_per_s`` divides)
+
+    The attention each layout needs is built from ``segment_ids`` / ``branch_ids`` by ``lpc.hf.attention_inputs``.
 
     Args:
         pad_token_id: the id written at padding positions (never attended to or scored).

@@ -1,14 +1,7 @@
-"""Preference rows: loading (JSONL / JSON / Parquet / ``datasets``), validation and source ids.
-
-Rows have ``prompt`` / ``chosen`` / ``rejected`` as strings, or the UltraFeedback-binarized layout where
-``chosen`` / ``rejected`` are chat-message lists ``[{"role", "content"}, ...]`` whose last message is the
-answer and whose earlier messages are the conversation (the prompt). A ``prompt`` given as a message list
-(TRL's conversational layout, answers then hold only the assistant turn) works too. An optional
-``source`` column (any string or int: annotator, sub-dataset) is kept for per-source evaluation.
-
-Malformed rows (missing field, empty answer, chosen == rejected, non-string content, ...) are skipped and
-counted (``LoadStats.summary()`` is the one-line report), or raise ``DataError`` with ``strict=True``.
-"""
+"""Preference rows: loading (JSONL / JSON / Parquet / ``datasets``), validation and source ids. Rows hold
+``prompt`` / ``chosen`` / ``rejected`` as strings or as chat-message lists (UltraFeedback-binarized, TRL's
+conversational layout), and an optional ``source``; malformed rows are skipped and counted (``LoadStats``), or raise
+``DataError`` with ``strict=True``."""
 
 from __future__ import annotations
 

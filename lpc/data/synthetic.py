@@ -1,36 +1,7 @@
-"""Synthetic preference data with known ground truth.
-
-Several preference *sources* (annotators) judge pairs of answers. Every answer is a short token string
-built from six hidden attributes, each observable in the text (``parse_attributes`` recovers them):
-
-* ``length``: clauses ``"<connector> <topic|they> <verb> <adjective>"``, n in 1..4, value (n - 1) / 3
-* ``polite``: the answer opens with ``"thanks for asking ,"`` (0 / 1)
-* ``formal``: connectors ``indeed/moreover/...`` (1) vs ``yeah/like/...`` (0)
-* ``bullets``: clauses start with ``"-"`` (1) instead of being joined by ``"and"`` (0)
-* ``hedge``: ``"maybe"`` before the first clause (0 / 1)
-* ``typo``: one adjective replaced by a garbled word such as ``"teh"`` (0 / 1)
-
-Source ``s`` scores an answer with utility ``u = w_s . a`` (``SOURCE_WEIGHTS``). The sources agree that
-typos are bad and disagree elsewhere: *concise* vs *detailed* on length, *formal* vs *casual* on
-formality, hedging and politeness. A pair's label comes from its source's utilities (deterministic or
-Bradley-Terry). A prompt names its source with probability ``hint_prob`` and its topic leans towards the
-source's favourite topics, so the source is (mostly) inferable from the prompt: exactly what LPC's prior
-``p(z | x)`` has to learn, while the posterior ``q(z | x, y_w > y_l)`` can read it off the answers.
-
-Two presets (``SyntheticConfig.preset``):
-
-* ``sources`` (the default above): four sources, deterministic labels (or Bradley-Terry), prompts that
-  name their source with probability ``hint_prob`` and lean towards its favourite topics.
-* ``annotators``: six annotators (``ANNOTATORS``) whose preferences are sparse mixtures of conflicting
-  answer factors (``ANNOTATOR_WEIGHTS``: two factors each, opposite pairs on length, formality and
-  politeness, plus the shared dislike of typos); uniform topics, so nothing about the annotator is in the
-  prompt unless ``hint_prob > 0`` names them; labels drawn Bradley-Terry, ``P(a > b) = sigmoid((u_a - u_b) /
-  bt_temperature)``, so the accuracy ceilings with and without the annotator are exact expectations over the
-  answer distribution (``annotator_ceilings``). The annotator id is kept in ``source`` for evaluation.
-
-Everything is a pure function of the seed: one ``numpy`` generator per split, seeded from
-``(seed, split)``, so the training and held-out splits are independent and reproducible.
-"""
+"""Synthetic preference data with known ground truth: answers rendered from six observable attributes
+(``Answer``), judged by sources or annotators whose utilities conflict (``SOURCE_WEIGHTS``, ``ANNOTATOR_WEIGHTS``;
+``SyntheticConfig.preset``), with exact Bayes ceilings to compare against. Everything is a pure function of the
+seed (one generator per split, seeded from ``(seed, split)``: independent, reproducible splits)."""
 
 from __future__ import annotations
 
@@ -97,7 +68,16 @@ def lexicon() -> list[str]:
 
 @dataclass(frozen=True)
 class Answer:
-    """The hidden attributes of one answer; ``text`` renders them, ``vector`` feeds the utility."""
+    """The hidden attributes of one answer, each observable in its text (``render_answer``; ``parse_attributes``
+    recovers them); ``vector`` feeds the utility ``u = w . a`` of a source or annotator:
+
+    * ``length``: clauses ``"<connector> <topic|they> <verb> <adjective>"``, n in 1..4, value (n - 1) / 3
+    * ``polite``: the answer opens with ``"thanks for asking ,"`` (0 / 1)
+    * ``formal``: connectors ``indeed/moreover/...`` (1) vs ``yeah/like/...`` (0)
+    * ``bullets``: clauses start with ``"-"`` (1) instead of being joined by ``"and"`` (0)
+    * ``hedge``: ``"maybe"`` before the first clause (0 / 1)
+    * ``typo``: one adjective replaced by a garbled word such as ``"teh"`` (0 / 1)
+    """
 
     n_clauses: int
     polite: int
@@ -178,6 +158,12 @@ def _sigmoid(x: float) -> float:
 def generate_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
     """``n`` preference pairs of ``split`` (``"train"`` or ``"eval"``), a pure function of ``cfg.seed``.
 
+    The ``sources`` preset: four sources (``SOURCES``) that agree that typos are bad and disagree elsewhere
+    (*concise* vs *detailed* on length, *formal* vs *casual* on formality, hedging and politeness); a pair's label
+    comes from its source's utilities (deterministic or Bradley-Terry). A prompt names its source with probability
+    ``hint_prob`` and its topic leans towards the source's favourite topics, so the source is (mostly) inferable
+    from the prompt: what LPC's prior ``p(z | x)`` has to learn, while the posterior can read it off the answers.
+
     Each row: ``prompt``, ``chosen``, ``rejected`` (strings), ``source`` (int), ``source_name``,
     ``chosen_utility``, ``rejected_utility`` (under the row's source), ``flipped`` (bool).
 
@@ -231,8 +217,13 @@ def _maybe_flip(row: dict, rng: np.random.Generator, cfg: SyntheticConfig, split
 
 
 def generate_annotator_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[dict]:
-    """``n`` pairs of the ``annotators`` preset (module docstring); rows as ``generate_pairs``'s, ``source`` the
-    annotator. Two answers with the same attributes (no preference to learn) are redrawn."""
+    """``n`` pairs of the ``annotators`` preset; rows as ``generate_pairs``'s, ``source`` the annotator.
+
+    Six annotators (``ANNOTATORS``) whose preferences are sparse mixtures of conflicting answer factors
+    (``ANNOTATOR_WEIGHTS``); uniform topics, so nothing about the annotator is in the prompt unless ``hint_prob > 0``
+    names them; labels drawn Bradley-Terry, ``P(a > b) = sigmoid((u_a - u_b) / bt_temperature)``, so the accuracy
+    ceilings with and without the annotator are exact expectations (``annotator_ceilings``). Two answers with the
+    same attributes (no preference to learn) are redrawn."""
     rng = np.random.default_rng([cfg.seed, 2 if split == "train" else 3])
     rows = []
     for _ in range(n):

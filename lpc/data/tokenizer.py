@@ -1,12 +1,6 @@
-"""A word-level tokenizer for the synthetic data, trained locally on first use and cached.
-
-No network: the vocabulary is learnt with the ``tokenizers`` library from ``lpc.data.synthetic.corpus`` and
-wrapped as a ``transformers.PreTrainedTokenizerFast``, so the rest of the code treats it like any HF
-tokenizer (``save_pretrained``, ``AutoTokenizer.from_pretrained``). The cache directory is
-``$LPC_CACHE_DIR`` or ``~/.cache/lpc-kernels``; the entry's name carries a hash of the lexicon, so a
-changed generator never reads a stale vocabulary. The entry is written to a temp directory and renamed,
-so concurrent first uses (e.g. parallel test workers) never see a half-written tokenizer.
-"""
+"""A word-level tokenizer for the synthetic data, learnt locally (no network) from ``lpc.data.synthetic.corpus`` on
+first use and cached in ``$LPC_CACHE_DIR`` or ``~/.cache/lpc-kernels``, under a name that carries a hash of the
+lexicon; written to a temp directory and renamed, so concurrent first uses never see half a tokenizer."""
 
 from __future__ import annotations
 

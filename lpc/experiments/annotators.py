@@ -1,34 +1,8 @@
-"""``python -m lpc.experiments annotators``: what the latent buys on data where it is the point.
-
-The ``annotators`` preset of ``lpc.data.synthetic``: six annotators whose preferences are sparse mixtures of
-conflicting answer factors, nothing about the annotator in the prompt, Bradley-Terry labels (so the accuracy
-ceilings with and without knowing the annotator are exact: ``synthetic.annotator_ceilings``). A per-pair latent
-cannot know the annotator from the prompt; what codes can do is stand for annotators' preferences, so that a
-few labelled pairs of an annotator pick the code that scores their other pairs best.
-
-Arms (per seed): DPO; DPO with the annotator named in the prompt (``hint_prob=1``: the upper bound a model that
-knows the annotator reaches); LPC-DPO at K in {1, 8, 32} with the defaults (KL weight 1, codebook scale 1); the
-leak controls (the paper's KL weight 0.05, free bits, a KL warm-up, no prior mix); codebook scales 0.3 and 3
-(how much the codes move the margins); and the random-label controls (50% of the training labels flipped
-without a marker: nothing to learn) for DPO, LPC-DPO and LPC-DPO at KL weight 0.05.
-
-Metrics, on 4096 held-out pairs per seed:
-
-* prompt-only accuracy ``acc(0)``: z from the prior, against the exact prompt-only ceiling;
-* few-shot accuracy ``acc(n)``, n in {1, 4, 16}: an annotator's code is the one under which n of their labelled
-  pairs are most likely (``analysis.few_shot_accuracy``), and their other pairs are scored with it. A plain
-  DPO policy has no codes: its few-shot accuracy uses a random codebook of the same size and scale
-  (calibrated like LPC's), so that picking the best of K codes on a few pairs is credited to both arms alike;
-* the code x annotator accuracy matrix, NMI and ARI between the posterior's argmax code and the annotator;
-* the leak diagnostics (z from the posterior, from the swapped posterior, z = 0; training accuracy with the
-  posterior's and the prior's z).
-
-Primary endpoint, named before the full run: the few-shot gain ``acc(16) - acc(0)`` of LPC-DPO (K = 32,
-defaults) minus that of DPO (with the random codebook), paired per seed, mean and Student-t 95% interval over
-10 seeds (the percentile bootstrap, narrower at 10 values, next to it). Sizing: 14 distinct runs per seed of
-about 37 s on one core (300 steps; 400 steps took 46 s a run, 54 minutes in all), about 43 minutes on 2 cores
-for 10 seeds; ``--quick`` (tiny model, 30 steps, 2 seeds) under a minute.
-"""
+"""``python -m lpc.experiments annotators``: what the latent buys on data where it is the point: six annotators with
+conflicting tastes and nothing about them in the prompt (``lpc.data.synthetic``'s ``annotators`` preset). A per-pair
+latent cannot know the annotator from the prompt; its codes can stand for annotators' preferences, so that a few
+labelled pairs of an annotator pick the code that scores their other pairs best. Arms: ``conditions``; metrics:
+``analyse``; setup and results: ``docs/results.md``, "Study A: six annotators, nothing about them in the prompt"."""
 
 from __future__ import annotations
 
@@ -49,6 +23,8 @@ SHOTS = (1, 4, 16)
 FEW_SHOT_DRAWS = 20
 RANDOM_CODEBOOK = dict(num_codes=32, codebook_scale=1.0)  # the plain arms' few-shot control: LPC's defaults
 FLIP = {"flip_fraction": 0.5, "flip_marker": False}
+# the primary endpoint, named before the full run: the few-shot gain acc(16) - acc(0) of LPC-DPO (K = 32, defaults)
+# minus DPO's (with the random codebook), paired per seed: mean, Student-t 95% interval and percentile bootstrap
 PRIMARY = ("lpc-k32", "dpo")
 
 FULL = dict(synthetic="annotators", steps=300, batch_size=32, num_train=8192, eval_size=4096, warmup_steps=30)
@@ -112,8 +88,16 @@ def _random_codebook_margins(ctx: RunContext) -> np.ndarray:
 
 
 def analyse(ctx: RunContext) -> dict:
-    """Few-shot accuracies, the code x annotator accuracy matrix, NMI / ARI of the posterior's codes with the
-    annotators, per-annotator accuracy."""
+    """The study's metrics of one run's held-out pairs:
+
+    * prompt-only accuracy ``acc(0)``: z from the prior, against the exact prompt-only ceiling;
+    * few-shot accuracy ``acc(n)``, n in ``SHOTS``: an annotator's code is the one under which n of their labelled
+      pairs are most likely (``analysis.few_shot_accuracy``), and their other pairs are scored with it. A plain
+      DPO policy has no codes: it uses a random codebook of LPC's default size and scale (calibrated like LPC's),
+      so that picking the best of K codes on a few pairs is credited to both arms alike;
+    * the code x annotator accuracy matrix, NMI and ARI between the posterior's argmax code and the annotator,
+      per-annotator accuracy.
+    """
     arrays = ctx.arrays
     src = arrays["source"]
     lpc = ctx.model.lpc is not None

@@ -1,34 +1,7 @@
-"""``python -m lpc.experiments paper``: the paper's claims (``docs/design.md`` section 1), tested in miniature.
-
-Gong et al. (ICML 2025) claim that LPC improves DPO, SimPO and IPO; that it is robust to flipped labels
-(50% of pairs flipped, ``[FLIP]`` appended to their prompts); and that its latent codes separate the
-preference sources. This study trains, for several seeds, on the four-source data of ``lpc.data.synthetic``
-(known ground truth: conflicting weights on observable answer attributes):
-
-* methods: DPO / SimPO / IPO, each plain and with LPC, with source hints in half of the prompts
-  (``hint_prob=0.5``) and without (``hint_prob=0``: only the topic hints at the source); SimPO at its paper's
-  scale (beta 2, gamma 1: gamma / beta = 0.5);
-* label noise (DPO vs LPC-DPO, hints on): the paper's protocol, 50% of training pairs flipped with the
-  ``[flip]`` marker, and unmarked flips at 10%, 20% and 40% (the 0% point is the clean run above);
-* codebook size K in {1, 8, 32, 128} (LPC-DPO; K = 1 is a constant learned offset) and KL weight in
-  {0.01, 0.05, 0.1} (the paper's search) and 1 (the ELBO, our default).
-
-Every run goes through ``lpc.train.train(TrainConfig(...))`` (``threads=1``, ``progress=False``), is reloaded
-from its checkpoint and evaluated on the held-out pairs with the leak diagnostics (``lpc.evaluate.evaluate``:
-z from the prior, from the posterior, from the posterior fed the swapped pair, z = 0, every single code):
-accuracy and margin per source, the argmax codes (NMI with the source, usage), the latents for the 2-D
-projections (runner: ``lpc.experiments.runner``). Differences LPC - plain are paired per seed and reported with
-Student-t 95% intervals over the seeds.
-
-Sizing (2 idle cores, ``threads=1``): 26 distinct runs per seed at about 45 s each (600 steps; a SimPO run has
-no reference pass), i.e. about 10 minutes of 2 cores per seed; 10 seeds (the default: a paired difference's
-95% interval is about +-0.05 with 3) take about 1 h 45 min, ``--seeds`` fewer.
-
-``--model`` / ``--dataset`` run the same grid on a real model and preference data: the dataset is copied
-into the study directory with string sources (UltraFeedback's ``source`` column) mapped to integers, the
-no-hint runs are dropped (hints are a property of the synthetic generator), and label noise is injected
-into the training part of the copy with ``lpc.analysis.flip_pairs`` (marker ``[FLIP]``, as in the paper).
-"""
+"""``python -m lpc.experiments paper``: the paper's claims tested in miniature: that LPC improves DPO, SimPO and IPO,
+that it is robust to flipped labels, and that its codes separate the preference sources; on the four-source
+synthetic data, or with ``--model`` / ``--dataset`` on a real model and data. Arms: ``conditions``; setup and
+results: ``docs/results.md``, "Study B: the paper's claims, rerun"."""
 
 from __future__ import annotations
 
@@ -72,6 +45,14 @@ FULL_SEEDS, QUICK_SEEDS = 10, 2
 def conditions(real_data: bool = False) -> dict[str, dict]:
     """Every named condition of the study -> its ``TrainConfig`` overrides (plus ``_flip*`` keys for
     label noise on a real dataset, which the runner turns into a prepared copy of the data).
+
+    Methods: DPO / SimPO / IPO, each plain and with LPC, with source hints in half of the prompts and without (only
+    the topic hints at the source); SimPO at its paper's scale (``SIMPO_SCALE``). Label noise (DPO vs LPC-DPO,
+    hints on): the paper's protocol, ``NOISE_MARKED`` of the training pairs flipped with the marker, and unmarked
+    flips at ``NOISE_UNMARKED``. Sweeps of LPC-DPO: codebook size ``K_SWEEP`` (K = 1 is a constant learned offset)
+    and KL weight ``KL_SWEEP`` (the paper's search and 1, the ELBO). On a real dataset (``real_data``) the no-hint
+    runs are dropped (hints are a property of the synthetic generator) and label noise is injected into the training
+    part of a copy of the data (``noisy_real_dataset``, marker ``[FLIP]`` as in the paper).
 
     Several names share a configuration (e.g. ``dpo-lpc-hint``, ``dpo-lpc-k32``, ``dpo-lpc-kl1`` and
     ``dpo-lpc-flip0``); ``runner.plan`` runs each distinct configuration once.

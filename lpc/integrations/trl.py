@@ -1,26 +1,13 @@
-"""LPC inside TRL: ``LPCDPOConfig`` and ``LPCDPOTrainer`` (TRL's data handling, accelerate, checkpointing and
-logging; the LM head, pair loss and KL term through ``lk.linear_preference_loss``).
-
-A TRL script switches by changing the two classes (``examples/trl_lpc_dpo.py``)::
-
-    from lpc.integrations.trl import LPCDPOConfig, LPCDPOTrainer
-
-    args = LPCDPOConfig(output_dir="out", beta=0.1, num_codes=32, kl_weight=1.0)
-    trainer = LPCDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
-
-The latent follows ``lpc.model`` (``docs/design.md`` sections 1 and 7): features at the last prompt token and the
-last token of each completion of TRL's ``[prompt | completion | pad]`` rows, a Gumbel-softmax posterior sample
-mixed toward the prior, ``z`` added to the final hidden states of both completions. The codebook and heads are
-extra optimizer parameters (the policy stays a plain TRL model) and are saved beside the model
-(``lpc_heads.safetensors``, ``lpc_config.json``), so ``LPCModel.from_pretrained`` and ``lpc.generate --checkpoint``
-load the output directory (``lpc.evaluate`` reads ``lpc.train`` run directories only). The heads are not in
-``max_grad_norm``'s clip (TRL clips the model's parameters). ``lpc=False`` is TRL's DPO (``loss_type`` ``sigmoid``
-or ``ipo``) on the fused op.
-"""
+"""LPC inside TRL: ``LPCDPOConfig`` and ``LPCDPOTrainer``. TRL keeps the data handling, accelerate, checkpointing and
+logging; the LM head, pair loss and KL term run in ``lk.linear_preference_loss`` and the latent follows ``LPCModel``'s
+rules, as in ``lpc.train``. A TRL DPO script switches by changing the two classes (``examples/trl_lpc_dpo.py``); the
+heads are saved beside the model (``LPCModel.from_pretrained`` loads the output directory)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,9 +17,11 @@ from transformers import TrainerCallback
 
 import lpc_kernels as lk
 
-from ..config import LPCConfig
-from ..model import (LPCModel, code_perplexity, decoder_of, entropy_from_logits, head_inputs, lm_head_of,
-                     prior_mix_weight)
+from ..config import DEFAULT_KL_WEIGHT, ConfigError, LossConfig, LPCConfig, TrainConfig, check_field
+from ..hf import decoder_of, lm_head_of
+from ..losses import code_perplexity, entropy_from_logits
+from ..model import LatentDraw, LPCModel
+from ..objective import head_inputs
 
 try:
     from accelerate.utils import is_peft_model
@@ -42,29 +31,38 @@ try:
 except ImportError as exc:  # the optional dependency: say which extra brings it
     raise ImportError(f"lpc.integrations.trl needs TRL 1.16 (pip install 'lpc-kernels[trl]'): {exc}") from None
 
-LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo"}  # TRL's names -> lk.linear_preference_loss's
+TRL_LOSS_TYPES = {"sigmoid": "dpo", "ipo": "ipo"}  # TRL's names -> lk.linear_preference_loss's
+# the LPC settings of LPCDPOConfig as lpc.config declares them (default, type, help, check): every LPCConfig field,
+# and lpc.train's --kl-weight (named lpc_kl_weight here) and --free-bits
+LPC_SETTINGS = {**{f.name: f for f in dataclasses.fields(LPCConfig)},
+                "lpc_kl_weight": next(f for f in dataclasses.fields(TrainConfig) if f.name == "kl_weight"),
+                "free_bits": next(f for f in dataclasses.fields(TrainConfig) if f.name == "free_bits")}
+
+
+def _with_lpc_settings(cls):
+    """Declare the ``LPC_SETTINGS`` on ``cls`` before ``@dataclass`` makes them fields (help only in the metadata:
+    TRL's argument parser passes it on to argparse)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in LPC_SETTINGS.items():
+        cls.__annotations__[name] = hints[f.name]
+        setattr(cls, name, field(default=f.default, metadata={"help": f.metadata["help"]}))
+    return cls
 
 
 @dataclass
+@_with_lpc_settings
 class LPCDPOConfig(DPOConfig):
-    """``DPOConfig`` plus the LPC settings (the same meaning as ``python -m lpc.train``'s flags)."""
+    """``DPOConfig`` plus the LPC settings with the meaning and defaults of ``python -m lpc.train``'s flags
+    (``LPC_SETTINGS``), ``lpc`` and ``lpc_seed``."""
 
     lpc: bool = field(default=True, metadata={"help": "train with the latent (False: DPO / IPO on the fused op)"})
-    num_codes: int = field(default=32, metadata={"help": "codebook size K"})
-    lpc_kl_weight: Optional[float] = field(default=None, metadata={
-        "help": "weight of KL(posterior || prior) (default 1 for sigmoid, 10 for ipo, as lpc.train)"})
-    tau: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
-    hard: bool = field(default=False, metadata={"help": "one-hot (straight-through) Gumbel samples"})
-    prior_mix: str = field(default="linear", metadata={"help": "z = g z_prior + (1-g) z_post, g: linear | none"})
-    codebook_scale: float = field(default=1.0, metadata={"help": "codebook init std in units of RMS(hidden)"})
-    free_bits: float = field(default=0.0, metadata={"help": "per-pair KL below this many nats is not penalised"})
     lpc_seed: int = field(default=0, metadata={"help": "seed of the Gumbel noise"})
 
     def __post_init__(self):
         super().__post_init__()
         losses = list(self.loss_type) if isinstance(self.loss_type, (list, tuple)) else [self.loss_type]
-        if len(losses) != 1 or losses[0] not in LOSS_TYPES:
-            raise ValueError(f"LPCDPOConfig.loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+        if len(losses) != 1 or losses[0] not in TRL_LOSS_TYPES:
+            raise ValueError(f"LPCDPOConfig.loss_type must be one of {list(TRL_LOSS_TYPES)}, got {self.loss_type!r}")
         for name in ("ld_alpha",):
             if getattr(self, name, None) is not None:
                 raise ValueError(f"LPCDPOConfig does not support {name} (got {getattr(self, name)!r})")
@@ -73,18 +71,25 @@ class LPCDPOConfig(DPOConfig):
         if getattr(self, "f_divergence_type", "reverse_kl") not in ("reverse_kl", "FDivergenceType.REVERSE_KL"):
             raise ValueError(f"LPCDPOConfig supports f_divergence_type='reverse_kl' only, got "
                              f"{self.f_divergence_type!r}")
-        if self.num_codes < 1 or self.tau <= 0 or self.free_bits < 0:
-            raise ValueError(f"LPCDPOConfig: num_codes >= 1, tau > 0 and free_bits >= 0 required, got "
-                             f"{self.num_codes}, {self.tau}, {self.free_bits}")
-        self.lpc_loss = LOSS_TYPES[losses[0]]
+        try:
+            for name, f in LPC_SETTINGS.items():
+                check_field(f, getattr(self, name), name)
+        except ConfigError as exc:
+            raise ValueError(f"LPCDPOConfig: {exc}") from None
+        self.lpc_loss = TRL_LOSS_TYPES[losses[0]]
         if self.lpc_kl_weight is None:
-            self.lpc_kl_weight = 10.0 if self.lpc_loss == "ipo" else 1.0
+            self.lpc_kl_weight = DEFAULT_KL_WEIGHT[self.lpc_loss]
 
     def lpc_config(self) -> Optional[LPCConfig]:
+        """The ``LPCConfig`` of these settings, or ``None`` with ``lpc=False``."""
         if not self.lpc:
             return None
-        return LPCConfig(num_codes=self.num_codes, codebook_scale=self.codebook_scale, tau=self.tau, hard=self.hard,
-                         prior_mix=self.prior_mix)
+        return LPCConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LPCConfig)})
+
+    def loss_config(self) -> LossConfig:
+        """The ``LossConfig`` of the preference objective (TRL's length-averaged IPO)."""
+        return LossConfig(loss_type=self.lpc_loss, beta=self.beta, kl_weight=self.lpc_kl_weight,
+                          free_bits=self.free_bits)
 
 
 def completion_labels(inputs: dict) -> torch.Tensor:
@@ -119,7 +124,10 @@ class _ZeroHeadGradients(TrainerCallback):
 
 class LPCDPOTrainer(DPOTrainer):
     """``DPOTrainer`` training LPC-DPO / LPC-IPO (or, with ``lpc=False``, DPO / IPO) through
-    ``lk.linear_preference_loss``. Metrics: TRL's ``rewards/*``, ``logps/*``, ``num_tokens`` plus ``lpc/*``."""
+    ``lk.linear_preference_loss``. Features come from TRL's ``[prompt | completion | pad]`` rows
+    (``completion_features``). The codebook and heads are extra optimizer parameters (the policy stays a plain TRL
+    model), outside ``max_grad_norm``'s clip (TRL clips the model's). Metrics: TRL's ``rewards/*``, ``logps/*``,
+    ``num_tokens`` plus ``lpc/*``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -128,8 +136,9 @@ class LPCDPOTrainer(DPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         self.lpc_model = LPCModel(policy, self.args.lpc_config())
         self.lpc_model.to(self.accelerator.device)
+        self.loss_cfg = self.args.loss_config()
         self._calibrated = not self.args.lpc
-        self._noise_step, self._noise_calls = -1, 0  # Gumbel counters: a function of (step, micro-batch)
+        self._noise_step, self._noise_calls = -1, 0  # which micro-batch of its step a call is (_latent_draw)
         self.add_callback(_ZeroHeadGradients(self.lpc_parameters()))
 
     def lpc_parameters(self) -> list:
@@ -149,58 +158,46 @@ class LPCDPOTrainer(DPOTrainer):
 
     def _lpc_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        cfg = self.args
-        completion_mask = inputs["completion_mask"]
         labels = completion_labels(inputs)
         hidden = self._final_hidden_states(model, inputs)
-        b = hidden.shape[0] // 2
         if self.precompute_ref_logps:
             ref = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
-        lpc = self.lpc_model.lpc is not None
+        lpc_model = self.lpc_model
         z = prior_logits = posterior_logits = None
-        if lpc:
-            if not self._calibrated:
-                with torch.no_grad():
-                    scored = hidden[:, :-1][labels != -100]
-                    self.lpc_model.hidden_rms.fill_(scored.float().pow(2).mean().sqrt())
+        if lpc_model.lpc is not None:
+            if not self._calibrated:  # on the first batch, as lpc.train
+                lpc_model.calibrate_on(hidden[:, :-1][labels != -100])
                 self._calibrated = True
             with torch.autocast(hidden.device.type, enabled=False):
-                feats = [f.float() for f in completion_features(hidden, completion_mask)]
-                if self.lpc_model.lpc.detach_features:
-                    feats = [f.detach() for f in feats]
-                prior_logits = self.lpc_model.prior(feats[0])
-                posterior_logits = self.lpc_model.posterior(torch.cat(feats[1:], dim=-1))
-                if mode == "train":
-                    mix = prior_mix_weight(self.state.global_step, max(self.state.max_steps, 1), cfg.prior_mix)
-                    _, z, _ = self.lpc_model.latent(prior_logits, posterior_logits, mix=mix, seed=cfg.lpc_seed,
-                                                    offset=self._gumbel_offset(b))
-                else:  # held-out: z from the prior, as lpc.evaluate
-                    z = self.lpc_model.prior_z(prior_logits)[1]
+                features = lpc_model.head_features(*completion_features(hidden, inputs["completion_mask"]))
+                prior_logits, posterior_logits = lpc_model.code_logits(*features)
+                # held-out: z from the prior, as lpc.evaluate
+                _, z, _ = lpc_model.step_z(prior_logits, posterior_logits,
+                                           self._latent_draw() if mode == "train" else None)
         h, weight, bias = head_inputs(hidden[:, :-1], *lm_head_of(self.accelerator.unwrap_model(model)))
-        kl_weight = cfg.lpc_kl_weight if lpc and cfg.free_bits == 0 else 0.0
-        res = lk.linear_preference_loss(
+        kl = lpc_model.step_kl(self.loss_cfg)
+        res = kl.add_free_bits(lk.linear_preference_loss(
             h, weight, labels, bias=bias, z=z, ref_chosen_logps=ref[0].float(), ref_rejected_logps=ref[1].float(),
-            prior_logits=prior_logits,
-            posterior_logits=posterior_logits, loss_type=cfg.lpc_loss, beta=cfg.beta,
-            kl_weight=kl_weight, ipo_average=True)
-        loss = res.loss
-        if lpc and cfg.free_bits > 0:
-            loss = loss + cfg.lpc_kl_weight * res.kl.clamp_min(cfg.free_bits).mean()
+            prior_logits=prior_logits, posterior_logits=posterior_logits, kl_weight=kl.op_weight,
+            **self.loss_cfg.op_options()))
         self._log_metrics(mode, inputs, res, prior_logits, posterior_logits)
-        return (loss, res) if return_outputs else loss
+        return (res.loss, res) if return_outputs else res.loss
 
-    def _gumbel_offset(self, b: int) -> int:
-        """Counter offset of this micro-batch's noise: ``(step * accumulation + micro-batch) * 2BK`` with ``B`` the
-        per-device batch, so a resumed run draws the noise the uninterrupted one would."""
+    def _latent_draw(self) -> LatentDraw:
+        """This training call's ``LPCModel.step_draw``: micro-batch ``c`` of its step on process ``p`` of ``P`` holds
+        examples ``(c * P + p) * B ..`` of the step's ``B * accumulation * P``, so a resumed run draws the noise the
+        uninterrupted one would."""
         step = self.state.global_step
         if step != self._noise_step:
             self._noise_step, self._noise_calls = step, 0
-        index = step * self.args.gradient_accumulation_steps + self._noise_calls
-        self._noise_calls += 1
-        per_call = self.lpc_model.gumbel_numel(self.args.per_device_train_batch_size)
-        return (index * self.accelerator.num_processes + self.accelerator.process_index) * per_call
+        micro_batch, self._noise_calls = self._noise_calls, self._noise_calls + 1
+        per_device, processes = self.args.per_device_train_batch_size, self.accelerator.num_processes
+        return self.lpc_model.step_draw(
+            step, self.state.max_steps, seed=self.args.lpc_seed,
+            global_batch=per_device * self.args.gradient_accumulation_steps * processes,
+            first_index=(micro_batch * processes + self.accelerator.process_index) * per_device)
 
     def _final_hidden_states(self, model, inputs) -> torch.Tensor:
         """``[2B, L, D]`` after the final norm (the backbone without the LM head)."""

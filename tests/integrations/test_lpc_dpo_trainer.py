@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from lpc.integrations.trl import LPCDPOConfig, LPCDPOTrainer, completion_features  # noqa: E402
+from lpc.config import LPCConfig  # noqa: E402
 from lpc.model import LPCModel  # noqa: E402
 from lpc.tiny_model import make_tiny_model  # noqa: E402
 
@@ -92,6 +93,19 @@ def test_completion_features_by_hand():
 def test_bad_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         LPCDPOConfig(output_dir=str(tmp_path), loss_type=["hinge"], report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=r"LPCDPOConfig: tau: must be a number > 0, got 0.0"):
+        LPCDPOConfig(output_dir=str(tmp_path), tau=0.0, report_to="none", use_cpu=True)
+
+
+def test_lpc_settings_are_those_of_lpc_train(tmp_path):
+    """Every LPCConfig setting, with lpc.train's defaults; the KL weight defaults by loss as lpc.train's does."""
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    assert LPCDPOConfig(**base).lpc_config() == LPCConfig()
+    cfg = LPCDPOConfig(**base, num_codes=4, prior_sample="gumbel", head_hidden=8, free_bits=0.5)
+    assert cfg.lpc_config() == LPCConfig(num_codes=4, prior_sample="gumbel", head_hidden=8)
+    assert cfg.loss_config().free_bits == 0.5
+    assert [LPCDPOConfig(**base, loss_type=[t]).lpc_kl_weight for t in ("sigmoid", "ipo")] == [1.0, 10.0]
+    assert LPCDPOConfig(**base, lpc=False).lpc_config() is None
 
 
 def test_first_step_margins_are_zero_under_bf16_autocast(model_dir, tmp_path):

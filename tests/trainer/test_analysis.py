@@ -243,7 +243,8 @@ def tiny(cache_dir):
 
     from lpc.config import LPCConfig
     from lpc.data import PreferenceCollator, PreferenceDataset
-    from lpc.model import LPCModel, build_tiny_llama
+    from lpc.hf import build_tiny_llama
+    from lpc.model import LPCModel
     from lpc.data.tokenizer import load_synthetic_tokenizer
 
     tok = load_synthetic_tokenizer(cache_dir)
@@ -257,9 +258,11 @@ def tiny(cache_dir):
 def test_collect_latents_per_pair(tiny):
     import torch
 
+    from lpc.evaluate import collect_latents
+
     _, rows, ds, collator, model, _ = tiny
     model.train()
-    lat = analysis.collect_latents(model, ds, collator, batch_size=3)  # 3 does not divide 10: a ragged batch
+    lat = collect_latents(model, ds, collator, batch_size=3)  # 3 does not divide 10: a ragged batch
     assert model.training  # mode restored
     assert lat["prior_probs"].shape == (10, 4) and lat["z_posterior"].shape == (10, 16)
     assert lat["source"].tolist() == [r["source"] for r in rows]
@@ -272,43 +275,20 @@ def test_collect_latents_per_pair(tiny):
     assert lat["z_prior"] == pytest.approx(lat["prior_probs"] @ e, abs=1e-5)
     assert lat["z_posterior"] == pytest.approx(lat["posterior_probs"] @ e, abs=1e-5)
     # batch size does not change per-pair results
-    lat10 = analysis.collect_latents(model, ds, collator, batch_size=10)
+    lat10 = collect_latents(model, ds, collator, batch_size=10)
     assert lat10["prior_probs"] == pytest.approx(lat["prior_probs"], abs=1e-5)
+    empty = collect_latents(model, type(ds)([], tiny[0]), collator)
+    assert empty["z_prior"].shape == (0, 16) and empty["posterior_probs"].shape == (0, 4)
+    assert empty.keys() == lat.keys()
     assert torch.get_num_threads() >= 1
 
 
-def test_collect_pairs_margins_match_the_trainers_evaluation(tiny):
-    from lpc.evaluate import evaluate
-    from lpc.losses import LossConfig
-    from lpc.model import make_reference
-
-    _, rows, ds, collator, model, policy = tiny
-    ref = make_reference(policy)
-    with __import__("torch").no_grad():  # move the policy off the reference so margins are not all zero
-        for p in model.policy.parameters():
-            p.add_(0.01 * __import__("torch").randn_like(p))
-    cfg = LossConfig(loss_type="dpo")
-    out = analysis.collect_pairs(model, ds, collator, 4, ref_model=ref, loss_cfg=cfg)
-    ev = evaluate(model, ref, ds, collator, cfg, batch_size=4)
-    assert out["margin"].shape == (10,) and np.abs(out["margin"]).max() > 0
-    assert out["correct"].tolist() == (out["margin"] > 0).tolist()
-    assert out["correct"].mean() == pytest.approx(ev["accuracy"]) and out["margin"].mean() == pytest.approx(
-        ev["reward_margin"], abs=1e-6)
-    # a scorer batch -> (chosen, rejected) (lpc.reference's interface) gives the same margins as the module
-    from lpc.model import reference_logps
-
-    scored = analysis.collect_pairs(model, ds, collator, 4, ref_model=lambda batch: reference_logps(ref, batch),
-                                    loss_cfg=cfg)
-    assert scored["margin"] == pytest.approx(out["margin"], abs=1e-6)
-    with pytest.raises(ValueError, match="needs ref_model"):
-        analysis.collect_pairs(model, ds, collator, 4, loss_cfg=cfg)
-
-
 def test_collect_latents_bad_inputs(tiny):
+    from lpc.evaluate import collect_latents
     from lpc.model import LPCModel
 
     _, _, ds, collator, model, policy = tiny
     with pytest.raises(ValueError, match="needs an LPC model"):
-        analysis.collect_latents(LPCModel(policy, None), ds, collator)
+        collect_latents(LPCModel(policy, None), ds, collator)
     with pytest.raises(ValueError, match="batch_size"):
-        analysis.collect_latents(model, ds, collator, batch_size=0)
+        collect_latents(model, ds, collator, batch_size=0)

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from lpc import checkpoint as ckpt_lib
+from lpc import model as model_lib
 from lpc.config import ConfigError, TrainConfig
+from lpc.evaluate import main as evaluate_main
 from lpc.train import main, train
 from tests.helpers import REPO
 from tests.helpers.runs import TINY_ARGS, assert_same_metrics, read_jsonl
@@ -71,13 +73,14 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt_lib, "capture_rng", boom)
-    from lpc.train import save_checkpoint, setup
+    from lpc.train import setup
+    from lpc.train_components import Checkpointer
 
-    tr = setup(TrainConfig(**{**cfg.to_dict(), "resume": "latest", "steps": 4}))
+    checkpointer = Checkpointer(setup(TrainConfig(**{**cfg.to_dict(), "resume": "latest", "steps": 4})))
     with pytest.raises(ckpt_lib.CheckpointError, match="disk full"):
-        save_checkpoint(tr, 2)  # overwriting step 2 fails half-way
+        checkpointer.save(2)  # overwriting step 2 fails half-way
     with pytest.raises(ckpt_lib.CheckpointError, match="disk full"):
-        save_checkpoint(tr, 4)
+        checkpointer.save(4)
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # no temp dirs, no step 4
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
@@ -114,6 +117,36 @@ def test_resume_refuses_a_different_run(tmp_path, cache_dir):
         train(TrainConfig(**{**base, "lr": 1e-2, "resume": "latest", "steps": 4}))
     with pytest.raises(ConfigError, match="no such directory"):
         train(TrainConfig(**{**base, "resume": str(tmp_path / "missing")}))
+
+
+def test_resume_verifies_the_checkpoint_once_and_reads_old_configs(tmp_path, cache_dir, monkeypatch, capsys):
+    """The command line reads the checkpoint's settings and the run resumes from it: its manifest is hashed once.
+    A train_config.json of an older version (``filter_eps``, since removed, at 0) still works as ``--config``; the
+    removed setting at any other value is refused by name."""
+    run = tmp_path / "run"
+    train(TrainConfig(steps=2, batch_size=4, num_train=16, eval_size=4, save_every=2, output_dir=str(run),
+                      cache_dir=cache_dir, **TINY))
+    old = {**json.loads((run / "train_config.json").read_text()), "filter_eps": 0.0}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    verified = []
+    real = ckpt_lib.verify_manifest
+    monkeypatch.setattr(ckpt_lib, "verify_manifest", lambda path: verified.append(path) or real(path))
+    monkeypatch.setattr(model_lib, "verify_manifest", lambda path: verified.append(path) or real(path))
+    out = main(["--config", str(tmp_path / "old.json"), "--resume", "latest", "--steps", "3"])
+    assert out["resumed_from"] is not None and len(read_jsonl(run / "metrics.jsonl")) == 3
+    assert verified == [run / "checkpoints" / "step-00000002"]
+    verified.clear()  # lpc.evaluate too: once for the checkpoint it picks, once for final/ (loaded, not picked)
+    evaluate_main(["--run", str(run), "--checkpoint", "latest", "--no-plots"])
+    evaluate_main(["--run", str(run), "--no-plots"])
+    assert verified == [run / "checkpoints" / "step-00000002", run / "final"]
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "filter_eps": 1e-3}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "bad.json")])
+    assert "--filter-eps: " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="filter_eps: config: filter_eps=0.001: this setting was removed"):
+        TrainConfig.from_dict({"filter_eps": 1e-3})
+    assert TrainConfig.from_dict({"filter_eps": 0.0, "steps": 5}).steps == 5
+    assert TrainConfig.from_dict({"filter_eps": 1e-3, "steps": 5}, ignore_unknown=True).steps == 5  # lpc.evaluate
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, cache_dir):

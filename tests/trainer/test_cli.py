@@ -12,15 +12,17 @@ from lpc.config import TrainConfig
 from lpc.cli import build_parser, parse_args
 from lpc.train import main, train
 from tests.helpers import DATA
-from tests.helpers.runs import TINY_ARGS
+from tests.helpers.runs import RUN_TOL, TINY_ARGS
 
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run")
+    # float64: lpc.evaluate reloads final/ and scores other batches than the trainer did (RUN_TOL)
     train(TrainConfig(steps=6, batch_size=4, num_train=32, eval_size=16, num_codes=4, hidden_size=32, num_layers=1,
-                      num_heads=2, threads=1, progress=False, output_dir=str(out), cache_dir=cache_dir))
+                      num_heads=2, threads=1, progress=False, output_dir=str(out), cache_dir=cache_dir,
+                      dtype="float64"))
     return out
 
 
@@ -140,11 +142,11 @@ def test_evaluate_cli_writes_json_and_plots_matching_the_run(tiny_run, capsys):
     ev = json.loads((tiny_run / "eval.json").read_text())
     # a fresh process-independent path (model reloaded from final/, reference rebuilt from the seed)
     for k in ("accuracy", "reward_margin", "loss", "num_pairs"):
-        assert data[k] == pytest.approx(ev[k], rel=1e-5, abs=1e-6), k
+        assert data[k] == pytest.approx(ev[k], rel=RUN_TOL, abs=RUN_TOL), k
     assert sum(data["prior_code_histogram"]) == 16 and len(data["posterior_code_histogram"]) == 4
     # the leak diagnostics, as the trainer's final evaluation computed them
     for k in ("accuracy_posterior", "accuracy_posterior_swapped", "accuracy_zero_z", "z_rms_ratio"):
-        assert data[k] == pytest.approx(ev[k], rel=1e-5, abs=1e-6), k
+        assert data[k] == pytest.approx(ev[k], rel=RUN_TOL, abs=RUN_TOL), k
     assert len(data["accuracy_by_code"]) == 4 and data["accuracy_by_code"] == pytest.approx(ev["accuracy_by_code"])
     assert 1.0 <= data["prior_code_usage_perplexity"] <= 4.0
     assert set(data["num_pairs_by_source"]) == set(data["accuracy_by_source"])
@@ -197,7 +199,7 @@ def test_generate_cli_forced_codes_match_an_uncached_greedy_decoder(tiny_run, ca
         assert sum(a["prior"]) == pytest.approx(1.0, abs=1e-3)
     # z from the prior (the default): the expected embedding (softmax(prior) @ E) * hidden_rms
     (prior_answer,) = generate_main(["--run", str(tiny_run), "--prompt", prompt, "--max-new-tokens", "6"])
-    probs = torch.tensor(prior_answer["prior"])
+    probs = torch.tensor(prior_answer["prior"], dtype=model.codebook.dtype)
     want = _greedy_reference(model, ids, (torch.softmax(torch.log(probs), -1) @ model.codebook
                                           * model.hidden_rms).detach(), 6)
     if tok.eos_token_id in want:

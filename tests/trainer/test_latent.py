@@ -13,14 +13,17 @@ from safetensors.torch import load_file, save_file
 
 from lpc import analysis
 from lpc.cli import parse_args as parse_train_args
-from lpc.config import ConfigError, LPCConfig, SyntheticConfig, TrainConfig
+from lpc.config import ConfigError, LossConfig, LPCConfig, SyntheticConfig, TrainConfig
 from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
 from lpc.data.tokenizer import load_synthetic_tokenizer
 from lpc.evaluate import evaluate
 from lpc.experiments.common import bootstrap_ci, mean_ci, t975
-from lpc.losses import LossConfig, preference_objective
-from lpc.model import LPCModel, LPCOutput, build_tiny_llama, make_reference
-from lpc.train import LEAK_GAP, LEAK_WINDOW, leak_warning, train
+from lpc.hf import build_tiny_llama
+from lpc.losses import preference_objective
+from lpc.model import LPCModel, LPCOutput
+from lpc.objective import make_reference
+from lpc.train import train
+from lpc.train_components import LEAK_GAP, LEAK_WINDOW, leak_warning
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, threads=1, progress=False)
 

@@ -5,33 +5,21 @@ the import graph is what the top of each file says)."""
 import ast
 
 from tests.helpers import REPO
+from tests.helpers.import_graph import find_cycles, import_target, parse_modules
 
 PACKAGE = REPO / "lpc"
 OPTIONAL = {"yaml", "matplotlib", "peft", "sklearn", "datasets", "pyarrow", "trl", "accelerate"}
-
-
-def _modules() -> dict:
-    out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        out[name] = (path, ast.parse(path.read_text(), str(path)))
-    return out
-
-
-def _target(module: str, path, node: ast.ImportFrom) -> str:
-    """The absolute module a ``from ... import`` names."""
-    if node.level == 0:
-        return node.module
-    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-    base = base[:len(base) - node.level + 1]
-    return ".".join(base + ([node.module] if node.module else []))
+# the documented order of lpc's modules (README.md, "Layout"), bottom to top: a module imports only modules of its own
+# group or of the groups before it (a package, such as data, counts as one module)
+ORDER = (("config", "io"), ("runtime", "distributed", "tracking"), ("data", "analysis", "plots"), ("hf",),
+         ("objective",), ("model",), ("losses",), ("builders", "checkpoint", "reference", "cli"), ("evaluate",),
+         ("train_components",), ("train", "generate", "experiments", "integrations", "tiny_model"))
 
 
 def _imports():
     """``(importer, imported lpc module, names, at top level)`` for every import of an ``lpc`` module, and every
     function-local import of anything."""
-    mods = _modules()
+    mods = parse_modules(PACKAGE)
     edges, local = [], []
     for name, (path, tree) in mods.items():
         top = set(map(id, tree.body))
@@ -44,7 +32,7 @@ def _imports():
             if isinstance(node, ast.Import):
                 edges += [(name, a.name, [], None) for a in node.names if a.name in mods]
                 continue
-            target = _target(name, path, node)
+            target = import_target(name, path, node)
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
                 if sub in mods:
@@ -56,21 +44,8 @@ def _imports():
 
 def test_no_import_cycle():
     mods, edges, _ = _imports()
-    graph = {m: sorted({b for a, b, _, _ in edges if a == m and b != m}) for m in mods}
-    state, cycles = {}, []
-
-    def visit(m, stack):
-        state[m] = "open"
-        for n in graph[m]:
-            if state.get(n) == "open":
-                cycles.append(stack[stack.index(n):] + [n])
-            elif n not in state:
-                visit(n, stack + [n])
-        state[m] = "done"
-
-    for m in graph:
-        if m not in state:
-            visit(m, [m])
+    graph = {m: {b for a, b, _, _ in edges if a == m and b != m} for m in mods}
+    cycles = find_cycles(graph)
     assert not cycles, cycles
 
 
@@ -83,3 +58,15 @@ def test_no_private_name_imported_from_another_module():
 def test_function_local_imports_are_optional_dependencies():
     _, _, local = _imports()
     assert all(mod.split(".")[0] in OPTIONAL for _, _, mod in local), local
+
+
+def test_modules_import_only_modules_below_them():
+    mods, edges, _ = _imports()
+    group = {name: i for i, names in enumerate(ORDER) for name in names}
+
+    def top(module):  # lpc.data.batching -> data
+        return module.split(".")[1] if module.count(".") else None
+
+    assert {top(m) for m in mods} - {None} == set(group), "a module missing from ORDER (or ORDER names a gone one)"
+    upward = [(a, b) for a, b, _, _ in edges if top(a) and top(b) and group[top(b)] > group[top(a)]]
+    assert not upward, upward

@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import lpc_kernels as lk
-from lpc.config import ConfigError, LPCConfig, SyntheticConfig, TrainConfig
+from lpc.config import LossConfig, LPCConfig, SyntheticConfig
 from lpc.data import PreferenceCollator, PreferenceDataset, synthetic
-from lpc.losses import LossConfig, preference_objective
-from lpc.model import (LPCModel, Objective, build_tiny_llama, code_perplexity, entropy_from_logits, final_hidden_states,
-                       make_reference, prior_mix_weight, reference_logps, response_logps)
+from lpc.hf import build_tiny_llama, final_hidden_states
+from lpc.losses import code_perplexity, entropy_from_logits, preference_objective
+from lpc.model import LPCModel, prior_mix_weight
+from lpc.objective import Objective, make_reference, reference_logps, response_logps
 from lpc.data.tokenizer import load_synthetic_tokenizer
+from tests.helpers.runs import RUN_TOL
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +333,10 @@ def test_gumbel_offsets_make_each_examples_noise_independent_of_micro_batching()
     model = LPCModel.__new__(LPCModel)
     torch.nn.Module.__init__(model)
     model.lpc, model.backend = cfg, "reference"
-    model.codebook = torch.nn.Parameter(torch.randn(k, 4))
-    model.register_buffer("hidden_rms", torch.tensor(1.5))
-    post, prior = torch.randn(g, k), torch.randn(g, k)
+    # float64: z = w @ E of fewer rows may take another GEMM blocking (RUN_TOL: sums in another order)
+    model.codebook = torch.nn.Parameter(torch.randn(k, 4, dtype=torch.float64))
+    model.register_buffer("hidden_rms", torch.tensor(1.5, dtype=torch.float64))
+    post, prior = torch.randn(g, k, dtype=torch.float64), torch.randn(g, k, dtype=torch.float64)
     off, poff = model.gumbel_offsets(step, g, 0)
     # the documented layout: step s owns [s*2GK, (s+1)*2GK), posterior first, then the prior block
     assert (off, poff) == (step * 2 * g * k, step * 2 * g * k + g * k)
@@ -343,7 +346,7 @@ def test_gumbel_offsets_make_each_examples_noise_independent_of_micro_batching()
         o, p = model.gumbel_offsets(step, g, lo)
         parts.append(model.latent(prior[lo:hi], post[lo:hi], mix=0.5, seed=7, offset=o, prior_offset=p))
     torch.testing.assert_close(torch.cat([w for w, _, _ in parts]), w_full, rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat([z for _, z, _ in parts]), z_full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([z for _, z, _ in parts]), z_full, rtol=RUN_TOL, atol=RUN_TOL)
     # the whole-batch layout is the plain one the first trainer used: offset advanced by gumbel_numel
     assert off == step * model.gumbel_numel(g)
     w_plain, _, _ = model.latent(prior, post, mix=0.5, seed=7, offset=off)
@@ -377,28 +380,3 @@ def test_loss_in_the_forward_equals_the_composition(tokenizer, rows, loss_type, 
     assert g1.keys() == g2.keys() and len(g1) > 5
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-8, atol=1e-12, msg=k)
-
-
-def test_filter_eps_reaches_the_fused_loss(tokenizer, rows, monkeypatch):
-    """``LossConfig.filter_eps`` is the fused op's ``filter_eps``: the loss unchanged, the gradients close to the exact
-    ones (the filter's bound is tested in tests/ops/test_vocab_filter.py); without the fused loss it is refused."""
-    seen = []
-    op = lk.linear_preference_loss
-    monkeypatch.setattr(lk, "linear_preference_loss", lambda *a, **kw: seen.append(kw["filter_eps"]) or op(*a, **kw))
-    batch = _batch(tokenizer, rows)
-    got = []
-    for eps in (0.0, 1e-3):
-        torch.manual_seed(0)
-        model = LPCModel(_policy(tokenizer), LPCConfig(num_codes=4), backend="reference").double()
-        cfg = LossConfig(loss_type="simpo", filter_eps=eps, backend="reference")
-        out = model(batch, mix=0.3, seed=1, offset=0, objective=Objective(None, None, cfg, 0.4))
-        res = preference_objective(out, None, None, cfg, kl_weight=0.4)
-        res.loss.backward()
-        got.append((res.loss.detach(), model.policy.get_output_embeddings().weight.grad))
-    assert seen == [0.0, 1e-3]
-    assert torch.equal(got[0][0], got[1][0])
-    torch.testing.assert_close(got[1][1], got[0][1], rtol=0, atol=1e-3 * got[0][1].abs().max().item())
-    with pytest.raises(ConfigError, match="filter_eps: needs --fused-loss"):
-        TrainConfig(filter_eps=1e-3, fused_loss=False)
-    with pytest.raises(ConfigError, match=r"filter_eps: must be a number in \[0, 1\]"):
-        TrainConfig(filter_eps=2.0)

@@ -12,7 +12,7 @@ from lpc.config import TrainConfig
 from lpc.model import LPCModel
 from lpc.train import main, train
 from tests.helpers import DATA
-from tests.helpers.runs import WALL_CLOCK_KEYS, assert_same_metrics, read_jsonl
+from tests.helpers.runs import RUN_TOL, WALL_CLOCK_KEYS, assert_same_metrics, read_jsonl
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, threads=1, progress=False)
 
@@ -130,29 +130,31 @@ def test_lr_schedules_by_hand():
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache_dir):
     def run(name, accum):
         train(TrainConfig(steps=3, batch_size=8, gradient_accumulation_steps=accum, num_train=32, eval_size=4,
-                          num_codes=4, output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
+                          num_codes=4, output_dir=str(tmp_path / name), cache_dir=cache_dir, dtype="float64", **TINY))
         return read_jsonl(tmp_path / name / "metrics.jsonl")
 
-    assert_same_metrics(run("one", 1), run("four", 4), 2e-5)  # same pairs, same Gumbel noise per pair, same update
+    # same pairs, same Gumbel noise per pair, same update: the sums in another order only (float64, RUN_TOL)
+    assert_same_metrics(run("one", 1), run("four", 4))
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path, cache_dir):
     def run(name, gc):
         train(TrainConfig(steps=2, batch_size=4, num_train=16, eval_size=4, num_codes=4, gradient_checkpointing=gc,
-                          output_dir=str(tmp_path / name), cache_dir=cache_dir, **TINY))
+                          output_dir=str(tmp_path / name), cache_dir=cache_dir, dtype="float64", **TINY))
         return read_jsonl(tmp_path / name / "metrics.jsonl")
 
-    assert_same_metrics(run("plain", False), run("ckpt", True), 1e-5)
+    assert_same_metrics(run("plain", False), run("ckpt", True))
 
 
 def test_reference_logp_cache_equals_live_reference(tmp_path, cache_dir):
     from safetensors.torch import load_file
 
     from lpc.data import PreferenceCollator
-    from lpc.model import make_reference, reference_logps
+    from lpc.objective import make_reference, reference_logps
     from lpc.builders import build_data, build_policy
 
-    base = dict(steps=3, batch_size=4, num_train=16, eval_size=8, num_codes=4, seed=2, cache_dir=cache_dir, **TINY)
+    base = dict(steps=3, batch_size=4, num_train=16, eval_size=8, num_codes=4, seed=2, cache_dir=cache_dir,
+                dtype="float64", **TINY)  # the cache scores other batches than the live reference: RUN_TOL
     train(TrainConfig(output_dir=str(tmp_path / "live"), **base))
     train(TrainConfig(output_dir=str(tmp_path / "cached"), precompute_ref_logps=True, **base))
     cache = load_file(str(tmp_path / "cached" / "ref_logps.safetensors"))
@@ -166,10 +168,10 @@ def test_reference_logp_cache_equals_live_reference(tmp_path, cache_dir):
     for split, ds in (("train", train_set), ("eval", eval_set)):
         for i in range(len(ds)):
             c, r = reference_logps(ref, collate([ds[i]]))
-            assert float(cache[f"{split}.chosen"][i]) == pytest.approx(float(c[0]), abs=1e-5)
-            assert float(cache[f"{split}.rejected"][i]) == pytest.approx(float(r[0]), abs=1e-5)
+            assert float(cache[f"{split}.chosen"][i]) == pytest.approx(float(c[0]), rel=RUN_TOL, abs=RUN_TOL)
+            assert float(cache[f"{split}.rejected"][i]) == pytest.approx(float(r[0]), rel=RUN_TOL, abs=RUN_TOL)
     assert_same_metrics(read_jsonl(tmp_path / "live" / "metrics.jsonl"),
-                        read_jsonl(tmp_path / "cached" / "metrics.jsonl"), 1e-5)
+                        read_jsonl(tmp_path / "cached" / "metrics.jsonl"))
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, cache_dir):
