@@ -5,33 +5,22 @@ the errors: ``docs/design.md``, "Choosing a backend".
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 from typing import Optional
 
 import torch
 
 from . import reference
+from .extension import ExtensionStatus, build_hint, load_extension
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
-def _load_extension() -> Optional[str]:
-    """Import lpc_kernels._C (it registers lpc::*_fwd/_bwd kernels for CPU and, in CUDA builds, CUDA).
-
-    Returns None on success, else why not: the package works without it (reference, triton backends).
-    """
-    if importlib.util.find_spec(f"{__package__}._C") is None:
-        return "not built"
-    try:
-        importlib.import_module(f"{__package__}._C")
-    except (ImportError, OSError) as exc:  # e.g. built against another torch
-        return f"import failed: {exc}"
-    return None
-
-
-EXTENSION_ERROR: Optional[str] = _load_extension()
+# the in-place (``make build``) or wheel build of lpc_kernels._C, else the first-use build of an installed pure-Python
+# wheel (``lpc_kernels.extension``); importing it registers the lpc::*_fwd/_bwd kernels for CPU and, in CUDA builds,
+# CUDA. Without it the package runs on its reference and triton backends.
+EXTENSION: ExtensionStatus = load_extension(__package__)
+EXTENSION_ERROR: Optional[str] = EXTENSION.error  # None when loaded, else why not
 
 
 def _triton_importable() -> bool:
@@ -59,7 +48,7 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         return None
     if backend in ("cpu", "cuda"):
         if EXTENSION_ERROR is not None:
-            return f"the C++ extension lpc_kernels._C is unavailable ({EXTENSION_ERROR}); run `make build`"
+            return f"the C++ extension lpc_kernels._C is unavailable ({EXTENSION_ERROR}); {build_hint()}"
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors, got tensors on {device}"
         if backend.upper() not in _EXT_DISPATCH_KEYS:

@@ -21,7 +21,8 @@ def main() -> None:
         print(f"cuda: {torch.cuda.get_device_name()} (torch built for CUDA {torch.version.cuda})")
     else:
         print("cuda: no GPU visible")
-    print(f"extension lpc_kernels._C: {'loaded' if backends.EXTENSION_ERROR is None else backends.EXTENSION_ERROR}")
+    ext = backends.EXTENSION
+    print(f"extension lpc_kernels._C: {'loaded: ' + ext.origin if ext.error is None else 'unavailable: ' + ext.error}")
     for device in devices:
         print(f"\nbackends for {device.type} tensors (auto -> {backends.resolve_backend('auto', device)}):")
         for backend in backends.BACKENDS:

@@ -10,6 +10,7 @@ PACKAGE = REPO / "lpc_kernels"
 EXTENSIONS = {"lpc_kernels._C"}  # compiled from csrc/ (setup.py): imports nothing of the package
 # leaf -> what of the package it may import (the rest of its imports are torch, triton, the standard library)
 LEAVES = {"lpc_kernels.numerics": set(), "lpc_kernels.checks": {"lpc_kernels.numerics"},
+          "lpc_kernels.extension": set(),  # setup.py reads it by path, before torch or the package can be imported
           "lpc_kernels.shapes": {"lpc_kernels.numerics"},
           "lpc_kernels.preference": {"lpc_kernels.checks"}}
 
