@@ -16,8 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import ConfigError, TrainConfig
-from .data import PreferenceCollator, PreferenceDataset, assign_source_ids, load_preference_rows, looks_local, synthetic
-from .data.tokenizer import load_synthetic_tokenizer
+from .data import (DataError, EpochSampler, PreferenceCollator, PreferenceDataset, UnknownTokenShare,
+                   UserGroupedSampler, assign_source_ids, assign_user_ids, load_preference_rows, looks_local, synthetic)
+from .data.tokenizer import DATASET_VOCAB_SIZE, load_dataset_tokenizer, load_synthetic_tokenizer, row_texts
 from .hf import BATCH_LAYOUTS_BY_SPEED, build_tiny_llama, check_batch_layout, supported_batch_layouts
 from .model import LPCModel
 from .objective import make_reference
@@ -51,7 +52,8 @@ def check_paths(cfg: TrainConfig) -> None:
 def build_data(cfg: TrainConfig, tokenizer):
     """``(train_set, eval_set, source_names, synthetic_config | None)``; held-out pairs are never trained on.
 
-    ``train_set.load_stats`` holds the loaders' ``LoadStats`` (what was skipped) for file datasets.
+    ``train_set.load_stats`` holds the loaders' ``LoadStats`` (what was skipped) for file datasets. User ids
+    (``--user-field``) become indices shared by both sets (``assign_user_ids``), named by ``user_names``.
     """
     syn = None
     stats = []
@@ -60,11 +62,13 @@ def build_data(cfg: TrainConfig, tokenizer):
         train_rows, eval_rows = synthetic.make_splits(syn)
         names = list(synthetic.source_names(syn))
     else:
-        rows, st = load_preference_rows(cfg.dataset, split=cfg.dataset_split, strict=cfg.strict)
+        rows, st = load_preference_rows(cfg.dataset, split=cfg.dataset_split, strict=cfg.strict,
+                                        user_field=cfg.user_field)
         stats.append(st)
         if cfg.eval_dataset is not None or cfg.eval_split is not None:
             eval_rows, st = load_preference_rows(cfg.eval_dataset or cfg.dataset,
-                                                 split=cfg.eval_split or cfg.dataset_split, strict=cfg.strict)
+                                                 split=cfg.eval_split or cfg.dataset_split, strict=cfg.strict,
+                                                 user_field=cfg.user_field)
             stats.append(st)
             eval_rows = eval_rows[:cfg.eval_size]
             train_rows = rows
@@ -73,14 +77,48 @@ def build_data(cfg: TrainConfig, tokenizer):
             eval_rows = [rows[i] for i in eval_idx]
             train_rows = [rows[i] for i in train_idx]
         names = assign_source_ids(train_rows, eval_rows)
+    user_names = assign_user_ids(train_rows, eval_rows)
     # a real chat model (--model with a chat template) sees prompts the way it was tuned on them
     chat = cfg.model is not None and bool(getattr(tokenizer, "chat_template", None)) and cfg.chat_template != "never"
     kw = dict(chat_template=chat, max_prompt_length=cfg.max_prompt_length,
-              conversational_only=cfg.chat_template == "conversational")
+              conversational_only=cfg.chat_template == "conversational", user_names=user_names)
     train_set = PreferenceDataset(train_rows, tokenizer, cfg.max_length, **kw)
     eval_set = PreferenceDataset(eval_rows, tokenizer, cfg.max_length, **kw)
     train_set.load_stats = stats
     return train_set, eval_set, names, syn
+
+
+def build_sampler(cfg: TrainConfig, train_set: PreferenceDataset, world_size: int, notes: list) -> EpochSampler:
+    """The training order: ``EpochSampler``, or with ``--pairs-per-user`` the ``UserGroupedSampler`` (whole users
+    per process and micro-batch). Appends a note on the data's users to ``notes`` when it has any.
+
+    Raises:
+        ConfigError: ``--pairs-per-user`` that does not divide a process's micro-batch, or training pairs with too
+            few users' pairs for one batch.
+    """
+    users = train_set.users
+    if train_set.user_names:
+        notes.append(f"data: {len(set(users) - {-1})} users (--user-field {cfg.user_field}) in the training pairs, "
+                     f"{users.count(-1)} training pairs without one")
+    if not cfg.pairs_per_user:
+        return EpochSampler(len(train_set), cfg.batch_size, cfg.seed)
+    m, per_pass = cfg.pairs_per_user, cfg.batch_size // (world_size * cfg.gradient_accumulation_steps)
+    if per_pass % m:
+        raise ConfigError("pairs_per_user", f"must divide the {per_pass} pairs of each process's micro-batch "
+                                            f"(--batch-size {cfg.batch_size} / {world_size} processes / "
+                                            f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps}), "
+                                            f"got {m}: every process and micro-batch takes whole users")
+    if all(u < 0 for u in users):
+        raise ConfigError("pairs_per_user", f"the training pairs have no user ids (--user-field {cfg.user_field})")
+    try:
+        sampler = UserGroupedSampler(users, cfg.batch_size, m, cfg.seed)
+    except ValueError as exc:
+        raise ConfigError("pairs_per_user", str(exc)) from None
+    short = sum(len(pairs) < m for pairs in sampler.pairs_by_user)
+    notes.append(f"batches: {cfg.batch_size // m} groups of {m} pairs of one user (--pairs-per-user); "
+                 f"{sampler.batches_per_epoch} batches per epoch"
+                 + (f"; {short} users with fewer than {m} pairs are never drawn" if short else ""))
+    return sampler
 
 
 def split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -99,17 +137,57 @@ def weights_dtype(cfg: TrainConfig, *, frozen: bool = False) -> torch.dtype:
     return torch.bfloat16 if cfg.dtype == "bfloat16" and frozen else torch.float32
 
 
-def build_policy(cfg: TrainConfig, model_spec: Optional[str] = None):
+def build_tokenizer(cfg: TrainConfig, model_spec: Optional[str] = None):
+    """The tokenizer of ``--model`` (or ``model_spec``); without one the tiny model's, learnt locally and cached: on
+    ``--dataset``'s text (the whole split, held-out rows included: no labels), else on the synthetic data's lexicon.
+    (A ``--dataset`` is read here and again by ``build_data``; only the tiny model's tokenizer needs it here.)"""
+    spec = model_spec or cfg.model
+    if spec is not None:
+        return load_tokenizer(spec)
+    if cfg.dataset is None:
+        return load_synthetic_tokenizer(cfg.cache_dir)
+    rows, _ = load_preference_rows(cfg.dataset, split=cfg.dataset_split, strict=cfg.strict)
+    return load_dataset_tokenizer(row_texts(rows), cfg.cache_dir)
+
+
+def check_unknown_tokens(cfg: TrainConfig, tokenizer, train_set: PreferenceDataset,
+                         eval_set: PreferenceDataset) -> dict[str, UnknownTokenShare]:
+    """The unknown-token share of the training and held-out pairs (``{"training": ..., "held-out": ...}``).
+
+    Raises:
+        DataError: a share of prompt or answer tokens above ``--max-unknown-token-share``: the model would learn
+            from ``<unk>`` in place of the words (naming the share, the threshold and the fixes).
+    """
+    unk_id = tokenizer.unk_token_id
+    shares = {"training": train_set.unknown_token_share(unk_id), "held-out": eval_set.unknown_token_share(unk_id)}
+    limit = cfg.max_unknown_token_share
+    for name, share in shares.items():
+        for part, value in share._asdict().items():
+            if value > limit:
+                if cfg.model is None:
+                    fix = (f"the tiny model's tokenizer keeps the {DATASET_VOCAB_SIZE} most frequent words of "
+                           "--dataset: pass a --model whose tokenizer covers the data")
+                else:
+                    fix = ("use a --model whose tokenizer covers the data, or leave out --model to train the tiny "
+                           "model with a tokenizer learnt from --dataset")
+                raise DataError(f"{value:.1%} of the {part} tokens of the {name} pairs are the tokenizer's unknown "
+                                f"token {tokenizer.unk_token!r}, above --max-unknown-token-share {limit:g}: the model "
+                                f"would learn from {tokenizer.unk_token!r} in place of the words. {fix}, or raise "
+                                "--max-unknown-token-share (1 turns the check off)")
+    return shares
+
+
+def build_policy(cfg: TrainConfig, model_spec: Optional[str] = None, tokenizer=None):
     """``(policy, tokenizer)``: ``--model`` (or ``model_spec``) from disk/hub, else the tiny Llama built from
-    ``cfg.seed`` with the synthetic tokenizer, its weights in ``weights_dtype`` (frozen with LoRA)."""
+    ``cfg.seed`` for the tokenizer of ``build_tokenizer``, its weights in ``weights_dtype`` (frozen with LoRA).
+    ``tokenizer``: that tokenizer, when the caller has it already."""
     dtype = weights_dtype(cfg, frozen=cfg.lora_r > 0)
     spec = model_spec or cfg.model
+    tok = tokenizer if tokenizer is not None else build_tokenizer(cfg, model_spec)
     if spec is None:
-        tok = load_synthetic_tokenizer(cfg.cache_dir)
         policy = build_tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                                   num_heads=cfg.num_heads, seed=cfg.seed).to(dtype)
     else:
-        tok = load_tokenizer(spec)
         with quiet_transformers():
             policy = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     if cfg.disable_dropout:

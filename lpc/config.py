@@ -232,6 +232,9 @@ class SyntheticConfig:
             to their prompts (the paper's label-noise experiment). The held-out split is never flipped.
         flip_marker: append the ``[flip]`` marker to flipped prompts (the paper's protocol); ``False``:
             unmarked label noise.
+        num_unseen_users / unseen_user_pairs: ``annotators`` preset: users never seen in training, each a new
+            mixture of the annotators' weights, with ``unseen_user_pairs`` held-out pairs each, appended to the
+            held-out split (``lpc.data.synthetic.generate_unseen_user_pairs``).
     """
 
     preset: str = "sources"
@@ -245,10 +248,17 @@ class SyntheticConfig:
     flip_fraction: float = 0.0
     seed: int = 0
     flip_marker: bool = True
+    num_unseen_users: int = 0
+    unseen_user_pairs: int = 64
 
     def __post_init__(self) -> None:
         if self.preset not in SYNTHETIC_PRESETS:
             raise ValueError(f"preset must be one of {list(SYNTHETIC_PRESETS)}, got {self.preset!r}")
+        if self.num_unseen_users < 0 or self.unseen_user_pairs < 1:
+            raise ValueError(f"num_unseen_users must be >= 0 and unseen_user_pairs >= 1, got "
+                             f"{self.num_unseen_users} and {self.unseen_user_pairs}")
+        if self.num_unseen_users and self.preset != "annotators":
+            raise ValueError(f"num_unseen_users needs the annotators preset, got preset={self.preset!r}")
         if self.label_mode not in ("deterministic", "bradley_terry"):
             raise ValueError(f"label_mode must be 'deterministic' or 'bradley_terry', got {self.label_mode!r}")
         for name in ("hint_prob", "topic_bias", "flip_fraction"):
@@ -382,6 +392,16 @@ class TrainConfig(LPCConfig):
                                  choices=("always", "conversational", "never"))
     strict: bool = setting(False, "stop with an error at the first malformed row (default: skip and count them)",
                            group=DATA, resume=RESUME_FREE)
+    user_field: str = setting("user", "the --dataset column holding each row's user id (a string or int; a row "
+                                      "without one, or with an empty one, has no user)", group=DATA,
+                              check=((lambda v: isinstance(v, str) and v != ""), "a non-empty string"))
+    pairs_per_user: int = setting(0, "fill each batch with groups of N pairs of one user (batch-size / N groups; "
+                                     "every process and micro-batch gets whole groups; pairs without a user are not "
+                                     "trained on). 0: pairs in random order", group=DATA, check=int_at_least(0))
+    max_unknown_token_share: float = setting(0.05, "stop before training when more than this share of the prompt or "
+                                                   "answer tokens (training or held-out pairs) are the tokenizer's "
+                                                   "unknown token (1: never)", group=DATA, check=in_unit_interval(),
+                                             resume=RESUME_FREE)
     synthetic: str = setting("sources", "built-in data (without --dataset): sources (four sources, prompts hint at "
                                         "theirs) or annotators (six annotators, nothing about them in the prompt, "
                                         "Bradley-Terry labels)", group=DATA, choices=SYNTHETIC_PRESETS)
@@ -393,6 +413,9 @@ class TrainConfig(LPCConfig):
                                    check=in_unit_interval())
     flip_marker: bool = setting(True, "append the [flip] marker to flipped prompts (the paper's protocol); "
                                       "--no-flip-marker: unmarked label noise", group=DATA)
+    unseen_users: int = setting(0, "synthetic annotators: N more users never seen in training (new mixtures of the "
+                                   "annotators' weights, user ids unseen-0 ...), 64 held-out pairs each, added to "
+                                   "the held-out pairs", group=DATA, check=int_at_least(0))
     # evaluation, checkpoints and output
     eval_every: int = setting(0, "evaluate every N steps (0: only at the end)", group=OUTPUT, check=int_at_least(0),
                               resume=RESUME_FREE)
@@ -442,6 +465,14 @@ class TrainConfig(LPCConfig):
             raise ConfigError("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} (the "
                               f"pairs per optimizer step) into equal micro-batches, got "
                               f"{self.gradient_accumulation_steps}")
+        micro_batch = self.batch_size // self.gradient_accumulation_steps
+        if self.pairs_per_user and micro_batch % self.pairs_per_user:
+            raise ConfigError("pairs_per_user", f"must divide the {micro_batch} pairs of a micro-batch (--batch-size "
+                                                f"{self.batch_size} / --gradient-accumulation-steps "
+                                                f"{self.gradient_accumulation_steps}) into whole users, got "
+                                                f"{self.pairs_per_user}")
+        if self.unseen_users and (self.dataset is not None or self.synthetic != "annotators"):
+            raise ConfigError("unseen_users", "needs the built-in --synthetic annotators data (no --dataset)")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 2 * self.max_length:
             raise ConfigError("max_tokens_per_batch", f"must be at least 2 * max_length = {2 * self.max_length} "
                                                       f"so that any pair fits in one pass, got "
@@ -479,7 +510,7 @@ class TrainConfig(LPCConfig):
         hint = self.hint_prob if self.hint_prob is not None else (0.5 if self.synthetic == "sources" else 0.0)
         return SyntheticConfig(preset=self.synthetic, num_train=self.num_train, num_eval=self.eval_size,
                                hint_prob=hint, flip_fraction=self.flip_fraction, seed=self.seed,
-                               flip_marker=self.flip_marker,
+                               flip_marker=self.flip_marker, num_unseen_users=self.unseen_users,
                                label_mode="bradley_terry" if self.synthetic == "annotators" else "deterministic")
 
     def kl_weight_at(self, step: int) -> float:

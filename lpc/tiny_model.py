@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .cli import HelpFormatter
 from .data import load_preference_rows
+from .data.tokenizer import row_texts
 from .hf import build_tiny_llama
 from .io import atomic_directory
 from .runtime import quiet_transformers
@@ -54,8 +55,7 @@ def make_tiny_model(out_dir: os.PathLike, texts: Iterable[str], *, vocab_size: i
 
 def dataset_texts(spec: str) -> list[str]:
     """Every prompt and answer of a preference dataset (for the tokenizer)."""
-    rows, _ = load_preference_rows(spec)
-    return [t for r in rows for t in (r["prompt"], r["chosen"], r["rejected"])]
+    return row_texts(load_preference_rows(spec)[0])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:

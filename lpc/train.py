@@ -21,11 +21,11 @@ import lpc_kernels as lk
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .builders import (build_collator, build_data, build_lpc_model, build_optimizer, build_policy, check_paths,
-                       enable_gradient_checkpointing)
+from .builders import (build_collator, build_data, build_lpc_model, build_optimizer, build_policy, build_sampler,
+                       build_tokenizer, check_paths, check_unknown_tokens, enable_gradient_checkpointing)
 from .cli import build_parser, parse_command_line
 from .config import ConfigError, TrainConfig
-from .data import DataError, EpochSampler, to_device
+from .data import DataError, to_device
 from .io import DirectoryInUse, DirectoryLock, IntegrityError, write_json_atomic
 from .losses import leak_margins, merge_micro_batches, preference_objective, step_metrics
 from .objective import Objective
@@ -48,6 +48,15 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None,
     check_paths(cfg)  # before loading a model that may take minutes
     check_trackers(cfg.report_to)
     ckpt_path, state, out_dir, notes = ckpt_lib.find_resume(cfg, resume)
+    # the tokenizer and the data before anything is written: data the tokenizer cannot read stops the run here
+    tokenizer = build_tokenizer(cfg)
+    data = build_data(cfg, tokenizer)
+    shares = check_unknown_tokens(cfg, tokenizer, data[0], data[1])
+    # (the synthetic data's own tokenizer covers it by construction: nothing to report)
+    if tokenizer.unk_token is not None and (cfg.dataset is not None or cfg.model is not None):
+        notes.append(f"data: unknown token {tokenizer.unk_token!r}: " + "; ".join(
+            f"{share.prompt:.1%} of prompt and {share.answer:.1%} of answer tokens ({name} pairs)"
+            for name, share in shares.items()) + f" (--max-unknown-token-share {cfg.max_unknown_token_share:g})")
     if out_dir is None:
         out_dir = Path("runs") / f"{cfg.loss}-{'lpc' if cfg.lpc else 'nolpc'}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(dist_lib.broadcast_object(str(out_dir), ctx))  # rank 0's: the timestamps may differ
@@ -62,7 +71,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None,
             notes.append(f"took over the lock of a run that ended without releasing it (pid "
                          f"{lock.previous.get('pid')} on {lock.previous.get('host')})")
     try:
-        return _setup_locked(cfg, ctx, ckpt_path, state, out_dir, notes, lock)
+        return _setup_locked(cfg, ctx, ckpt_path, state, out_dir, notes, lock, tokenizer, data)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -70,7 +79,7 @@ def setup(cfg: TrainConfig, ctx: Optional[dist_lib.DistContext] = None,
 
 
 def _setup_locked(cfg: TrainConfig, ctx: dist_lib.DistContext, ckpt_path: Optional[Path], state: Optional[dict],
-                  out_dir: Path, notes: list, lock: Optional[DirectoryLock]) -> Trainer:
+                  out_dir: Path, notes: list, lock: Optional[DirectoryLock], tokenizer, data: tuple) -> Trainer:
     device = ctx.device
     if ctx.is_main:
         write_json_atomic(out_dir / "train_config.json", run_config(cfg, out_dir))
@@ -83,10 +92,11 @@ def _setup_locked(cfg: TrainConfig, ctx: dist_lib.DistContext, ckpt_path: Option
     amp_dtype = autocast_dtype(cfg)
     if amp_dtype is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("dtype", "bfloat16 is not supported by this GPU")
-    policy, tokenizer = build_policy(cfg)
-    train_set, eval_set, source_names, syn = build_data(cfg, tokenizer)
+    policy, tokenizer = build_policy(cfg, tokenizer=tokenizer)
+    train_set, eval_set, source_names, syn = data
     if len(train_set) < cfg.batch_size:
         raise ConfigError("batch_size", f"must be <= the {len(train_set)} training pairs, got {cfg.batch_size}")
+    sampler = build_sampler(cfg, train_set, ctx.world_size, notes)
     collator = build_collator(cfg, tokenizer, policy)
     notes.append(f"batch layout: {collator.layout}" + (" (auto)" if cfg.batch_layout == "auto" else ""))
     if cfg.gradient_checkpointing:
@@ -108,7 +118,6 @@ def _setup_locked(cfg: TrainConfig, ctx: dist_lib.DistContext, ckpt_path: Option
     train_model = dist_lib.wrap_model(model, ctx, mixed_precision=amp_dtype,
                                       find_unused_parameters=cfg.lpc and cfg.kl_weight == 0)
     optimizer, scheduler = build_optimizer(cfg, model)
-    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed)
     # the Gumbel stream's seed: a pure function of --seed (offsets come from gumbel_offsets)
     gumbel_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(cfg.seed + 1)))
 

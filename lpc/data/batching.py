@@ -1,4 +1,5 @@
-"""Tokenised pairs (``PreferenceDataset``), the training order (``EpochSampler``) and the batches of a batch layout
+"""Tokenised pairs (``PreferenceDataset``), the training order (``EpochSampler``; ``UserGroupedSampler`` for whole
+users) and the batches of a batch layout
 (``PreferenceCollator``): ``B`` pairs become ``R`` rows of ``L`` positions that the backbone runs as one ``[R, L]``
 pass, with the same keys in every layout (``docs/design.md``, "Batch layouts")."""
 
@@ -7,24 +8,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..config import BATCH_LAYOUTS
+from .rows import assign_user_ids
 
 IGNORE_INDEX = -100
 
 # ------------------------------------------------------------------------------------------ tokenising
 @dataclass
 class TokenizedPair:
-    """Token ids of one pair: ``prompt`` (with BOS / chat template), answers ending with EOS."""
+    """Token ids of one pair: ``prompt`` (with BOS / chat template), answers ending with EOS; ``user``: the user's
+    index (``assign_user_ids``), -1 for none."""
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
     source: int
     index: int = -1
+    user: int = -1
 
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
@@ -53,6 +57,13 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
     return prompt, chosen, rejected, truncated
 
 
+class UnknownTokenShare(NamedTuple):
+    """The share of a dataset's prompt tokens and of its answer tokens that are the tokenizer's unknown token."""
+
+    prompt: float
+    answer: float
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Pre-tokenised pairs (tokenising once up front keeps the training loop free of tokenizer calls).
 
@@ -60,17 +71,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
     conversation is rendered by the tokenizer's chat template with the generation prompt instead (the
     template adds BOS); with ``conversational_only`` too, only for rows that came as message lists (TRL's
     rule). Answer ids end with EOS. Long pairs are cut by ``truncate_pair``; ``num_truncated`` counts them.
-    ``rows`` are normalised rows (``normalize_row``) or plain dicts with string ``prompt``/``chosen``/``rejected``
-    and an int ``source``.
+    ``rows`` are normalised rows (``normalize_row``) or plain dicts with string ``prompt``/``chosen``/``rejected``,
+    an int ``source`` and optionally a ``user``: an int index (``assign_user_ids``, which shares the indices between
+    the training and held-out rows; ``user_names`` names them), or raw ids, which are indexed here for these rows
+    alone.
     """
 
     def __init__(self, rows: Sequence[dict], tokenizer, max_length: int = 512, *, chat_template: bool = False,
-                 max_prompt_length: Optional[int] = None, conversational_only: bool = False):
+                 max_prompt_length: Optional[int] = None, conversational_only: bool = False,
+                 user_names: Optional[Sequence[str]] = None):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         if max_prompt_length is not None and not 1 <= max_prompt_length < max_length:
             raise ValueError(f"max_prompt_length must be in [1, max_length={max_length}), got {max_prompt_length}")
         self.rows = list(rows)
+        users = [row.get("user") for row in self.rows]
+        if user_names is None and any(isinstance(u, str) for u in users):  # raw ids (synthetic rows, say)
+            indexed = [{"user": u} for u in users]
+            user_names = assign_user_ids(indexed)
+            users = [r["user"] for r in indexed]
+        self.user_names = list(user_names) if user_names is not None else None
         self.pairs: list[TokenizedPair] = []
         self.num_truncated = 0
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -109,13 +129,31 @@ class PreferenceDataset(torch.utils.data.Dataset):
             if isinstance(source, bool) or not isinstance(source, int):
                 raise ValueError(f"row {i}: source must be an int id (map names with assign_source_ids first), "
                                  f"got {source!r}")
-            self.pairs.append(TokenizedPair(prompt, chosen, rejected, source, i))
+            user = -1 if users[i] is None else users[i]
+            if isinstance(user, bool) or not isinstance(user, int):
+                raise ValueError(f"row {i}: user must be an int index (map ids with assign_user_ids first), "
+                                 f"got {user!r}")
+            self.pairs.append(TokenizedPair(prompt, chosen, rejected, source, i, user))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> TokenizedPair:
         return self.pairs[i]
+
+    @property
+    def users(self) -> list[int]:
+        """The user index of each pair (-1: none)."""
+        return [p.user for p in self.pairs]
+
+    def unknown_token_share(self, unk_id: Optional[int]) -> UnknownTokenShare:
+        """The share of prompt tokens and of answer tokens (chosen and rejected) that are ``unk_id``, the tokenizer's
+        unknown token (0 for a tokenizer without one); counted on the pairs as trained, special tokens included."""
+        if unk_id is None:
+            return UnknownTokenShare(0.0, 0.0)
+        prompt = [t for p in self.pairs for t in p.prompt]
+        answer = [t for p in self.pairs for side in (p.chosen, p.rejected) for t in side]
+        return UnknownTokenShare(*(seq.count(unk_id) / len(seq) if seq else 0.0 for seq in (prompt, answer)))
 
     def fingerprint(self) -> str:
         """SHA-256 of every pair's token ids: identifies the exact tokenised data (for caches)."""
@@ -173,6 +211,7 @@ class PreferenceCollator:
         prompt_lengths    [B]     int64       prompt tokens (shared by both sequences)
         chosen_lengths / rejected_lengths [B] answer tokens, eos included
         source            [B]     int64       source id, -1 when unknown
+        user              [B]     int64       user index (``assign_user_ids``), -1 when the pair has no user
         index             [B]     int64       position of the pair in its dataset (-1: unknown)
         num_tokens        int                 real tokens of prompt + chosen and prompt + rejected: the same work
                                               count in every layout (what ``tokens_per_s`` divides)
@@ -277,6 +316,7 @@ class PreferenceCollator:
             out[f"{side}_lengths"] = torch.tensor([len(getattr(p, side)) for p in pairs], dtype=torch.long)
         out["prompt_lengths"] = torch.tensor([len(p.prompt) for p in pairs], dtype=torch.long)
         out["source"] = torch.tensor([p.source for p in pairs], dtype=torch.long)
+        out["user"] = torch.tensor([p.user for p in pairs], dtype=torch.long)
         out["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
         out["num_tokens"] = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
         return out
@@ -355,6 +395,55 @@ class EpochSampler:
             if state.get(key, mine) != mine:
                 raise ValueError(f"data position was saved for {key}={state[key]}, this run has {mine}")
         self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+
+
+class UserGroupedSampler(EpochSampler):
+    """``EpochSampler``'s interface and guarantees, with every global batch made of ``batch_size // pairs_per_user``
+    groups of ``pairs_per_user`` consecutive pairs of one user.
+
+    Each epoch (a generator seeded by ``(seed, epoch)``) shuffles each user's pairs, cuts them into groups of
+    ``pairs_per_user`` (a remainder of fewer pairs sits the epoch out, a different one each epoch; a user with
+    fewer pairs than that is never drawn: repeating a pair inside a group would put its own label into its
+    user's context), shuffles the groups and cuts them into batches (the remainder is dropped). Pairs without a
+    user (-1) are never drawn. A group may share a batch with another group of the same user. Contiguous slices
+    of the batch whose sizes are multiples of ``pairs_per_user`` (a rank's, a micro-batch's) hold whole groups.
+    """
+
+    def __init__(self, users: Sequence[int], batch_size: int, pairs_per_user: int, seed: int):
+        if pairs_per_user < 1 or batch_size % pairs_per_user:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of pairs_per_user={pairs_per_user} >= 1")
+        super().__init__(len(users), batch_size, seed)
+        self.pairs_per_user = pairs_per_user
+        by_user: dict[int, list[int]] = {}
+        for i, u in enumerate(users):
+            if u >= 0:
+                by_user.setdefault(int(u), []).append(i)
+        self.pairs_by_user = [by_user[u] for u in sorted(by_user)]
+        num_groups = sum(len(pairs) // pairs_per_user for pairs in self.pairs_by_user)
+        self.groups_per_batch = batch_size // pairs_per_user
+        if num_groups < self.groups_per_batch:
+            raise ValueError(f"the users' pairs make {num_groups} groups of pairs_per_user={pairs_per_user}, fewer "
+                             f"than the {self.groups_per_batch} of one batch of batch_size={batch_size}")
+        self.batches_per_epoch = num_groups // self.groups_per_batch
+
+    def order(self, epoch: int) -> list[int]:
+        """The pairs of epoch ``epoch``'s batches, in order (``batches_per_epoch * batch_size`` indices)."""
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        m, groups = self.pairs_per_user, []
+        for pairs in self.pairs_by_user:
+            shuffled = [pairs[k] for k in torch.randperm(len(pairs), generator=gen).tolist()]
+            groups += [shuffled[s:s + m] for s in range(0, len(pairs) - m + 1, m)]
+        picked = torch.randperm(len(groups), generator=gen).tolist()[:self.batches_per_epoch * self.groups_per_batch]
+        return [i for g in picked for i in groups[g]]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "pairs_per_user": self.pairs_per_user}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("pairs_per_user", 0) != self.pairs_per_user:
+            raise ValueError(f"data position was saved for pairs_per_user={state.get('pairs_per_user', 0)}, this "
+                             f"run has {self.pairs_per_user}")
+        super().load_state_dict(state)
 
 
 def batches(dataset: PreferenceDataset, batch_size: int, collator: PreferenceCollator) -> Iterator[dict]:

@@ -1,7 +1,7 @@
 """Preference rows: loading (JSONL / JSON / Parquet / ``datasets``), validation and source ids. Rows hold
 ``prompt`` / ``chosen`` / ``rejected`` as strings or as chat-message lists (UltraFeedback-binarized, TRL's
-conversational layout), and an optional ``source``; malformed rows are skipped and counted (``LoadStats``), or raise
-``DataError`` with ``strict=True``."""
+conversational layout), an optional ``source`` and an optional user id (``user_field``); malformed rows are skipped and
+counted (``LoadStats``), or raise ``DataError`` with ``strict=True``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 # reasons a row is skipped, in the order the summary lists them
 REASONS = ("invalid JSON", "not UTF-8", "row too long", "not an object", "missing field", "non-string content",
-           "bad message list", "empty prompt", "empty answer", "chosen == rejected", "prompts differ")
+           "bad message list", "empty prompt", "empty answer", "chosen == rejected", "prompts differ", "no user")
 MAX_ROW_BYTES = 64 * 2**20  # a JSON Lines row longer than this is skipped ("row too long"), never parsed
 
 
@@ -85,16 +85,17 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def normalize_row(row: Any) -> dict:
-    """Validate one raw row; returns ``{"prompt": str, "messages": [...], "chosen", "rejected", "source",
+def normalize_row(row: Any, *, user_field: str = "user", require_user: bool = False) -> dict:
+    """Validate one raw row; returns ``{"prompt": str, "messages": [...], "chosen", "rejected", "source", "user",
     "conversational"}`` (``conversational``: the row came as message lists).
 
     ``messages`` is the conversation before the answer (for chat templates); ``prompt`` its plain-text
-    form (the ``prompt`` string when the row has one). ``source`` is the raw value or ``None``.
+    form (the ``prompt`` string when the row has one). ``source`` is the raw value or ``None``; ``user`` the raw
+    value of the row's ``user_field`` (a string or int), ``None`` when missing or empty (``user_id``).
 
     Raises:
-        MalformedRow: missing field, non-string content, empty prompt or answer, chosen == rejected, or
-            chosen and rejected conversations that differ before the answer.
+        MalformedRow: missing field, non-string content, empty prompt or answer, chosen == rejected,
+            chosen and rejected conversations that differ before the answer, or (``require_user``) no user id.
     """
     if not isinstance(row, dict):
         raise MalformedRow("not an object", f"row is {type(row).__name__}, expected an object")
@@ -130,9 +131,28 @@ def normalize_row(row: Any) -> dict:
     source = row.get("source")
     if source is not None and (isinstance(source, bool) or not isinstance(source, (str, int))):
         raise MalformedRow("non-string content", f"source is {type(source).__name__}, expected a string or int")
+    user = user_id(row, user_field)
+    if user is None and require_user:
+        raise MalformedRow("no user", f"no {user_field!r} (or an empty one)")
     conversational = isinstance(prompt, list) or hist_c is not None  # given as message lists (TRL's term)
     return {"prompt": text, "messages": messages, "chosen": chosen, "rejected": rejected, "source": source,
-            "conversational": conversational}
+            "user": user, "conversational": conversational}
+
+
+def user_id(row: dict, user_field: str = "user"):
+    """The user id of a raw row: its ``user_field`` as a string or int; ``None`` when missing, ``None`` or a blank
+    string (a row without a user).
+
+    Raises:
+        MalformedRow: the field holds anything else (a float, a bool, a list ...).
+    """
+    user = row.get(user_field)
+    if isinstance(user, str) and not user.strip():
+        return None
+    if user is not None and (isinstance(user, bool) or not isinstance(user, (str, int))):
+        raise MalformedRow("non-string content", f"{user_field} is {type(user).__name__}, expected a string or int "
+                                                 "user id")
+    return user
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -238,8 +258,8 @@ def _iter_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}[{split}]:row {i}", row
 
 
-def load_preference_rows(spec: os.PathLike | str, *, split: str = "train",
-                         strict: bool = False) -> tuple[list[dict], LoadStats]:
+def load_preference_rows(spec: os.PathLike | str, *, split: str = "train", strict: bool = False,
+                         user_field: str = "user", require_user: bool = False) -> tuple[list[dict], LoadStats]:
     """Load and validate preference rows from a local file or a ``datasets`` name.
 
     Args:
@@ -247,6 +267,8 @@ def load_preference_rows(spec: os.PathLike | str, *, split: str = "train",
             Hugging Face dataset name (needs ``datasets``).
         split: the split of a named dataset (e.g. ``train_prefs`` for UltraFeedback-binarized).
         strict: raise on the first malformed row instead of skipping it.
+        user_field: the column holding each row's user id (``normalize_row``'s ``user``).
+        require_user: a row without a user id is malformed (``"no user"``: skipped and counted, or raised).
 
     Returns:
         ``(rows, stats)``: the normalised rows (``normalize_row``) and what was skipped.
@@ -277,7 +299,7 @@ def load_preference_rows(spec: os.PathLike | str, *, split: str = "train",
         try:
             if isinstance(raw, MalformedRow):
                 raise raw
-            rows.append(normalize_row(raw))
+            rows.append(normalize_row(raw, user_field=user_field, require_user=require_user))
         except MalformedRow as exc:
             if strict:
                 raise DataError(f"{loc}: {exc} (strict mode: fix the row, or drop --strict to skip such rows)") \
@@ -296,6 +318,23 @@ def load_jsonl(path: os.PathLike) -> list[dict]:
     """Rows of a JSONL file (strict: any malformed row raises ``ValueError``). Kept for callers of the
     first version; ``load_preference_rows`` is the general loader."""
     return load_preference_rows(path, strict=True)[0]
+
+
+def assign_user_ids(*row_lists: list[dict]) -> Optional[list[str]]:
+    """Replace each row's raw ``user`` (string or int, ``None``: no user) by a dense int index (in place); returns the
+    index -> name list, or ``None`` when no row has a user. One index space for all lists (train and held-out), so a
+    held-out pair of a user seen in training has that user's index. Ints sort by value, otherwise ids sort by their
+    string (``7`` and ``"7"`` are one user); rows without a user get -1."""
+    raw = {r["user"] for rows in row_lists for r in rows if r.get("user") is not None}
+    if all(isinstance(u, int) for u in raw):
+        names = [str(u) for u in sorted(raw)]
+    else:
+        names = sorted({str(u) for u in raw})
+    index = {name: i for i, name in enumerate(names)}
+    for rows in row_lists:
+        for r in rows:
+            r["user"] = index[str(r["user"])] if r.get("user") is not None else -1
+    return names or None
 
 
 def assign_source_ids(*row_lists: list[dict]) -> Optional[list[str]]:

@@ -1,7 +1,8 @@
 """Synthetic preference data with known ground truth: answers rendered from six observable attributes
 (``Answer``), judged by sources or annotators whose utilities conflict (``SOURCE_WEIGHTS``, ``ANNOTATOR_WEIGHTS``;
-``SyntheticConfig.preset``), with exact Bayes ceilings to compare against. Everything is a pure function of the
-seed (one generator per split, seeded from ``(seed, split)``: independent, reproducible splits)."""
+``SyntheticConfig.preset``), with exact Bayes ceilings to compare against; the annotators preset can add held-out
+users never seen in training (``generate_unseen_user_pairs``). Everything is a pure function of the seed (one
+generator per split, seeded from ``(seed, split)``: independent, reproducible splits)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ ANNOTATOR_WEIGHTS = np.array([
     [0.0,    2.0,   0.0,   -1.0,    0.0,  -1.5],   # warm
     [0.0,   -2.0,   0.0,    1.0,    0.0,  -1.5],   # blunt
 ])
+# Dirichlet concentration of an unseen user's mixture over the annotators: below 1 a mixture leans towards a few
+# annotators, so new users stay about as distinct as the annotators; at 1 and above they drift towards the
+# annotators' mean, which one shared reward already serves
+UNSEEN_USER_CONCENTRATION = 0.5
 
 TOPICS = ("cats", "dogs", "rain", "music", "coffee", "trains", "gardens", "chess", "bread", "rivers", "stars",
           "bikes", "oceans", "books", "cities", "forests", "tea", "robots", "winter", "markets")
@@ -129,8 +134,12 @@ def parse_attributes(text: str) -> Answer:
 
 def utility(source: int, answer: Answer, weights: np.ndarray = SOURCE_WEIGHTS) -> float:
     """``w_source . attributes`` (float), ``w`` a row of ``weights`` (``SOURCE_WEIGHTS`` or ``ANNOTATOR_WEIGHTS``)."""
+    return weighted_utility(weights[source], answer)
+
+
+def weighted_utility(w: np.ndarray, answer: Answer) -> float:
+    """``w . attributes`` (float) for any weight vector ``w`` over ``ATTRIBUTES`` (an unseen user's, say)."""
     v = answer.vector()
-    w = weights[source]
     return float(sum(w[i] * v[i] for i in range(len(ATTRIBUTES))))  # plain floats: no tiny-matmul overhead
 
 
@@ -223,7 +232,8 @@ def generate_annotator_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[d
     (``ANNOTATOR_WEIGHTS``); uniform topics, so nothing about the annotator is in the prompt unless ``hint_prob > 0``
     names them; labels drawn Bradley-Terry, ``P(a > b) = sigmoid((u_a - u_b) / bt_temperature)``, so the accuracy
     ceilings with and without the annotator are exact expectations (``annotator_ceilings``). Two answers with the
-    same attributes (no preference to learn) are redrawn."""
+    same attributes (no preference to learn) are redrawn. ``user`` is the annotator's name and ``seen`` is True
+    (the users of ``generate_unseen_user_pairs`` are not)."""
     rng = np.random.default_rng([cfg.seed, 2 if split == "train" else 3])
     rows = []
     for _ in range(n):
@@ -231,26 +241,71 @@ def generate_annotator_pairs(n: int, cfg: SyntheticConfig, split: str) -> list[d
         who = int(u_who * len(ANNOTATORS))
         topic = TOPICS[int(u_topic * len(TOPICS))]
         asker = source_hint(who) if u_hint < cfg.hint_prob else ANON_SOURCE
-        prompt = f"{asker} asks : tell me about {topic} ."
-        while True:
-            a, b = _random_answer(rng), _random_answer(rng)
-            if a != b:
-                break
-        ua, ub = utility(who, a, ANNOTATOR_WEIGHTS), utility(who, b, ANNOTATOR_WEIGHTS)
-        a_wins = rng.random() < _sigmoid((ua - ub) / cfg.bt_temperature)
-        (win, u_win), (lose, u_lose) = ((a, ua), (b, ub)) if a_wins else ((b, ub), (a, ua))
-        row = {"prompt": prompt, "chosen": render_answer(win, topic, rng), "rejected": render_answer(lose, topic, rng),
-               "source": who, "source_name": ANNOTATORS[who], "chosen_utility": u_win, "rejected_utility": u_lose,
-               "flipped": False}
+        row = _bradley_terry_pair(rng, ANNOTATOR_WEIGHTS[who], f"{asker} asks : tell me about {topic} .", topic, cfg)
+        row.update(source=who, source_name=ANNOTATORS[who], user=ANNOTATORS[who], seen=True)
         _maybe_flip(row, rng, cfg, split)
         rows.append(row)
     return rows
 
 
+def _bradley_terry_pair(rng: np.random.Generator, w: np.ndarray, prompt: str, topic: str,
+                        cfg: SyntheticConfig) -> dict:
+    """A row of two different random answers about ``topic``, labelled Bradley-Terry under the weights ``w``:
+    ``prompt``, ``chosen``, ``rejected``, ``chosen_utility``, ``rejected_utility``, ``flipped`` (False)."""
+    while True:
+        a, b = _random_answer(rng), _random_answer(rng)
+        if a != b:
+            break
+    ua, ub = weighted_utility(w, a), weighted_utility(w, b)
+    a_wins = rng.random() < _sigmoid((ua - ub) / cfg.bt_temperature)
+    (win, u_win), (lose, u_lose) = ((a, ua), (b, ub)) if a_wins else ((b, ub), (a, ua))
+    return {"prompt": prompt, "chosen": render_answer(win, topic, rng), "rejected": render_answer(lose, topic, rng),
+            "chosen_utility": u_win, "rejected_utility": u_lose, "flipped": False}
+
+
+def unseen_user_names(cfg: SyntheticConfig) -> list[str]:
+    """The user ids of ``cfg.num_unseen_users`` held-out users: ``unseen-0``, ``unseen-1``, ..."""
+    return [f"unseen-{k}" for k in range(cfg.num_unseen_users)]
+
+
+def unseen_user_mixtures(cfg: SyntheticConfig) -> np.ndarray:
+    """``[num_unseen_users, len(ANNOTATORS)]``: each unseen user's mixture over the annotators, drawn from a
+    Dirichlet of concentration ``UNSEEN_USER_CONCENTRATION`` (a generator of its own, seeded from ``cfg.seed``)."""
+    rng = np.random.default_rng([cfg.seed, 4])
+    return rng.dirichlet(np.full(len(ANNOTATORS), UNSEEN_USER_CONCENTRATION), size=cfg.num_unseen_users)
+
+
+def unseen_user_weights(cfg: SyntheticConfig) -> np.ndarray:
+    """``[num_unseen_users, len(ATTRIBUTES)]``: each unseen user's utility weights, its mixture of the annotators'
+    (``unseen_user_mixtures @ ANNOTATOR_WEIGHTS``)."""
+    return unseen_user_mixtures(cfg) @ ANNOTATOR_WEIGHTS
+
+
+def generate_unseen_user_pairs(cfg: SyntheticConfig) -> list[dict]:
+    """``cfg.unseen_user_pairs`` held-out pairs of each of ``cfg.num_unseen_users`` users never seen in training
+    (``annotators`` preset; ``make_splits`` appends them to the held-out split). Rows as
+    ``generate_annotator_pairs``'s, labelled Bradley-Terry under the user's ``unseen_user_weights``, with ``user``
+    its ``unseen_user_names`` id, ``seen`` False, ``source`` -1 and ``source_name`` None (no annotator); the
+    prompts never name the user. Never flipped."""
+    rng = np.random.default_rng([cfg.seed, 5])
+    rows = []
+    for name, w in zip(unseen_user_names(cfg), unseen_user_weights(cfg)):
+        for _ in range(cfg.unseen_user_pairs):
+            topic = TOPICS[int(rng.random() * len(TOPICS))]
+            row = _bradley_terry_pair(rng, w, f"{ANON_SOURCE} asks : tell me about {topic} .", topic, cfg)
+            row.update(source=-1, source_name=None, user=name, seen=False)
+            rows.append(row)
+    return rows
+
+
 def make_splits(cfg: Optional[SyntheticConfig] = None) -> tuple[list[dict], list[dict]]:
-    """``(train_rows, eval_rows)`` for ``cfg`` (default ``SyntheticConfig()``)."""
+    """``(train_rows, eval_rows)`` for ``cfg`` (default ``SyntheticConfig()``); the held-out rows end with the
+    unseen users' pairs (``generate_unseen_user_pairs``), if any."""
     cfg = cfg or SyntheticConfig()
-    return generate_pairs(cfg.num_train, cfg, "train"), generate_pairs(cfg.num_eval, cfg, "eval")
+    eval_rows = generate_pairs(cfg.num_eval, cfg, "eval")
+    if cfg.num_unseen_users:
+        eval_rows += generate_unseen_user_pairs(cfg)
+    return generate_pairs(cfg.num_train, cfg, "train"), eval_rows
 
 
 def corpus(seed: int = 0, n: int = 256) -> Iterator[str]:
@@ -290,28 +345,49 @@ def source_posterior(prompt: str, cfg: SyntheticConfig) -> np.ndarray:
     return like / like.sum()
 
 
-def _annotator_win_probabilities(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``(pair probability [S, S], P(row answer beats column answer | annotator) [S, S, A])`` over the answer
-    space ``S`` of ``_answer_space``, pairs of equal answers excluded (the generator redraws them)."""
+def _win_probabilities(weights: np.ndarray, bt_temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(pair probability [S, S], P(row answer beats column answer | user) [S, S, U])`` over the answer space
+    ``S`` of ``_answer_space``, for the ``U`` users whose utility weights are the rows of ``weights``; pairs of
+    equal answers excluded (the generator redraws them)."""
     space = _answer_space()
     p = np.array([q for _, q in space])
-    u = np.array([[utility(a, ans, ANNOTATOR_WEIGHTS) for a in range(len(ANNOTATORS))] for ans, _ in space])
+    u = np.array([[weighted_utility(w, ans) for w in weights] for ans, _ in space])
     pair = p[:, None] * p[None, :]
     np.fill_diagonal(pair, 0.0)
-    win = 1.0 / (1.0 + np.exp(-(u[:, None, :] - u[None, :, :]) / cfg.bt_temperature))
+    win = 1.0 / (1.0 + np.exp(-(u[:, None, :] - u[None, :, :]) / bt_temperature))
     return pair / pair.sum(), win
+
+
+def _annotator_win_probabilities(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``_win_probabilities`` of the six annotators (``[S, S, A]``)."""
+    return _win_probabilities(ANNOTATOR_WEIGHTS, cfg.bt_temperature)
+
+
+def _known_user_ceilings(pair: np.ndarray, win: np.ndarray) -> list[float]:
+    """``E max(P_u, 1 - P_u)`` of each user ``u`` of ``_win_probabilities``: the accuracy of a predictor that
+    knows the user."""
+    return [float((pair * np.maximum(win[..., u], 1 - win[..., u])).sum()) for u in range(win.shape[-1])]
+
+
+def user_ceilings(weights: np.ndarray, cfg: SyntheticConfig) -> list[float]:
+    """The exact accuracy ceiling of each user whose utility weights are a row of ``weights`` (``[U,
+    len(ATTRIBUTES)]``), for a predictor that knows the user, on pairs drawn like the annotators preset's."""
+    return _known_user_ceilings(*_win_probabilities(np.asarray(weights, dtype=np.float64), cfg.bt_temperature))
 
 
 def annotator_ceilings(cfg: SyntheticConfig) -> dict:
     """Exact accuracy ceilings of the ``annotators`` preset (expectations over the answer distribution):
     ``per_annotator`` (a predictor that knows the annotator: ``E max(P_a, 1 - P_a)``), their mean
-    ``with_annotator``, and ``prompt_only`` (one that does not: ``E max(P, 1 - P)`` with ``P`` the mean of
-    ``P_a`` over the annotators, who are equally likely and independent of the pair)."""
+    ``with_annotator``, ``prompt_only`` (one that does not: ``E max(P, 1 - P)`` with ``P`` the mean of
+    ``P_a`` over the annotators, who are equally likely and independent of the pair), and ``per_user``: the
+    known-user ceiling by user id, the annotators' and the unseen users' (``user_ceilings``)."""
     pair, win = _annotator_win_probabilities(cfg)
-    per = [float((pair * np.maximum(win[..., a], 1 - win[..., a])).sum()) for a in range(len(ANNOTATORS))]
+    per = _known_user_ceilings(pair, win)
     mean_win = win.mean(-1)
+    unseen = user_ceilings(unseen_user_weights(cfg), cfg) if cfg.num_unseen_users else []
     return {"per_annotator": dict(zip(ANNOTATORS, per)), "with_annotator": float(np.mean(per)),
-            "prompt_only": float((pair * np.maximum(mean_win, 1 - mean_win)).sum())}
+            "prompt_only": float((pair * np.maximum(mean_win, 1 - mean_win)).sum()),
+            "per_user": dict(zip(ANNOTATORS + tuple(unseen_user_names(cfg)), per + unseen))}
 
 
 def annotator_log_likelihoods(cfg: SyntheticConfig, newton_steps: int = 25) -> dict:
@@ -397,5 +473,7 @@ def source_agreement(rows: Sequence[dict]) -> float:
 
 __all__ = ["ATTRIBUTES", "SOURCES", "SOURCE_WEIGHTS", "ANNOTATORS", "ANNOTATOR_WEIGHTS", "annotator_ceilings",
            "source_names", "FLIP_MARKER", "Answer", "render_answer", "parse_attributes",
-           "utility", "generate_pairs", "make_splits", "corpus", "lexicon", "source_agreement", "source_posterior",
-           "bayes_accuracy", "SPECIAL_TOKENS"]
+           "utility", "weighted_utility", "generate_pairs", "make_splits", "corpus", "lexicon", "source_agreement",
+           "source_posterior", "bayes_accuracy", "SPECIAL_TOKENS", "UNSEEN_USER_CONCENTRATION",
+           "generate_unseen_user_pairs", "unseen_user_names", "unseen_user_mixtures", "unseen_user_weights",
+           "user_ceilings"]
