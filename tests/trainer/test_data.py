@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import DATA
+from tests.helpers.fake_tokenizer import WhitespaceTokenizer as _Tok
 from lpc.data import (DataError, EpochSampler, PreferenceCollator, PreferenceDataset, assign_source_ids,
                       load_preference_rows, truncate_pair)
 
@@ -120,18 +121,6 @@ def test_truncation_rule_by_hand():
     # explicit --max-prompt-length cuts even pairs that fit
     assert truncate_pair([9, 1, 2, 3], [5], [6], 100, max_prompt_length=2, bos=9) == ([9, 3], [5], [6], True)
     assert truncate_pair([1, 2, 3], [5], [6], 100, max_prompt_length=2) == ([2, 3], [5], [6], True)
-
-
-class _Tok:
-    """A whitespace tokenizer with ids by first appearance (no HF), enough for PreferenceDataset."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-
-    def __init__(self):
-        self.vocab = {}
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[self.vocab.setdefault(w, len(self.vocab) + 3) for w in t.split()] for t in texts]}
 
 
 def test_dataset_lengths_respect_max_length_and_count_truncations():

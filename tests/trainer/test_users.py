@@ -18,6 +18,7 @@ from lpc.config import BATCH_LAYOUTS, ConfigError, SyntheticConfig, TrainConfig
 from lpc.data import (DataError, EpochSampler, PreferenceCollator, PreferenceDataset, TokenizedPair,
                       UserGroupedSampler, assign_user_ids, load_preference_rows, synthetic)
 from lpc.train import backbone_passes, train
+from tests.helpers.fake_tokenizer import WhitespaceTokenizer as _Tok
 from tests.helpers.runs import assert_same_metrics, read_jsonl
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, threads=1, progress=False, num_codes=4)
@@ -159,18 +160,6 @@ def test_unseen_user_ceilings_match_an_enumeration_and_a_sample():
 
 
 # ----------------------------------------------------------------------------------------- batches
-class _Tok:
-    """A whitespace tokenizer with ids by first appearance (no HF), enough for PreferenceDataset."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-
-    def __init__(self):
-        self.vocab = {}
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[self.vocab.setdefault(w, len(self.vocab) + 3) for w in t.split()] for t in texts]}
-
-
 @pytest.mark.parametrize("layout", BATCH_LAYOUTS)
 def test_collated_batches_carry_the_user_index_in_every_layout(layout):
     rows = [_row("p q", user="b"), _row("r", user=None), _row("s t u", user="a")]
